@@ -1,0 +1,254 @@
+"""The command line: parse, call the library, render.  Nothing else lives here."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Annotated, List, Optional
+
+import typer
+
+from ema_cli import __version__, engine, render, schedule
+from ema_cli.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, EmaError, UsageError
+
+app = typer.Typer(
+    name="ema-avg",
+    help="Average a sequence of training checkpoints (EMA, SWA, weighted, per-step and post-hoc EMA).\n\n"
+    "`ema-avg ckpts/* -o avg.safetensors` runs `average`, the default command.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+# ------------------------------------------------------------------ shared options
+Inputs = Annotated[List[str], typer.Argument(help="Checkpoints: files, globs, directories, TF prefixes, sharded indexes.", show_default=False)]
+Swa = Annotated[bool, typer.Option("--swa", help="Uniform mean (SWA, decay = n/(1+n)). The default.")]
+Decay = Annotated[Optional[float], typer.Option("--decay", help="EMA decay D: TensorFlow's ExponentialMovingAverage over the checkpoints in order.")]
+NumUpdates = Annotated[bool, typer.Option("--num-updates", help="TF num_updates: decay at checkpoint k is min(D, (1+n_k)/(10+n_k)), n_k its step.")]
+ZeroDebias = Annotated[bool, typer.Option("--zero-debias", help="TF zero-debiased EMA: start at zero, divide by 1 - prod(decays).")]
+Weights = Annotated[Optional[str], typer.Option("--weights", help="w1,w2,...: weighted average (with --decay: TF weighted_moving_average).")]
+DecayPer = Annotated[str, typer.Option("--decay-per", help="checkpoint (TF semantics) or step (per-step EMA from the checkpoints' steps).")]
+Interp = Annotated[str, typer.Option("--interp", help="Per-step schedules: trajectory between checkpoints is 'linear' or 'hold'.")]
+HalfLife = Annotated[Optional[float], typer.Option("--half-life", help="Per-step EMA with half-life H steps (D = 2**(-1/H)).")]
+SigmaRel = Annotated[Optional[float], typer.Option("--sigma-rel", help="EDM2 power-function EMA of relative width S (< 0.2887) at the last step.")]
+Gamma = Annotated[Optional[float], typer.Option("--gamma", help="EDM2 power-function EMA with exponent G at the last step.")]
+TfExact = Annotated[bool, typer.Option("--tf-exact", help="Replay TensorFlow's float32 recurrence bit for bit (with --decay).")]
+LastN = Annotated[Optional[int], typer.Option("--last-n", help="Keep only the last N checkpoints.")]
+StartStep = Annotated[Optional[int], typer.Option("--start-step", help="Keep checkpoints with step >= S.")]
+Every = Annotated[Optional[int], typer.Option("--every", help="Keep every K-th checkpoint (starting with the first kept).")]
+Metrics = Annotated[Optional[str], typer.Option("--metrics", help="CSV or JSON: step or checkpoint name -> metric value (with --top-k).")]
+TopK = Annotated[Optional[int], typer.Option("--top-k", help="Average the K best checkpoints by --metrics.")]
+Maximize = Annotated[bool, typer.Option("--maximize", help="Higher metric is better.")]
+Minimize = Annotated[bool, typer.Option("--minimize", help="Lower metric is better.")]
+Order = Annotated[str, typer.Option("--order", help="'step' (by training step) or 'given' (command-line order).")]
+Include = Annotated[Optional[List[str]], typer.Option("--include", help="Also average tensors matching REGEX (repeatable).")]
+Exclude = Annotated[Optional[List[str]], typer.Option("--exclude", help="Copy, do not average, tensors matching REGEX (repeatable).")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary on stderr.")]
+Json = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+Suffix = Annotated[str, typer.Option("--suffix", help="Shadow-name suffix: the shadow of x is x/SUFFIX.")]
+
+
+def _spec(swa, decay, num_updates, zero_debias, weights, decay_per, interp, half_life, sigma_rel, gamma, tf_exact) -> schedule.Spec:
+    ws = None
+    if weights is not None:
+        try:
+            ws = [float(w) for w in weights.split(",") if w.strip()]
+        except ValueError:
+            raise UsageError(f"--weights takes comma-separated numbers (got {weights!r})") from None
+    return schedule.Spec(swa=swa, decay=decay, num_updates=num_updates, zero_debias=zero_debias, weights=ws,
+                         decay_per=decay_per, interp=interp, half_life=half_life, sigma_rel=sigma_rel,
+                         gamma=gamma, tf_exact=tf_exact)
+
+
+def _maximize(maximize: bool, minimize: bool) -> bool | None:
+    if maximize and minimize:
+        raise UsageError("--maximize and --minimize exclude each other")
+    return True if maximize else (False if minimize else None)
+
+
+def _emit_json(doc) -> None:
+    sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+# ------------------------------------------------------------------ average
+
+
+@app.command(help="Average checkpoints into one (the default command).")
+def average(
+    inputs: Inputs,
+    output: Annotated[str, typer.Option("--output", "-o", help="Output path (format from its suffix).", show_default=False)],
+    fmt: Annotated[Optional[str], typer.Option("--format", help="Output format: safetensors, tf or hdf5.")] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="keep, float32, float16, bfloat16 or float64: dtype of averaged tensors.")] = "keep",
+    swa: Swa = False, decay: Decay = None, num_updates: NumUpdates = False, zero_debias: ZeroDebias = False,
+    weights: Weights = None, decay_per: DecayPer = "checkpoint", interp: Interp = "linear",
+    half_life: HalfLife = None, sigma_rel: SigmaRel = None, gamma: Gamma = None, tf_exact: TfExact = False,
+    last_n: LastN = None, start_step: StartStep = None, every: Every = None,
+    metrics: Metrics = None, top_k: TopK = None, maximize: Maximize = False, minimize: Minimize = False,
+    order: Order = "step", include: Include = None, exclude: Exclude = None,
+    names: Annotated[str, typer.Option("--names", help="'original' (evaluation-ready) or 'shadow' (x/SUFFIX, TF training layout).")] = "original",
+    suffix: Suffix = "ExponentialMovingAverage",
+    max_shard_size: Annotated[Optional[str], typer.Option("--max-shard-size", help="Write HF-style shards of at most SIZE (e.g. 2GB) into the OUTPUT directory.")] = None,
+    allow_nonfinite: Annotated[bool, typer.Option("--allow-nonfinite", help="Average NaN/Inf values instead of failing.")] = False,
+    verify: Annotated[bool, typer.Option("--verify", help="Reopen the output and check every tensor against what was computed.")] = False,
+    threads: Annotated[int, typer.Option("--threads", help="Worker threads (0: one per core, at most 4).")] = 0,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing output.")] = False,
+    quiet: Quiet = False, as_json: Json = False,
+):
+    t0 = time.perf_counter()
+    if names not in ("original", "shadow"):
+        raise UsageError("--names is 'original' or 'shadow'")
+    opts = engine.Options(
+        spec=_spec(swa, decay, num_updates, zero_debias, weights, decay_per, interp, half_life, sigma_rel, gamma, tf_exact),
+        order=order, include=include or [], exclude=exclude or [], dtype=dtype, allow_nonfinite=allow_nonfinite,
+        last_n=last_n, start_step=start_step, every=every, metrics=metrics, top_k=top_k,
+        maximize=_maximize(maximize, minimize), names=names, suffix=suffix,
+        max_shard_size=engine.parse_size(max_shard_size) if max_shard_size else None, threads=threads,
+    )
+    out_format = engine.formats.output_format(output, fmt)
+    pool = engine.ReaderPool()
+    try:
+        plan = engine.make_plan(inputs, opts, out_format=out_format, pool=pool)
+        t_plan = time.perf_counter() - t0
+        ui = render.UI(quiet=quiet)
+        ui.warnings(plan.warnings)
+        with ui.progress(plan) as on_tensor:
+            result = engine.run(plan, output, out_format, force=force, pool=pool, on_tensor=on_tensor,
+                                timings={"plan_s": t_plan})
+        if verify:
+            from ema_cli import verify as verify_mod
+
+            result.timings["verify_s"] = verify_mod.verify(result, pool)
+        result.timings["total_s"] = time.perf_counter() - t0
+    finally:
+        pool.close()
+    ui.summary(result)
+    if as_json:
+        _emit_json(render.result_json(result))
+
+
+# ------------------------------------------------------------------ plan
+
+
+@app.command(help="Show the order, step and weight of each checkpoint without reading tensor data.")
+def plan(
+    inputs: Inputs,
+    swa: Swa = False, decay: Decay = None, num_updates: NumUpdates = False, zero_debias: ZeroDebias = False,
+    weights: Weights = None, decay_per: DecayPer = "checkpoint", interp: Interp = "linear",
+    half_life: HalfLife = None, sigma_rel: SigmaRel = None, gamma: Gamma = None, tf_exact: TfExact = False,
+    last_n: LastN = None, start_step: StartStep = None, every: Every = None,
+    metrics: Metrics = None, top_k: TopK = None, maximize: Maximize = False, minimize: Minimize = False,
+    order: Order = "step", include: Include = None, exclude: Exclude = None,
+    quiet: Quiet = False, as_json: Json = False,
+):
+    opts = engine.Options(
+        spec=_spec(swa, decay, num_updates, zero_debias, weights, decay_per, interp, half_life, sigma_rel, gamma, tf_exact),
+        order=order, include=include or [], exclude=exclude or [],
+        last_n=last_n, start_step=start_step, every=every, metrics=metrics, top_k=top_k,
+        maximize=_maximize(maximize, minimize),
+    )
+    pool = engine.ReaderPool()
+    try:
+        p = engine.make_plan(inputs, opts, pool=pool)
+    finally:
+        pool.close()
+    doc = render.plan_json(p)
+    if as_json:
+        _emit_json(doc)
+    if not quiet:
+        render.UI(quiet=False, force_terminal=None).plan_table(p, doc)
+
+
+# ------------------------------------------------------------------ inspect
+
+
+@app.command(help="List a checkpoint's tensors: name, dtype, shape, size, and what ema-avg does with each.")
+def inspect(
+    inputs: Inputs,
+    include: Include = None, exclude: Exclude = None,
+    suffix: Suffix = "ExponentialMovingAverage",
+    as_json: Json = False, quiet: Quiet = False,
+):
+    from ema_cli import inspect as inspect_mod
+
+    docs = inspect_mod.inspect(inputs, include=include or [], exclude=exclude or [], suffix=suffix)
+    if as_json:
+        _emit_json(docs if len(docs) != 1 else docs[0])
+    if not quiet:
+        render.UI(quiet=False, force_terminal=None).inspect_tables(docs)
+
+
+def _register_optional_commands() -> None:
+    """Subcommands whose modules live elsewhere (names, post-hoc EMA)."""
+    for mod_name in ("ema_cli.cli_names", "ema_cli.cli_posthoc"):
+        try:
+            mod = __import__(mod_name, fromlist=["register"])
+        except ModuleNotFoundError as e:
+            if e.name != mod_name:
+                raise
+            continue
+        mod.register(app)
+
+
+_register_optional_commands()
+
+
+# ------------------------------------------------------------------ entry point
+
+
+def _command_names() -> set[str]:
+    cmd = typer.main.get_command(app)
+    return set(getattr(cmd, "commands", {}))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in ("--version", "-V"):
+        print(f"ema-avg {__version__}")
+        sys.exit(0)
+    if args and args[0] not in _command_names() and args[0] not in ("--help", "-h"):
+        args.insert(0, "average")
+    if args and args[0] == "-h":
+        args[0] = "--help"
+    code = 0
+    try:
+        app(args=args, prog_name="ema-avg", standalone_mode=False)
+    except typer.Exit as e:
+        code = e.exit_code
+    except typer.Abort:
+        print("error: interrupted", file=sys.stderr)
+        code = EXIT_INTERRUPTED
+    except typer.TyperException as e:  # click's usage errors, vendored by typer
+        msg = e.format_message()
+        ctx = getattr(e, "ctx", None)
+        name = getattr(ctx, "info_name", None)
+        where = f" (see 'ema-avg {name} --help')" if name and name != "ema-avg" else ""
+        print(f"error: {' '.join(msg.split())}{where}", file=sys.stderr)
+        code = getattr(e, "exit_code", EXIT_USAGE) or EXIT_USAGE
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = EXIT_USAGE
+    except EmaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = EXIT_ERROR
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        code = EXIT_INTERRUPTED
+    except MemoryError:
+        print("error: out of memory", file=sys.stderr)
+        code = EXIT_ERROR
+    except OSError as e:
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        code = EXIT_ERROR
+    except Exception as e:  # a bug: still one line, unless debugging
+        if os.environ.get("EMA_AVG_DEBUG"):
+            raise
+        print(f"error: internal error: {type(e).__name__}: {' '.join(str(e).split())} "
+              "(set EMA_AVG_DEBUG=1 for a traceback)", file=sys.stderr)
+        code = EXIT_ERROR
+    sys.stdout.flush()
+    sys.exit(code)

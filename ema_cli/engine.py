@@ -1,0 +1,455 @@
+"""Plan, then stream.
+
+``make_plan`` opens every input (headers only), orders the checkpoints by
+step, checks that names, shapes and dtypes agree across all of them, applies
+the windows, computes the float64 weight vector (``schedule``) and decides,
+per tensor, whether it is averaged or copied from the newest checkpoint.  No
+tensor data is read except scalar step counters.
+
+``run`` then computes each output shard: for each tensor a weighted sum over
+the checkpoints, accumulated in float64 in cache-sized blocks and rounded once
+to the output dtype, handed to the format's writer.  ``compute_tensor`` and
+``run_shard`` are pure functions of the plan (readers are reopened from the
+plan's picklable ``Source`` objects), so shards can run in threads here or on
+a cluster later.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from ema_cli import __version__, dtypes, formats, schedule
+from ema_cli.errors import EmaError, UsageError
+from ema_cli.formats.base import Reader, Source, TensorInfo
+from ema_cli.output import Staged, check_target
+
+BLOCK = 1 << 15  # elements per float64 accumulation block (256 KiB: stays in L2)
+
+
+# --------------------------------------------------------------------------- options
+
+
+@dataclass
+class Options:
+    spec: schedule.Spec = field(default_factory=schedule.Spec)
+    order: str = "step"  # or "given"
+    include: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    dtype: str = "keep"
+    allow_nonfinite: bool = False
+    last_n: int | None = None
+    start_step: int | None = None
+    every: int | None = None
+    metrics: str | None = None
+    top_k: int | None = None
+    maximize: bool | None = None
+    names: str = "original"  # or "shadow"
+    suffix: str = "ExponentialMovingAverage"
+    max_shard_size: int | None = None
+    threads: int = 0  # 0: one per core, at most 4
+
+
+# --------------------------------------------------------------------------- plan
+
+
+@dataclass
+class Checkpoint:
+    source: Source
+    step: int | None
+    step_from: str  # "tensor", "name" or "order"
+    weight: float = 0.0
+    selected: bool = True
+
+    @property
+    def path(self) -> str:
+        return self.source.path
+
+
+@dataclass
+class Task:
+    name: str  # name in the inputs
+    out_name: str  # name in the output
+    info: TensorInfo  # input dtype and shape
+    out_dtype: str
+    action: str  # "average" or "copy"
+
+
+@dataclass
+class Plan:
+    checkpoints: list[Checkpoint]  # every input, in averaging order
+    selected: list[int]  # indices into checkpoints that are averaged
+    weights: np.ndarray  # float64, one per selected checkpoint
+    newest: int  # index of the checkpoint non-averaged tensors come from
+    tasks: list[Task]
+    skipped: list[str]  # tensors the output format cannot store
+    shards: list[list[str]]  # output names per output shard (the unit of work)
+    options: Options
+    warnings: list[str] = field(default_factory=list)
+
+    def task(self, out_name: str) -> Task:
+        return self._by_out[out_name]
+
+    def __post_init__(self):
+        self._by_out = {t.out_name: t for t in self.tasks}
+
+    def shard_infos(self) -> list[list[TensorInfo]]:
+        return [[TensorInfo(n, self.task(n).out_dtype, self.task(n).info.shape) for n in shard] for shard in self.shards]
+
+    def describe(self) -> dict:
+        """The recipe: recorded in the output, printed by ``plan`` and ``--json``."""
+        w = self.weights
+        return {
+            "tool": f"ema-avg {__version__}",
+            **self.options.spec.describe(),
+            "checkpoints": [
+                {"path": c.path, "step": c.step, "step_from": c.step_from, "weight": c.weight, "selected": c.selected}
+                for c in self.checkpoints
+            ],
+            "sum_abs_weights": float(np.abs(w).sum()),
+            "newest": self.checkpoints[self.newest].path,
+        }
+
+
+_NAME_SUFFIXES = re.compile(
+    r"(\.safetensors\.index\.json|\.safetensors|\.weights\.h5|\.h5|\.hdf5|\.keras|\.ckpt|"
+    r"\.index|\.meta|\.data-\d+-of-\d+)$"
+)
+
+
+def step_from_name(name: str) -> int | None:
+    """The last integer in a file or directory name (``ckpt-1200``, ``step_1200``)."""
+    base = os.path.basename(name.rstrip("/"))
+    while True:
+        stripped = _NAME_SUFFIXES.sub("", base)
+        if stripped == base:
+            break
+        base = stripped
+    base = re.sub(r"-\d{5}-of-\d{5}$", "", base)
+    nums = re.findall(r"\d+", base)
+    return int(nums[-1]) if nums else None
+
+
+class ReaderPool:
+    """Opened readers by checkpoint path (shared by threads; readers are read-only)."""
+
+    def __init__(self):
+        self._readers: dict[str, Reader] = {}
+        self._lock = threading.Lock()
+
+    def get(self, source: Source) -> Reader:
+        r = self._readers.get(source.path)
+        if r is None:
+            with self._lock:
+                r = self._readers.get(source.path)
+                if r is None:
+                    r = formats.open_reader(source)
+                    self._readers[source.path] = r
+        return r
+
+    def close(self):
+        for r in self._readers.values():
+            r.close()
+        self._readers.clear()
+
+
+def _check_agreement(cks: list[Checkpoint], metas: list[dict[str, TensorInfo]]) -> None:
+    ref, ref_path = metas[0], cks[0].path
+    for ck, meta in zip(cks[1:], metas[1:]):
+        missing = [n for n in ref if n not in meta]
+        extra = [n for n in meta if n not in ref]
+        if missing or extra:
+            parts = []
+            if missing:
+                parts.append(f"lacks {len(missing)} tensor(s) of {ref_path}: {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
+            if extra:
+                parts.append(f"has {len(extra)} tensor(s) {ref_path} lacks: {', '.join(extra[:5])}" + (" ..." if len(extra) > 5 else ""))
+            raise EmaError("; ".join(parts), path=ck.path)
+        for name, info in ref.items():
+            other = meta[name]
+            if other.shape != info.shape:
+                raise EmaError(f"shape {list(other.shape)} but {list(info.shape)} in {ref_path}", path=ck.path, tensor=name)
+            if other.dtype != info.dtype:
+                raise EmaError(f"dtype {other.dtype} but {info.dtype} in {ref_path}", path=ck.path, tensor=name)
+
+
+def _averaged(reader: Reader, info: TensorInfo, opts: Options, inc, exc) -> bool:
+    if not dtypes.is_float(info.dtype):
+        return False
+    if any(r.search(info.name) for r in exc):
+        return False
+    if any(r.search(info.name) for r in inc):
+        return True
+    if info.dtype not in dtypes.AVERAGED_BY_DEFAULT and opts.dtype == "keep":
+        return False  # float8: copied unless --dtype says what to write
+    return reader.averaged_by_default(info)
+
+
+def _compile(patterns: list[str], flag: str):
+    out = []
+    for p in patterns:
+        try:
+            out.append(re.compile(p))
+        except re.error as e:
+            raise UsageError(f"{flag} {p!r} is not a valid regular expression: {e}") from None
+    return out
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*", text, re.I)
+    if not m:
+        raise UsageError(f"cannot read size {text!r} (e.g. 500MB, 2GB, 1GiB)")
+    num, unit = float(m.group(1)), (m.group(2) or "").upper()
+    base = 1024 if "I" in unit else 1000
+    power = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit.rstrip("B").rstrip("I")]
+    size = int(num * base**power)
+    if size <= 0:
+        raise UsageError("--max-shard-size must be positive")
+    return size
+
+
+def make_plan(inputs: list[str], opts: Options, *, out_format: str | None = None,
+              pool: ReaderPool | None = None) -> Plan:
+    opts.spec.validate()
+    if opts.dtype not in dtypes.OUTPUT_CHOICES:
+        raise UsageError(f"--dtype must be one of {', '.join(dtypes.OUTPUT_CHOICES)}")
+    if opts.order not in ("step", "given"):
+        raise UsageError("--order is 'step' or 'given'")
+    inc, exc = _compile(opts.include, "--include"), _compile(opts.exclude, "--exclude")
+    pool = pool or ReaderPool()
+    sources = formats.resolve_inputs(inputs)
+
+    # steps: a step counter tensor, else the name, else the input order
+    cks: list[Checkpoint] = []
+    metas: list[dict[str, TensorInfo]] = []
+    for src in sources:
+        r = pool.get(src)
+        metas.append(r.tensors())
+        step, how = r.step(), "tensor"
+        if step is None:
+            step, how = step_from_name(src.name_hint or src.path), "name"
+        if step is None:
+            how = "order"
+        cks.append(Checkpoint(src, step, how))
+    warnings: list[str] = []
+    if opts.order == "step":
+        if all(c.step is not None for c in cks):
+            order = sorted(range(len(cks)), key=lambda i: cks[i].step)
+            cks, metas = [cks[i] for i in order], [metas[i] for i in order]
+        elif len(cks) > 1:
+            nost = [c.path for c in cks if c.step is None]
+            warnings.append(f"no step for {', '.join(nost[:3])}: checkpoints kept in the order given")
+    seen: dict[int, str] = {}
+    for c in cks:
+        if c.step is not None:
+            if c.step in seen:
+                raise EmaError(f"same step {c.step} as {seen[c.step]} (remove one, or use --order given)", path=c.path)
+            seen[c.step] = c.path
+    _check_agreement(cks, metas)
+
+    # selection: windows, then metric top-k
+    steps = np.array([c.step if c.step is not None else i for i, c in enumerate(cks)], dtype=np.int64)
+    sel = schedule.select(steps, last_n=opts.last_n, start_step=opts.start_step, every=opts.every)
+    if opts.metrics is not None or opts.top_k is not None:
+        from ema_cli.metrics import pick_top_k
+
+        sel = pick_top_k(cks, sel, opts.metrics, opts.top_k, opts.maximize)
+    if len(sel) == 0:
+        raise UsageError("the windows select no checkpoint")
+    weights = opts.spec.weights_for(steps[sel])
+    if not np.all(np.isfinite(weights)):
+        raise UsageError("the schedule gives non-finite weights")
+    for c in cks:
+        c.selected, c.weight = False, 0.0
+    for i, w in zip(sel, weights):
+        cks[i].selected, cks[i].weight = True, float(w)
+    newest = len(cks) - 1
+
+    # per tensor: averaged or copied, output dtype and name
+    newest_reader = pool.get(cks[newest].source)
+    out_mod = formats.module(out_format) if out_format else None
+    tasks, skipped = [], []
+    for name, info in metas[newest].items():
+        avg = _averaged(newest_reader, info, opts, inc, exc)
+        out_dtype = opts.dtype if (avg and opts.dtype != "keep") else info.dtype
+        if out_mod is not None and hasattr(out_mod, "can_store") and not out_mod.can_store(out_dtype):
+            skipped.append(name)
+            continue
+        tasks.append(Task(name, name, info, out_dtype, "average" if avg else "copy"))
+    if opts.names != "original":
+        from ema_cli import names
+
+        tasks = names.shadow_tasks(tasks, opts.suffix)
+    if skipped:
+        warnings.append(f"{len(skipped)} tensor(s) the output format cannot store were left out: {', '.join(skipped[:5])}")
+
+    shards = _shard(tasks, opts.max_shard_size)
+    return Plan(cks, [int(i) for i in sel], weights, newest, tasks, skipped, shards, opts, warnings)
+
+
+def _shard(tasks: list[Task], max_size: int | None) -> list[list[str]]:
+    """Greedy packing in order, as Hugging Face's ``save_pretrained`` does."""
+    if not max_size:
+        return [[t.out_name for t in tasks]]
+    shards: list[list[str]] = [[]]
+    size = 0
+    for t in tasks:
+        nb = dtypes.itemsize(t.out_dtype) * t.info.numel
+        if shards[-1] and size + nb > max_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(t.out_name)
+        size += nb
+    return shards
+
+
+# --------------------------------------------------------------------------- compute
+
+
+def _block_sum(srcs, weights, out_flat: np.ndarray, check: bool):
+    """out = round(sum_k w_k x_k), float64 accumulation in blocks, rounded once.
+
+    Returns the start of the first block whose sum is not finite (when
+    ``check``), else None.  The sum runs in checkpoint order, so it equals a
+    float64 reference computed the same way bit for bit."""
+    n = out_flat.size
+    acc = np.empty(min(n, BLOCK))
+    tmp = np.empty_like(acc)
+    for b0 in range(0, n, BLOCK):
+        b1 = min(b0 + BLOCK, n)
+        a, t = acc[: b1 - b0], tmp[: b1 - b0]
+        np.multiply(srcs[0][b0:b1], weights[0], out=a, dtype=np.float64)
+        for x, w in zip(srcs[1:], weights[1:]):
+            np.multiply(x[b0:b1], w, out=t, dtype=np.float64)
+            np.add(a, t, out=a)
+        if check and not np.isfinite(a).all():
+            return b0
+        dtypes.store_rounded(a, out_flat[b0:b1])
+    return None
+
+
+def compute_tensor(plan: Plan, task: Task, pool: ReaderPool) -> np.ndarray:
+    """The output value of one tensor: a pure function of the plan."""
+    cks = plan.checkpoints
+    if task.action == "copy":
+        arr = pool.get(cks[plan.newest].source).read(task.name)
+        if task.out_dtype != task.info.dtype:
+            arr = dtypes.cast_rounded(arr, task.out_dtype)
+        return arr
+    pairs = [(cks[i], w) for i, w in zip(plan.selected, plan.weights) if w != 0.0]
+    out = np.empty(task.info.shape, dtype=dtypes.to_numpy(task.out_dtype))
+    check = not plan.options.allow_nonfinite
+    spec = plan.options.spec
+    if spec.tf_exact:
+        sel = [cks[i] for i in plan.selected]
+        arrs = [pool.get(ck.source).read(task.name) for ck in sel]
+        steps = np.array([ck.step or 0 for ck in sel])
+        out[...] = schedule.tf_replay(arrs, steps, spec.decay, spec.num_updates)
+        bad = 0 if check and not np.isfinite(out).all() else None
+    else:
+        srcs = [np.asarray(pool.get(ck.source).read(task.name)).reshape(-1) for ck, _ in pairs]
+        bad = _block_sum(srcs, [w for _, w in pairs], out.reshape(-1), check)
+    if bad is not None:
+        for ck, w in pairs:
+            if not np.isfinite(pool.get(ck.source).read(task.name)).all():
+                raise EmaError(f"has NaN or Inf values (weight {w:.6g}); use --allow-nonfinite to average anyway",
+                               path=ck.path, tensor=task.name)
+        raise EmaError("the weighted sum is not finite (overflow)", tensor=task.name)
+    return out
+
+
+def run_shard(plan: Plan, shard: list[str], pool: ReaderPool, writer, *,
+              threads: int = 1, on_tensor: Callable[[Task], None] | None = None) -> None:
+    """Compute and write one output shard (a list of output names)."""
+
+    def one(name: str) -> None:
+        task = plan.task(name)
+        writer.write(name, compute_tensor(plan, task, pool))
+        if on_tensor is not None:
+            on_tensor(task)
+
+    if threads <= 1:
+        for name in shard:
+            one(name)
+        return
+    # bounded look-ahead: at most 2 tensors per thread in flight
+    with ThreadPoolExecutor(max_workers=threads) as ex:
+        pending = set()
+        for name in shard:
+            pending.add(ex.submit(one, name))
+            if len(pending) >= 2 * threads:
+                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                for f in done:
+                    f.result()
+        done, _ = wait(pending, return_when=FIRST_EXCEPTION)
+        for f in done:
+            f.result()
+        for f in pending:
+            f.result()
+
+
+def default_threads() -> int:
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+@dataclass
+class Result:
+    plan: Plan
+    output: str
+    format: str
+    files: list[str]
+    timings: dict[str, float]
+    bytes_written: int
+
+
+def run(plan: Plan, output: str, out_format: str, *, force: bool = False, pool: ReaderPool | None = None,
+        on_tensor: Callable[[Task], None] | None = None, timings: dict | None = None) -> Result:
+    """Write the averaged checkpoint atomically to ``output``."""
+    pool = pool or ReaderPool()
+    mod = formats.module(out_format)
+    t0 = time.perf_counter()
+    sharded = len(plan.shards) > 1
+    _refuse_input_as_output(plan, output)
+    if hasattr(mod, "make_staging"):
+        staged = mod.make_staging(output, sharded=sharded, force=force)
+    else:
+        check_target(output, force=force, is_dir=sharded)
+        staged = Staged(output, is_dir=sharded)
+    writer = None
+    try:
+        template = pool.get(plan.checkpoints[plan.newest].source)
+        metadata = dict(template.metadata())
+        import json
+
+        metadata["ema_avg"] = json.dumps(plan.describe(), separators=(",", ":"))
+        writer = mod.Writer(staged.path, plan.shard_infos(), metadata, template=template)
+        threads = plan.options.threads or default_threads()
+        for shard in plan.shards:
+            run_shard(plan, shard, pool, writer, threads=threads, on_tensor=on_tensor)
+        writer.close()
+        staged.commit()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        staged.discard()
+        raise
+    t = dict(timings or {})
+    t["write_s"] = time.perf_counter() - t0
+    nbytes = sum(dtypes.itemsize(task.out_dtype) * task.info.numel for task in plan.tasks)
+    files = getattr(staged, "final_files", None) or [output]
+    return Result(plan, output, out_format, files, t, nbytes)
+
+
+def _refuse_input_as_output(plan: Plan, output: str) -> None:
+    out = os.path.realpath(output)
+    for c in plan.checkpoints:
+        for f in (c.source.path, *c.source.files):
+            if os.path.realpath(f) == out or os.path.realpath(os.path.dirname(f)) == out:
+                raise EmaError("output path is one of the inputs", path=output)

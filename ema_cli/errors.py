@@ -1,0 +1,34 @@
+"""The one exception type the CLI turns into ``error: ...`` lines.
+
+Every failure caused by the user's input (files, options, data) is raised as
+:class:`EmaError` with a one-line message that names the file and, where there
+is one, the tensor.  Anything else reaching the CLI is a bug and is reported as
+such (still without a traceback unless ``EMA_AVG_DEBUG=1``).
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_ERROR = 1  # bad input, failed check, failed write
+EXIT_USAGE = 2  # bad command line (click/typer's own code)
+EXIT_INTERRUPTED = 130  # Ctrl-C
+
+
+class EmaError(Exception):
+    """A user-facing failure: ``str(err)`` is the whole one-line message."""
+
+    def __init__(self, message: str, *, path: str | None = None, tensor: str | None = None):
+        self.path = path
+        self.tensor = tensor
+        parts = []
+        if path:
+            parts.append(str(path))
+        if tensor:
+            parts.append(f"tensor {tensor!r}")
+        prefix = ": ".join(parts)
+        msg = f"{prefix}: {message}" if prefix else message
+        super().__init__(" ".join(msg.split("\n")))
+
+
+class UsageError(EmaError):
+    """Options that contradict each other or are out of range."""

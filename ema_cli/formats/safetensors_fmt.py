@@ -1,0 +1,412 @@
+"""safetensors: single files and Hugging Face sharded checkpoints.
+
+Reading and writing are done here rather than with the ``safetensors``
+package, because the package cannot meet three of our requirements:
+``safe_open(..., framework="numpy").get_tensor`` copies every tensor out of the
+file (we want zero-copy memory-mapped views) and fails on F8 dtypes, and
+``save_file`` needs every tensor in memory at once (and in 0.8.0 corrupts
+non-contiguous arrays).  The on-disk format is small: an 8-byte little-endian
+header length, a JSON header, then the data.  Files written here are checked
+against ``safe_open`` in the tests.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import re
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from ema_cli import dtypes
+from ema_cli.errors import EmaError
+from ema_cli.formats.base import Reader, Source, TensorInfo, Writer, step_from_scalar
+
+NAME = "safetensors"
+SUFFIX = ".safetensors"
+INDEX_SUFFIX = ".safetensors.index.json"
+MAX_HEADER_SIZE = 100_000_000  # safetensors' own limit
+STEP_NAMES = ("global_step", "step", "iteration", "iterations")
+
+# safetensors dtype codes <-> canonical names
+_CODES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
+    "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8",
+    "BOOL": "bool", "C64": "complex64",
+}
+_NAMES = {v: k for k, v in _CODES.items()}
+_SHARD_RE = re.compile(r"-\d{5}-of-\d{5}\.safetensors$")
+
+
+def can_store(dtype: str) -> bool:
+    return dtype in _NAMES
+
+
+# --------------------------------------------------------------------------- discovery
+
+
+def is_output(path: str) -> bool:
+    return path.endswith(SUFFIX) or path.endswith(INDEX_SUFFIX)
+
+
+def _sharded_source(index: Path) -> Source:
+    files = _index_files(index)
+    hint = index.parent.name if index.name.startswith("model") else index.name
+    return Source(NAME, str(index), (str(index), *files), name_hint=hint)
+
+
+def claim_path(path: Path) -> list[Source] | None:
+    name = path.name
+    if path.is_file() and name.endswith(INDEX_SUFFIX):
+        return [_sharded_source(path)]
+    if path.is_file() and name.endswith(SUFFIX):
+        if _SHARD_RE.search(name):
+            # a shard: the checkpoint is the index that lists it
+            for index in sorted(path.parent.glob("*" + INDEX_SUFFIX)):
+                if name in {Path(f).name for f in _index_files(index)}:
+                    return [_sharded_source(index)]
+        hint = name if re.search(r"\d", name[: -len(SUFFIX)]) else path.parent.name
+        return [Source(NAME, str(path), (str(path),), name_hint=hint if hint else name)]
+    return None
+
+
+def scan_dir(path: Path) -> list[Source]:
+    indexes = sorted(path.glob("*" + INDEX_SUFFIX))
+    out = [_sharded_source(i) for i in indexes]
+    listed = {f for s in out for f in s.files}
+    for f in sorted(path.glob("*" + SUFFIX)):
+        if str(f) not in listed and f.is_file():
+            out.extend(claim_path(f) or [])
+    return out
+
+
+def _index_files(index: Path) -> list[str]:
+    weight_map = _load_index(index)["weight_map"]
+    return [str(index.parent / f) for f in dict.fromkeys(weight_map.values())]
+
+
+def _load_index(index: Path) -> dict:
+    try:
+        doc = json.loads(Path(index).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise EmaError(f"not a readable safetensors index: {e}", path=str(index)) from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("weight_map"), dict):
+        raise EmaError("safetensors index has no 'weight_map' object", path=str(index))
+    for k, v in doc["weight_map"].items():
+        if not isinstance(v, str) or "/" in v or v in ("", ".", ".."):
+            raise EmaError(f"index maps {k!r} to an invalid file name {v!r}", path=str(index))
+    return doc
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class _File:
+    """One .safetensors file: validated header and a read-only mmap of its data."""
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as e:
+            raise EmaError(f"cannot open: {e.strerror}", path=path) from None
+        try:
+            size = os.fstat(fd).st_size
+            if size < 8:
+                raise EmaError(f"truncated: {size} bytes, no safetensors header", path=path)
+            (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+            if n > MAX_HEADER_SIZE:
+                raise EmaError(
+                    f"header length {n} is over safetensors' limit of {MAX_HEADER_SIZE} bytes",
+                    path=path,
+                )
+            if 8 + n > size:
+                raise EmaError(f"header length {n} is larger than the file ({size} bytes)", path=path)
+            raw = os.pread(fd, n, 8)
+            self.data_start = 8 + n
+            self.data_len = size - self.data_start
+            self.header, self.meta = _parse_header(raw, self.data_len, path)
+            # mmap the whole file; a zero-length data section cannot be mapped
+            self.mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if size else None
+            if self.mm is not None and hasattr(mmap, "MADV_SEQUENTIAL"):
+                self.mm.madvise(mmap.MADV_SEQUENTIAL)
+        finally:
+            os.close(fd)
+
+    def read(self, name: str) -> np.ndarray:
+        info, (begin, _end) = self.header[name]
+        dt = dtypes.to_numpy(info.dtype)
+        arr = np.frombuffer(self.mm, dtype=dt, count=info.numel, offset=self.data_start + begin)
+        return arr.reshape(info.shape)
+
+    def close(self):
+        if self.mm is not None:
+            try:
+                self.mm.close()
+            except BufferError:
+                pass  # views still alive; the map is released with them
+
+
+def _parse_header(raw: bytes, data_len: int, path: str):
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise EmaError("garbage header: not a safetensors JSON header", path=path) from None
+    if not isinstance(doc, dict):
+        raise EmaError("garbage header: the JSON header is not an object", path=path)
+    meta = doc.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
+    ):
+        raise EmaError("__metadata__ must map strings to strings", path=path)
+    header: dict[str, tuple[TensorInfo, tuple[int, int]]] = {}
+    for name, e in doc.items():
+        if not isinstance(e, dict):
+            raise EmaError("header entry is not an object", path=path, tensor=name)
+        code, shape, offs = e.get("dtype"), e.get("shape"), e.get("data_offsets")
+        if code not in _CODES:
+            raise EmaError(f"unknown dtype {code!r}", path=path, tensor=name)
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+            raise EmaError(f"invalid shape {shape!r}", path=path, tensor=name)
+        if not (
+            isinstance(offs, list) and len(offs) == 2 and all(type(o) is int and o >= 0 for o in offs)
+        ):
+            raise EmaError(f"invalid data_offsets {offs!r}", path=path, tensor=name)
+        info = TensorInfo(name, _CODES[code], tuple(shape))
+        begin, end = offs
+        if end < begin or end - begin != info.nbytes:
+            raise EmaError(
+                f"data_offsets {offs} do not hold {info.nbytes} bytes for shape {shape} {code}",
+                path=path, tensor=name,
+            )
+        if end > data_len:
+            raise EmaError(
+                f"truncated: data ends at byte {data_len} but the tensor needs bytes {begin}..{end}",
+                path=path, tensor=name,
+            )
+        header[name] = (info, (begin, end))
+    # tensors must not overlap (they may leave no holes either, as safetensors demands)
+    pos, prev = 0, None
+    for name, (_info, (begin, end)) in sorted(header.items(), key=lambda kv: kv[1][1]):
+        if begin < pos:
+            raise EmaError(f"data overlaps tensor {prev!r}", path=path, tensor=name)
+        if begin > pos:
+            raise EmaError(f"hole in the data before byte {begin}", path=path, tensor=name)
+        pos, prev = end, name
+    if pos != data_len:
+        raise EmaError(
+            f"{data_len - pos} bytes of data after the last tensor (corrupt or not safetensors)",
+            path=path,
+        )
+    # in data order, which is the order the writer laid them out
+    ordered = dict(sorted(header.items(), key=lambda kv: kv[1][1][0]))
+    return ordered, meta
+
+
+class SafetensorsReader(Reader):
+    format = NAME
+
+    def __init__(self, source: Source):
+        super().__init__(source)
+        self._files: dict[str, _File] = {}
+        self._where: dict[str, _File] = {}
+        self._meta: dict[str, str] = {}
+        p = Path(source.path)
+        if source.path.endswith(INDEX_SUFFIX):
+            doc = _load_index(p)
+            for fname in dict.fromkeys(doc["weight_map"].values()):
+                fpath = str(p.parent / fname)
+                if not os.path.exists(fpath):
+                    raise EmaError(f"shard {fname} listed in the index is missing", path=source.path)
+                self._files[fname] = _File(fpath)
+            for tname, fname in doc["weight_map"].items():
+                f = self._files[fname]
+                if tname not in f.header:
+                    raise EmaError(f"index places tensor in {fname}, which lacks it", path=source.path, tensor=tname)
+                self._where[tname] = f
+            for f in self._files.values():
+                for tname in f.header:
+                    if self._where.get(tname) is not f:
+                        raise EmaError(f"{Path(f.path).name} holds a tensor the index does not list", path=source.path, tensor=tname)
+            first = next(iter(self._files.values()), None)
+            self._meta = dict(first.meta) if first else {}
+        else:
+            f = _File(source.path)
+            self._files[source.path] = f
+            self._where = {t: f for t in f.header}
+            self._meta = dict(f.meta)
+        self._tensors = {t: f.header[t][0] for t, f in self._where.items()}
+
+    def tensors(self) -> dict[str, TensorInfo]:
+        return self._tensors
+
+    def read(self, name: str) -> np.ndarray:
+        return self._where[name].read(name)
+
+    def metadata(self) -> dict[str, str]:
+        return dict(self._meta)
+
+    def step(self) -> int | None:
+        for n in STEP_NAMES:
+            info = self._tensors.get(n)
+            if info is not None and info.numel == 1:
+                s = step_from_scalar(self.read(n))
+                if s is not None:
+                    return s
+        return None
+
+    def extras(self):
+        return {"files": [f.path for f in self._files.values()]}
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+
+
+Reader = SafetensorsReader
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while len(data):
+        n = os.pwrite(fd, data[: 1 << 30], offset)
+        data, offset = data[n:], offset + n
+
+
+class _FileWriter:
+    """Writes one safetensors file: the header first (every name, dtype and shape
+    is known before any tensor is computed), then each tensor at its offset."""
+
+    def __init__(self, path: str, infos: list[TensorInfo], metadata: dict[str, str]):
+        # largest item size first keeps every tensor aligned (as safetensors does)
+        order = sorted(infos, key=lambda i: -dtypes.itemsize(i.dtype))
+        header: dict = {"__metadata__": metadata} if metadata else {}
+        self.offsets: dict[str, tuple[int, TensorInfo]] = {}
+        pos = 0
+        for info in order:
+            if info.dtype not in _NAMES:
+                raise EmaError(f"safetensors cannot store dtype {info.dtype}", tensor=info.name)
+            header[info.name] = {"dtype": _NAMES[info.dtype], "shape": list(info.shape), "data_offsets": [pos, pos + info.nbytes]}
+            self.offsets[info.name] = (pos, info)
+            pos += info.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.data_start = 8 + len(raw)
+        self.total = self.data_start + pos
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            _reserve(self.fd, self.total, path)
+            _pwrite_all(self.fd, memoryview(struct.pack("<Q", len(raw)) + raw), 0)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.pending = set(self.offsets)
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        pos, info = self.offsets[name]
+        arr = np.asarray(array, dtype=dtypes.to_numpy(info.dtype))
+        if not arr.flags.c_contiguous:  # (np.ascontiguousarray would turn 0-d into 1-d)
+            arr = arr.copy(order="C")
+        if arr.shape != info.shape:
+            raise EmaError(f"internal: shape {arr.shape} != {info.shape}", tensor=name)
+        try:
+            _pwrite_all(self.fd, memoryview(arr.reshape(-1).view(np.uint8)), self.data_start + pos)
+        except OSError as e:
+            raise EmaError(f"cannot write: {e.strerror}", path=self.path, tensor=name) from None
+        self.pending.discard(name)
+
+    def close(self) -> None:
+        if self.pending:
+            raise EmaError(f"internal: {len(self.pending)} tensors never written", path=self.path)
+        try:
+            os.fsync(self.fd)
+        except OSError as e:
+            raise EmaError(f"cannot write: {e.strerror}", path=self.path) from None
+        finally:
+            os.close(self.fd)
+            self.fd = -1
+
+    def abort(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _reserve(fd: int, size: int, path: str) -> None:
+    """Reserve the file's space up front, so a full disk fails before any work."""
+    try:
+        if hasattr(os, "posix_fallocate") and size:
+            os.posix_fallocate(fd, 0, size)
+        else:
+            os.ftruncate(fd, size)
+    except OSError as e:
+        raise EmaError(f"cannot reserve {size} bytes: {e.strerror}", path=path) from None
+
+
+def shard_file_names(n: int) -> list[str]:
+    if n == 1:
+        return ["model.safetensors"]
+    return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
+class SafetensorsWriter(Writer):
+    """``shards`` is the plan's list of output shards.  One shard: ``path`` is the
+    file.  Several: ``path`` is a directory that receives the shards and
+    ``model.safetensors.index.json`` (Hugging Face's layout)."""
+
+    def __init__(self, path: str, shards: list[list[TensorInfo]], metadata: dict[str, str], template=None):
+        self.sharded = len(shards) > 1
+        self._by_name: dict[str, _FileWriter] = {}
+        self._files: list[_FileWriter] = []
+        self.path = path
+        try:
+            if not self.sharded:
+                self._files.append(_FileWriter(path, shards[0] if shards else [], metadata))
+            else:
+                os.makedirs(path, exist_ok=True)
+                names = shard_file_names(len(shards))
+                for fname, infos in zip(names, shards):
+                    self._files.append(_FileWriter(os.path.join(path, fname), infos, metadata))
+        except BaseException:
+            self.abort()
+            raise
+        for fw in self._files:
+            for name in fw.offsets:
+                self._by_name[name] = fw
+        self._metadata = metadata
+        self._shard_names = shard_file_names(len(shards)) if self.sharded else []
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        self._by_name[name].write(name, array)
+
+    def close(self) -> None:
+        for fw in self._files:
+            fw.close()
+        if self.sharded:
+            total = sum(fw.total - fw.data_start for fw in self._files)
+            weight_map = {}
+            for fname, fw in zip(self._shard_names, self._files):
+                for name in fw.offsets:
+                    weight_map[name] = fname
+            doc = {"metadata": {"total_size": total, **self._metadata}, "weight_map": dict(sorted(weight_map.items()))}
+            ipath = os.path.join(self.path, "model" + INDEX_SUFFIX)
+            with open(ipath, "w") as fh:
+                json.dump(doc, fh, indent=2)
+                fh.write("\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+
+    def abort(self) -> None:
+        for fw in self._files:
+            fw.abort()
+
+
+Writer = SafetensorsWriter

@@ -1,0 +1,140 @@
+"""Everything shown to a person (stderr, rich) and the JSON documents (stdout)."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from ema_cli import dtypes
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+class UI:
+    """Progress and summaries on stderr: shown only on a terminal, never with --quiet.
+    Tables asked for explicitly (plan, inspect) are printed whenever not --quiet."""
+
+    def __init__(self, quiet: bool, force_terminal: bool | None = None):
+        self.console = Console(stderr=True, force_terminal=force_terminal, highlight=False)
+        self.quiet = quiet
+        self.live = not quiet and self.console.is_terminal
+
+    def warnings(self, msgs: list[str]) -> None:
+        if self.quiet:
+            return
+        for m in msgs:
+            # warnings are worth a line even when stderr is not a terminal
+            print(f"warning: {m}", file=sys.stderr)
+
+    @contextlib.contextmanager
+    def progress(self, plan):
+        if not self.live:
+            yield None
+            return
+        total_bytes = sum(dtypes.itemsize(t.out_dtype) * t.info.numel for t in plan.tasks)
+        cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("tensors"),
+                DownloadColumn(), TimeRemainingColumn())
+        lock = threading.Lock()
+        with Progress(*cols, console=self.console, transient=True) as prog:
+            tid = prog.add_task("averaging", total=len(plan.tasks))
+            bid = prog.add_task("", total=total_bytes, visible=False)
+            done_bytes = [0]
+
+            def on_tensor(task):
+                with lock:
+                    done_bytes[0] += dtypes.itemsize(task.out_dtype) * task.info.numel
+                    prog.update(tid, advance=1, completed=None)
+                    prog.update(bid, completed=done_bytes[0])
+
+            yield on_tensor
+
+    def summary(self, result) -> None:
+        if not self.live:
+            return
+        p = result.plan
+        n_avg = sum(t.action == "average" for t in p.tasks)
+        desc = p.options.spec.describe()
+        self.console.print(
+            f"[bold green]wrote[/] {result.output} ({result.format}, {human_bytes(result.bytes_written)}): "
+            f"{desc['mode']} of {len(p.selected)} checkpoint(s), {n_avg} tensor(s) averaged, "
+            f"{len(p.tasks) - n_avg} copied from {p.checkpoints[p.newest].path}"
+            + (f", {len(p.skipped)} left out" if p.skipped else "")
+            + f" in {result.timings.get('total_s', 0):.2f} s"
+        )
+
+    def plan_table(self, plan, doc) -> None:
+        t = Table(title=f"{doc['mode']}  " + "  ".join(f"{k}={v}" for k, v in doc["params"].items()))
+        for col in ("#", "checkpoint", "step", "weight", ""):
+            t.add_column(col, justify="right" if col in ("#", "step", "weight") else "left")
+        wmax = max((abs(c["weight"]) for c in doc["checkpoints"]), default=1.0) or 1.0
+        for i, c in enumerate(doc["checkpoints"]):
+            bar = "█" * int(round(24 * abs(c["weight"]) / wmax)) if c["selected"] else "[dim]not selected[/]"
+            t.add_row(str(i), c["path"], "" if c["step"] is None else str(c["step"]),
+                      f"{c['weight']:.6f}" if c["selected"] else "-", bar)
+        self.console.print(t)
+        extra = f"sum |w| = {doc['sum_abs_weights']:.6f}"
+        for key in ("half_life_steps", "half_life_checkpoints", "sigma_rel"):
+            if key in doc["params"]:
+                extra += f"   {key} = {doc['params'][key]:.6g}"
+        self.console.print(extra)
+        for w in doc["warnings"]:
+            self.console.print(f"[yellow]warning:[/] {w}")
+
+    def inspect_tables(self, docs) -> None:
+        for doc in docs:
+            t = Table(title=f"{doc['path']}  ({doc['format']}, step {doc['step']})")
+            for col in ("tensor", "dtype", "shape", "size", "role"):
+                t.add_column(col, justify="right" if col == "size" else "left")
+            for r in doc["tensors"]:
+                t.add_row(r["name"], r["dtype"], str(r["shape"]), human_bytes(r["nbytes"]), r["role"])
+            self.console.print(t)
+            tot = doc["totals"]
+            self.console.print(
+                f"{tot['tensors']} tensors, {human_bytes(tot['bytes'])}; "
+                + ", ".join(f"{k}: {v}" for k, v in tot["roles"].items())
+            )
+
+
+def plan_json(plan) -> dict:
+    d = plan.describe()
+    mode = d.pop("mode")
+    cks = d.pop("checkpoints")
+    tool = d.pop("tool")
+    sum_abs = d.pop("sum_abs_weights")
+    newest = d.pop("newest")
+    return {"tool": tool, "mode": mode, "params": d, "checkpoints": cks, "sum_abs_weights": sum_abs,
+            "newest": newest, "warnings": list(plan.warnings)}
+
+
+def result_json(result) -> dict:
+    p = result.plan
+    doc = plan_json(p)
+    doc.update({
+        "output": result.output,
+        "format": result.format,
+        "files": result.files,
+        "tensors": {
+            "averaged": sum(t.action == "average" for t in p.tasks),
+            "copied": sum(t.action == "copy" for t in p.tasks),
+            "skipped": list(p.skipped),
+        },
+        "bytes_written": result.bytes_written,
+        "timings": {k: round(v, 6) for k, v in result.timings.items()},
+    })
+    return doc
+
+
+def weights_summary(w: np.ndarray) -> str:
+    return ", ".join(f"{x:.4g}" for x in w)
