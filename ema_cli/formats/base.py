@@ -86,8 +86,9 @@ class Reader(ABC):
         return None
 
     def averaged_by_default(self, info: TensorInfo) -> bool:
-        """Whether the tensor is a model weight averaged when no option says otherwise."""
-        return info.dtype in dtypes.AVERAGED_BY_DEFAULT
+        """Whether the tensor is a model weight averaged when no option says otherwise
+        (float8 tensors are then still copied unless --dtype is given: see engine)."""
+        return dtypes.is_float(info.dtype)
 
     def extras(self) -> dict[str, Any]:
         """Format-specific facts for ``inspect`` (e.g. TF object-graph presence)."""
