@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import sys
@@ -108,26 +109,69 @@ def average(
         maximize=_maximize(maximize, minimize), names=names, suffix=suffix,
         max_shard_size=engine.parse_size(max_shard_size) if max_shard_size else None, threads=threads,
     )
+    _execute(inputs, opts, output, fmt, force=force, quiet=quiet, as_json=as_json, verify=verify, t0=t0)
+
+
+def _execute(inputs, opts, output, fmt, *, force, quiet, as_json, verify, t0) -> None:
+    """Plan, write, optionally verify, then render: shared by average and posthoc."""
     out_format = engine.formats.output_format(output, fmt)
     pool = engine.ReaderPool()
+    ui = render.UI(quiet=quiet)
     try:
         plan = engine.make_plan(inputs, opts, out_format=out_format, pool=pool)
         t_plan = time.perf_counter() - t0
-        ui = render.UI(quiet=quiet)
         ui.warnings(plan.warnings)
         with ui.progress(plan) as on_tensor:
             result = engine.run(plan, output, out_format, force=force, pool=pool, on_tensor=on_tensor,
-                                timings={"plan_s": t_plan})
+                                timings={"plan_s": t_plan}, checksums=verify)
         if verify:
             from ema_cli import verify as verify_mod
 
-            result.timings["verify_s"] = verify_mod.verify(result, pool)
+            result.timings["verify_s"] = verify_mod.verify(result)
         result.timings["total_s"] = time.perf_counter() - t0
     finally:
         pool.close()
     ui.summary(result)
     if as_json:
         _emit_json(render.result_json(result))
+
+
+# ------------------------------------------------------------------ posthoc
+
+
+@app.command(help="EDM2 post-hoc EMA: reconstruct a power-function EMA of any width from snapshot series.")
+def posthoc(
+    series: Annotated[List[str], typer.Option("--from", help="S=DIR_OR_GLOB: a series of power-EMA snapshots of relative width S (repeat).", show_default=False)],
+    output: Annotated[str, typer.Option("--output", "-o", help="Output path (format from its suffix).", show_default=False)],
+    sigma_rel: SigmaRel = None, gamma: Gamma = None,
+    at_step: Annotated[Optional[int], typer.Option("--at-step", help="Reconstruct the EMA at step T (default: the latest snapshot).")] = None,
+    fmt: Annotated[Optional[str], typer.Option("--format", help="Output format: safetensors, tf or hdf5.")] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="keep, float32, float16, bfloat16 or float64.")] = "keep",
+    include: Include = None, exclude: Exclude = None,
+    allow_nonfinite: Annotated[bool, typer.Option("--allow-nonfinite", help="Average NaN/Inf values instead of failing.")] = False,
+    verify: Annotated[bool, typer.Option("--verify", help="Reopen the output and check every tensor.")] = False,
+    threads: Annotated[int, typer.Option("--threads", help="Worker threads (0: one per core, at most 4).")] = 0,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing output.")] = False,
+    quiet: Quiet = False, as_json: Json = False,
+):
+    t0 = time.perf_counter()
+    parsed = []
+    for item in series:
+        s_rel, sep, where = item.partition("=")
+        try:
+            g = schedule.sigma_rel_to_gamma(float(s_rel))
+        except ValueError:
+            raise UsageError(f"--from takes SIGMA_REL=DIR_OR_GLOB (got {item!r})") from None
+        if not sep or not where:
+            raise UsageError(f"--from takes SIGMA_REL=DIR_OR_GLOB (got {item!r})")
+        paths = sorted(glob.glob(where)) if glob.has_magic(where) else [where]
+        if not paths:
+            raise EmaError("no checkpoints match", path=where)
+        parsed.append((g, paths))
+    spec = schedule.Spec(sigma_rel=sigma_rel, gamma=gamma, at_step=at_step, posthoc_gammas=[])
+    opts = engine.Options(spec=spec, include=include or [], exclude=exclude or [], dtype=dtype,
+                          allow_nonfinite=allow_nonfinite, threads=threads, series=parsed)
+    _execute([], opts, output, fmt, force=force, quiet=quiet, as_json=as_json, verify=verify, t0=t0)
 
 
 # ------------------------------------------------------------------ plan

@@ -55,6 +55,8 @@ class Options:
     suffix: str = "ExponentialMovingAverage"
     max_shard_size: int | None = None
     threads: int = 0  # 0: one per core, at most 4
+    # post-hoc EMA: snapshot series as (gamma, inputs); replaces the plain inputs
+    series: list[tuple[float, list[str]]] | None = None
 
 
 # --------------------------------------------------------------------------- plan
@@ -215,18 +217,9 @@ def parse_size(text: str) -> int:
     return size
 
 
-def make_plan(inputs: list[str], opts: Options, *, out_format: str | None = None,
-              pool: ReaderPool | None = None) -> Plan:
-    opts.spec.validate()
-    if opts.dtype not in dtypes.OUTPUT_CHOICES:
-        raise UsageError(f"--dtype must be one of {', '.join(dtypes.OUTPUT_CHOICES)}")
-    if opts.order not in ("step", "given"):
-        raise UsageError("--order is 'step' or 'given'")
-    inc, exc = _compile(opts.include, "--include"), _compile(opts.exclude, "--exclude")
-    pool = pool or ReaderPool()
+def _discover(inputs: list[str], opts: Options, pool: ReaderPool, warnings: list[str]):
+    """Open the inputs, find each one's step, order them and refuse duplicate steps."""
     sources = formats.resolve_inputs(inputs)
-
-    # steps: a step counter tensor, else the name, else the input order
     cks: list[Checkpoint] = []
     metas: list[dict[str, TensorInfo]] = []
     for src in sources:
@@ -238,7 +231,6 @@ def make_plan(inputs: list[str], opts: Options, *, out_format: str | None = None
         if step is None:
             how = "order"
         cks.append(Checkpoint(src, step, how))
-    warnings: list[str] = []
     if opts.order == "step":
         if all(c.step is not None for c in cks):
             order = sorted(range(len(cks)), key=lambda i: cks[i].step)
@@ -252,11 +244,39 @@ def make_plan(inputs: list[str], opts: Options, *, out_format: str | None = None
             if c.step in seen:
                 raise EmaError(f"same step {c.step} as {seen[c.step]} (remove one, or use --order given)", path=c.path)
             seen[c.step] = c.path
+    return cks, metas
+
+
+def make_plan(inputs: list[str], opts: Options, *, out_format: str | None = None,
+              pool: ReaderPool | None = None) -> Plan:
+    opts.spec.validate()
+    if opts.dtype not in dtypes.OUTPUT_CHOICES:
+        raise UsageError(f"--dtype must be one of {', '.join(dtypes.OUTPUT_CHOICES)}")
+    if opts.order not in ("step", "given"):
+        raise UsageError("--order is 'step' or 'given'")
+    inc, exc = _compile(opts.include, "--include"), _compile(opts.exclude, "--exclude")
+    pool = pool or ReaderPool()
+    warnings: list[str] = []
+    if opts.series:
+        cks, metas, gammas = [], [], []
+        for gamma, series_inputs in opts.series:
+            c, m = _discover(series_inputs, opts, pool, warnings)
+            cks += c
+            metas += m
+            gammas += [gamma] * len(c)
+        order = sorted(range(len(cks)), key=lambda i: (cks[i].step if cks[i].step is not None else -1, gammas[i]))
+        cks, metas, gammas = [cks[i] for i in order], [metas[i] for i in order], [gammas[i] for i in order]
+    else:
+        cks, metas = _discover(inputs, opts, pool, warnings)
     _check_agreement(cks, metas)
 
     # selection: windows, then metric top-k
     steps = np.array([c.step if c.step is not None else i for i, c in enumerate(cks)], dtype=np.int64)
     sel = schedule.select(steps, last_n=opts.last_n, start_step=opts.start_step, every=opts.every)
+    if opts.series:
+        at = opts.spec.at_step if opts.spec.at_step is not None else int(steps.max())
+        sel = sel[steps[sel] <= at]
+        opts.spec.posthoc_gammas = [gammas[i] for i in sel]
     if opts.metrics is not None or opts.top_k is not None:
         from ema_cli.metrics import pick_top_k
 
@@ -266,6 +286,7 @@ def make_plan(inputs: list[str], opts: Options, *, out_format: str | None = None
     weights = opts.spec.weights_for(steps[sel])
     if not np.all(np.isfinite(weights)):
         raise UsageError("the schedule gives non-finite weights")
+    warnings += schedule.diagnostics(opts.spec, steps[sel], weights)
     for c in cks:
         c.selected, c.weight = False, 0.0
     for i, w in zip(sel, weights):
@@ -366,12 +387,17 @@ def compute_tensor(plan: Plan, task: Task, pool: ReaderPool) -> np.ndarray:
 
 
 def run_shard(plan: Plan, shard: list[str], pool: ReaderPool, writer, *,
-              threads: int = 1, on_tensor: Callable[[Task], None] | None = None) -> None:
-    """Compute and write one output shard (a list of output names)."""
+              threads: int = 1, on_tensor: Callable[[Task], None] | None = None,
+              checksums: dict | None = None) -> None:
+    """Compute and write one output shard (a list of output names).  With
+    ``checksums``, record each written tensor's digest for ``--verify``."""
 
     def one(name: str) -> None:
         task = plan.task(name)
-        writer.write(name, compute_tensor(plan, task, pool))
+        arr = compute_tensor(plan, task, pool)
+        writer.write(name, arr)
+        if checksums is not None:
+            checksums[name] = digest(arr)
         if on_tensor is not None:
             on_tensor(task)
 
@@ -395,6 +421,22 @@ def run_shard(plan: Plan, shard: list[str], pool: ReaderPool, writer, *,
             f.result()
 
 
+def digest(arr) -> str:
+    """A checksum of a tensor's values (bytes for strings) for ``--verify``."""
+    import hashlib
+
+    a = np.asarray(arr)
+    h = hashlib.blake2b(digest_size=16)
+    if a.dtype.kind == "O":
+        for v in a.reshape(-1):
+            b = v if isinstance(v, bytes) else str(v).encode()
+            h.update(len(b).to_bytes(8, "little"))
+            h.update(b)
+    else:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
 def default_threads() -> int:
     return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
@@ -407,10 +449,12 @@ class Result:
     files: list[str]
     timings: dict[str, float]
     bytes_written: int
+    checksums: dict[str, str] | None = None
 
 
 def run(plan: Plan, output: str, out_format: str, *, force: bool = False, pool: ReaderPool | None = None,
-        on_tensor: Callable[[Task], None] | None = None, timings: dict | None = None) -> Result:
+        on_tensor: Callable[[Task], None] | None = None, timings: dict | None = None,
+        checksums: bool = False) -> Result:
     """Write the averaged checkpoint atomically to ``output``."""
     pool = pool or ReaderPool()
     mod = formats.module(out_format)
@@ -431,8 +475,9 @@ def run(plan: Plan, output: str, out_format: str, *, force: bool = False, pool: 
         metadata["ema_avg"] = json.dumps(plan.describe(), separators=(",", ":"))
         writer = mod.Writer(staged.path, plan.shard_infos(), metadata, template=template)
         threads = plan.options.threads or default_threads()
+        sums: dict[str, str] | None = {} if checksums else None
         for shard in plan.shards:
-            run_shard(plan, shard, pool, writer, threads=threads, on_tensor=on_tensor)
+            run_shard(plan, shard, pool, writer, threads=threads, on_tensor=on_tensor, checksums=sums)
         writer.close()
         staged.commit()
     except BaseException:
@@ -444,7 +489,7 @@ def run(plan: Plan, output: str, out_format: str, *, force: bool = False, pool: 
     t["write_s"] = time.perf_counter() - t0
     nbytes = sum(dtypes.itemsize(task.out_dtype) * task.info.numel for task in plan.tasks)
     files = getattr(staged, "final_files", None) or [output]
-    return Result(plan, output, out_format, files, t, nbytes)
+    return Result(plan, output, out_format, files, t, nbytes, sums)
 
 
 def _refuse_input_as_output(plan: Plan, output: str) -> None:

@@ -27,7 +27,7 @@ class UI:
     Tables asked for explicitly (plan, inspect) are printed whenever not --quiet."""
 
     def __init__(self, quiet: bool, force_terminal: bool | None = None):
-        self.console = Console(stderr=True, force_terminal=force_terminal, highlight=False)
+        self.console = Console(stderr=True, force_terminal=force_terminal, highlight=False, soft_wrap=True)
         self.quiet = quiet
         self.live = not quiet and self.console.is_terminal
 
@@ -75,9 +75,11 @@ class UI:
         )
 
     def plan_table(self, plan, doc) -> None:
-        t = Table(title=f"{doc['mode']}  " + "  ".join(f"{k}={v}" for k, v in doc["params"].items()))
+        t = Table(title=f"{doc['mode']}  " + "  ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}"
+                                                      for k, v in doc["params"].items()))
         for col in ("#", "checkpoint", "step", "weight", ""):
-            t.add_column(col, justify="right" if col in ("#", "step", "weight") else "left")
+            t.add_column(col, justify="right" if col in ("#", "step", "weight") else "left",
+                         overflow="fold", no_wrap=col != "checkpoint")
         wmax = max((abs(c["weight"]) for c in doc["checkpoints"]), default=1.0) or 1.0
         for i, c in enumerate(doc["checkpoints"]):
             bar = "█" * int(round(24 * abs(c["weight"]) / wmax)) if c["selected"] else "[dim]not selected[/]"
@@ -96,7 +98,7 @@ class UI:
         for doc in docs:
             t = Table(title=f"{doc['path']}  ({doc['format']}, step {doc['step']})")
             for col in ("tensor", "dtype", "shape", "size", "role"):
-                t.add_column(col, justify="right" if col == "size" else "left")
+                t.add_column(col, justify="right" if col == "size" else "left", overflow="fold")
             for r in doc["tensors"]:
                 t.add_row(r["name"], r["dtype"], str(r["shape"]), human_bytes(r["nbytes"]), r["role"])
             self.console.print(t)

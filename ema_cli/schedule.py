@@ -296,6 +296,9 @@ class Spec:
     sigma_rel: float | None = None
     gamma: float | None = None
     tf_exact: bool = False
+    # post-hoc EMA: the power-function exponent of each checkpoint's snapshot series
+    posthoc_gammas: list[float] | None = None
+    at_step: int | None = None
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -317,6 +320,11 @@ class Spec:
             raise UsageError("--zero-debias needs --decay")
         if self.zero_debias and self.weights is not None:
             raise UsageError("--zero-debias cannot be combined with --weights (weighted EMA is never debiased)")
+        if self.posthoc_gammas is not None:
+            if self.sigma_rel is None and self.gamma is None:
+                raise UsageError("posthoc needs the target --sigma-rel (or --gamma)")
+            if self.decay is not None or self.half_life is not None or self.weights is not None or self.swa:
+                raise UsageError("posthoc takes only a target --sigma-rel/--gamma and --at-step")
         per_step = self.decay_per == "step" or self.half_life is not None or self.sigma_rel is not None or self.gamma is not None
         if per_step and (self.num_updates or self.zero_debias or self.weights is not None):
             raise UsageError("per-step schedules take no --num-updates, --zero-debias or --weights")
@@ -331,6 +339,8 @@ class Spec:
 
     @property
     def mode(self) -> str:
+        if self.posthoc_gammas is not None:
+            return "posthoc-ema"
         if self.sigma_rel is not None or self.gamma is not None:
             return "power-ema"
         if self.half_life is not None or (self.decay is not None and self.decay_per == "step"):
@@ -349,11 +359,16 @@ class Spec:
         if self.weights is not None and len(self.weights) != n:
             raise UsageError(f"--weights has {len(self.weights)} values for {n} checkpoints")
         mode = self.mode
+        if mode == "posthoc-ema":
+            g = self.gamma if self.gamma is not None else sigma_rel_to_gamma(self.sigma_rel)
+            target = self.at_step if self.at_step is not None else int(steps.max())
+            return posthoc(steps, self.posthoc_gammas, target, g)
         if mode == "power-ema":
             g = self.gamma if self.gamma is not None else sigma_rel_to_gamma(self.sigma_rel)
             return power_per_step(steps, g, self.interp)
         if mode == "ema-per-step":
-            d = self.decay if self.decay is not None else half_life_to_decay(self.half_life)
+            # --decay means TensorFlow's decay (float32) in every mode; --half-life is exact
+            d = float(tf_decays(steps[:1], self.decay, False)[0]) if self.decay is not None else half_life_to_decay(self.half_life)
             return ema_per_step(steps, d, self.interp)
         if mode == "ema":
             return ema(steps, self.decay, num_updates=self.num_updates, zero_debias=self.zero_debias)
@@ -368,16 +383,19 @@ class Spec:
         d = {k: v for k, v in asdict(self).items() if v not in (None, False) and k != "extra"}
         d.pop("swa", None)
         if self.mode not in ("ema-per-step", "power-ema"):
-            d.pop("decay_per", None)
             d.pop("interp", None)
+        d.pop("decay_per", None)
+        if self.mode == "ema-per-step":
+            d["decay_per"] = "step"
         if self.mode == "ema-per-step":
             dd = self.decay if self.decay is not None else half_life_to_decay(self.half_life)
             d["decay"] = dd
             d["half_life_steps"] = decay_to_half_life(dd)
-        if self.mode == "power-ema":
+        d.pop("posthoc_gammas", None)
+        if self.mode in ("power-ema", "posthoc-ema"):
             g = self.gamma if self.gamma is not None else sigma_rel_to_gamma(self.sigma_rel)
             d["gamma"] = g
-            d["sigma_rel"] = gamma_to_sigma_rel(g)
+            d["sigma_rel"] = self.sigma_rel if self.sigma_rel is not None else gamma_to_sigma_rel(g)
         if self.mode == "ema" and self.decay is not None:
             d["half_life_checkpoints"] = decay_to_half_life(self.decay)
         d.update(self.extra)
@@ -404,3 +422,39 @@ def tf_replay(arrays, steps, decay: float, num_updates: bool) -> np.ndarray:
         np.multiply(diff, o, out=diff)
         np.subtract(shadow, diff, out=shadow)
     return shadow
+
+
+# --------------------------------------------------------------------------- diagnostics
+
+
+def diagnostics(spec: Spec, steps, weights) -> list[str]:
+    """Warnings ``plan`` shows about a schedule over these checkpoint steps."""
+    out: list[str] = []
+    steps = np.asarray(steps, dtype=np.int64)
+    mode = spec.mode
+    if mode == "ema-per-step" and len(steps) > 1:
+        d = spec.decay if spec.decay is not None else half_life_to_decay(spec.half_life)
+        h = decay_to_half_life(d)
+        gap = int(np.diff(steps).max())
+        if gap > h:
+            out.append(f"largest checkpoint gap ({gap} steps) exceeds the EMA half-life ({h:.4g} steps): "
+                       "the per-step EMA is mostly interpolation between checkpoints")
+    if mode == "power-ema" and len(steps):
+        g = spec.gamma if spec.gamma is not None else sigma_rel_to_gamma(spec.sigma_rel)
+        T = int(steps[-1])
+        before = (max(int(steps[0]) - 1, 0) / T) ** (g + 1) if T > 0 else 0.0
+        if before > 0.01:
+            out.append(f"{before:.1%} of the power EMA's weight falls on steps before the first selected "
+                       f"checkpoint (step {int(steps[0])}); it is given to that checkpoint")
+    if mode == "posthoc-ema":
+        g = spec.gamma if spec.gamma is not None else sigma_rel_to_gamma(spec.sigma_rel)
+        gs = np.asarray(spec.posthoc_gammas, dtype=np.float64)
+        if g > gs.max() or g < gs.min():
+            s_rel = gamma_to_sigma_rel(g)
+            known = sorted(gamma_to_sigma_rel(x) for x in set(gs.tolist()))
+            out.append(f"target sigma_rel {s_rel:.4g} lies outside the stored widths "
+                       f"({', '.join(f'{k:.4g}' for k in known)}): extrapolation amplifies noise")
+    s_abs = float(np.abs(weights).sum())
+    if s_abs > 1 + 1e-9:
+        out.append(f"sum of |weights| is {s_abs:.4g} (> 1: negative weights amplify noise)")
+    return out
