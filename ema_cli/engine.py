@@ -191,6 +191,10 @@ def _averaged(reader: Reader, info: TensorInfo, opts: Options, inc, exc) -> bool
         return True
     if info.dtype not in dtypes.AVERAGED_BY_DEFAULT and opts.dtype == "keep":
         return False  # float8: copied unless --dtype says what to write
+    from ema_cli.names import is_shadow
+
+    if is_shadow(info.name, opts.suffix):
+        return False  # an existing moving-average shadow (x/--suffix) is copied, not averaged again
     return reader.averaged_by_default(info)
 
 
