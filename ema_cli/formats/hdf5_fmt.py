@@ -1,0 +1,592 @@
+"""HDF5: plain HDF5 files, Keras 3 ``.weights.h5`` and legacy Keras ``.h5``.
+
+Every dataset is a tensor named by its path in the file, without the leading
+``/`` (``layers/dense/vars/0``, ``model_weights/dense/dense/kernel``).  Files
+are walked link by link without following soft or external links; external
+and virtual datasets are refused: everything read comes from the file named.
+
+dtypes: numeric datasets map to their numpy type; 2-byte opaque datasets with a
+``dtype="bfloat16"`` attribute are bfloat16 (how Keras 3 stores them; float8
+types use the same convention with their own name); in a legacy Keras file
+(root attribute ``keras_version``) an untagged 2-byte opaque dataset is
+bfloat16 too (Keras' legacy saver drops the attribute); variable-length and
+fixed-length strings are ``string``.  Datasets of any other type (compound,
+references, other opaque data) and empty dataspaces are not tensors: they are
+listed under ``extras()["not_tensors"]`` and kept as they are when the output
+is written from an HDF5 template.
+
+Writing HDF5 from an HDF5 template (the newest input) copies the template file
+and overwrites each dataset's values in place, so every group, attribute,
+dataset name, order, dtype, chunking and filter stays; only a root attribute
+``ema_avg`` (the recipe) is added.  When ``--dtype`` changes a dataset's type,
+the file is rebuilt object by object instead (same groups, attributes and
+creation properties; the changed datasets get the new type), so the output
+holds no dead space.  From any other template, one dataset per tensor is
+created at its name's path, plus root attributes for the metadata (``ema_avg``).
+
+h5py is imported lazily: listing the format costs nothing for other formats.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from ema_cli import dtypes
+from ema_cli.errors import EmaError, UsageError
+from ema_cli.formats.base import Reader, Source, TensorInfo, Writer
+from ema_cli.output import Staged, check_target
+
+NAME = "hdf5"
+SUFFIXES = (".h5", ".hdf5")
+SIGNATURE = b"\x89HDF\r\n\x1a\n"
+OPTIMIZER_GROUPS = ("optimizer", "optimizer_weights")
+LEGACY_COUNTERS = ("iteration", "iterations", "iter")  # optimizer_weights/<opt>/iteration
+ROOT_COUNTERS = ("global_step", "step", "iteration", "iterations")
+DTYPE_ATTR = "dtype"  # Keras 3: opaque 2-byte data + dtype="bfloat16"
+
+
+def _h5py():
+    import h5py
+
+    return h5py
+
+
+def _msg(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+# --------------------------------------------------------------------------- discovery
+
+
+def _has_suffix(name: str) -> bool:
+    return name.lower().endswith(SUFFIXES)
+
+
+def is_output(path: str) -> bool:
+    return _has_suffix(path)
+
+
+def is_hdf5(path: Path) -> bool:
+    """The HDF5 signature at byte 0 or at a user-block boundary (512, 1024, ...)."""
+    try:
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            off = 0
+            while off + len(SIGNATURE) <= size:
+                fh.seek(off)
+                if fh.read(len(SIGNATURE)) == SIGNATURE:
+                    return True
+                off = 512 if off == 0 else off * 2
+    except OSError:
+        return False
+    return False
+
+
+def claim_path(path: Path) -> list[Source] | None:
+    path = Path(path)
+    if not path.is_file():
+        return None
+    if _has_suffix(path.name):
+        if not is_hdf5(path):
+            if not os.access(path, os.R_OK):
+                raise EmaError("cannot open: permission denied", path=str(path))
+            raise EmaError("not an HDF5 file (no HDF5 signature)", path=str(path))
+    elif not is_hdf5(path):
+        return None  # .keras archives (zip) and everything else
+    return [Source(NAME, str(path), (str(path),), name_hint=path.name)]
+
+
+def scan_dir(path: Path) -> list[Source]:
+    out: list[Source] = []
+    for f in sorted(Path(path).iterdir()):
+        if _has_suffix(f.name) and f.is_file():
+            out.extend(claim_path(f) or [])
+    return out
+
+
+def make_staging(output: str, *, sharded: bool, force: bool) -> Staged:
+    if sharded:
+        raise UsageError("HDF5 output is a single file: --max-shard-size applies to safetensors output")
+    check_target(output, force=force, is_dir=False)
+    return Staged(output)
+
+
+# --------------------------------------------------------------------------- dtypes
+
+
+def _attr_str(v) -> str | None:
+    if isinstance(v, bytes):
+        try:
+            return v.decode()
+        except UnicodeDecodeError:
+            return None
+    if isinstance(v, np.ndarray) and v.shape == () and v.dtype.kind in "SUO":
+        return _attr_str(v[()])
+    return v if isinstance(v, str) else None
+
+
+def _canonical(ds, legacy_keras: bool) -> tuple[str | None, str]:
+    """(canonical dtype, storage kind) of a dataset; dtype None: not a tensor.
+
+    Storage kinds: "plain" (numpy type, HDF5 converts), "opaque" (raw bytes
+    viewed as an ml_dtypes type), "enum" (integer enum, read as stored),
+    "str" (h5py strings), "vlen-bytes" (vlen uint8 tagged dtype="string")."""
+    h5py = _h5py()
+    dt = ds.dtype
+    tag = _attr_str(ds.attrs.get(DTYPE_ATTR)) if DTYPE_ATTR in ds.attrs else None
+    if dt.kind == "V" and dt.fields is None and dt.subdtype is None:  # opaque
+        if tag and tag != "string" and dtypes.known(tag) and dtypes.itemsize(tag) == dt.itemsize:
+            return tag, "opaque"
+        if tag is None and legacy_keras and dt.itemsize == 2:
+            return "bfloat16", "opaque"
+        return None, f"opaque data of {dt.itemsize}-byte items" + (f" tagged {tag!r}" if tag else " without a dtype attribute")
+    if h5py.check_string_dtype(dt) is not None or dt.kind in "SU":
+        return "string", "str"
+    vlen = h5py.check_vlen_dtype(dt)
+    if vlen is not None:
+        if np.dtype(vlen) == np.uint8 and tag == "string":
+            return "string", "vlen-bytes"
+        return None, "variable-length data"
+    if dt.kind == "O" or dt.fields is not None or dt.subdtype is not None:
+        return None, f"{dt} data"
+    base = np.dtype(dt.str)  # drops h5py's enum metadata
+    try:
+        name = dtypes.from_numpy(base)
+    except KeyError:
+        return None, f"{dt} data"
+    if h5py.check_enum_dtype(dt) is not None and base != np.bool_:
+        return name, "enum"
+    return name, "plain"
+
+
+def _storage_dtype(name: str) -> np.dtype:
+    """How a canonical dtype is stored in a new dataset."""
+    dt = dtypes.to_numpy(name)
+    if name in dtypes.FLOATING and name not in ("float16", "float32", "float64"):
+        return np.dtype(f"V{dt.itemsize}")  # opaque + dtype attribute (Keras 3 convention)
+    return dt
+
+
+def _needs_tag(name: str) -> bool:
+    return _storage_dtype(name).kind == "V"
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class Hdf5Reader(Reader):
+    format = NAME
+
+    def __init__(self, source: Source):
+        super().__init__(source)
+        h5py = _h5py()
+        try:
+            self._f = h5py.File(source.path, "r")
+        except (OSError, ValueError) as e:
+            raise EmaError(f"not a readable HDF5 file: {_msg(e)}", path=source.path) from None
+        try:
+            attrs = self._f.attrs
+            self.legacy_keras = "keras_version" in attrs or "layer_names" in attrs or (
+                "model_weights" in self._f and "keras_version" in self._f["model_weights"].attrs
+            )
+            self._tensors: dict[str, TensorInfo] = {}
+            self._ds: dict[str, tuple[object, str]] = {}
+            self.not_tensors: dict[str, str] = {}
+            self._walk()
+            recipe = _attr_str(attrs.get("ema_avg")) if "ema_avg" in attrs else None
+            self._meta = {"ema_avg": recipe} if recipe else {}
+        except EmaError:
+            self._f.close()
+            raise
+        except (OSError, KeyError, ValueError, RuntimeError, TypeError) as e:
+            self._f.close()
+            raise EmaError(f"corrupt HDF5 file: {_msg(e)}", path=source.path) from None
+
+    def _walk(self) -> None:
+        h5py = _h5py()
+        seen_groups = set()
+
+        def visit(group, prefix: str) -> None:
+            for key in group:
+                name = prefix + key
+                link = group.get(key, getlink=True)
+                if isinstance(link, h5py.SoftLink):
+                    raise EmaError(f"soft link to {link.path!r}: ema-avg does not follow links",
+                                   path=self.path, tensor=name)
+                if isinstance(link, h5py.ExternalLink):
+                    raise EmaError(f"external link to {link.filename}:{link.path}: ema-avg does not "
+                                   "follow links out of the file", path=self.path, tensor=name)
+                if not isinstance(link, h5py.HardLink):
+                    raise EmaError("user-defined link: ema-avg does not follow links", path=self.path, tensor=name)
+                obj = group[key]
+                if isinstance(obj, h5py.Group):
+                    if obj.id in seen_groups:  # a group linked twice (or a cycle)
+                        continue
+                    seen_groups.add(obj.id)
+                    visit(obj, name + "/")
+                elif isinstance(obj, h5py.Dataset):
+                    self._add(name, obj)
+                # committed datatypes are not tensors
+
+        seen_groups.add(self._f.id)
+        visit(self._f, "")
+
+    def _add(self, name: str, ds) -> None:
+        if ds.is_virtual:
+            raise EmaError("virtual dataset (its data lives in other files): not read", path=self.path, tensor=name)
+        if ds.external:
+            files = ", ".join(sorted({str(e[0]) for e in ds.external}))
+            raise EmaError(f"dataset stored in external file(s) {files}: not read", path=self.path, tensor=name)
+        if ds.shape is None:
+            self.not_tensors[name] = "empty dataspace"
+            return
+        dt, kind = _canonical(ds, self.legacy_keras)
+        if dt is None:
+            self.not_tensors[name] = kind
+            return
+        self._tensors[name] = TensorInfo(name, dt, tuple(int(d) for d in ds.shape))
+        self._ds[name] = (ds, kind)
+
+    def tensors(self) -> dict[str, TensorInfo]:
+        return self._tensors
+
+    def storage(self, name: str) -> str:
+        return self._ds[name][1]
+
+    def read(self, name: str) -> np.ndarray:
+        ds, kind = self._ds[name]
+        info = self._tensors[name]
+        try:
+            if info.dtype == "string":
+                return _read_strings(ds, kind)
+            out = np.empty(info.shape, dtype=dtypes.to_numpy(info.dtype))
+            if out.size:
+                # opaque and enum data are read as stored; everything else is
+                # converted by HDF5 into the native-order buffer
+                ds.read_direct(out.view(ds.dtype) if kind in ("opaque", "enum") else out)
+            return out
+        except (OSError, ValueError, TypeError, RuntimeError) as e:
+            raise EmaError(f"cannot read: {_msg(e)}", path=self.path, tensor=name) from None
+
+    def metadata(self) -> dict[str, str]:
+        return dict(self._meta)
+
+    def step(self) -> int | None:
+        """The optimizer's iteration counter: Keras 3 ``optimizer/**/vars/0``
+        (the deepest: a LossScaleOptimizer's own counter stays 0, its inner
+        optimizer's counts), legacy Keras ``optimizer_weights/<opt>/iteration``;
+        else a root ``global_step``/``step``/``iteration(s)`` integer scalar."""
+        found: list[tuple[int, int]] = []
+        for name, info in self._tensors.items():
+            if info.numel != 1 or info.dtype not in _INT_TYPES:
+                continue
+            parts = name.split("/")
+            if parts[0] == "optimizer" and len(parts) >= 3 and parts[-2:] == ["vars", "0"]:
+                found.append((len(parts), self._scalar(name)))
+            elif parts[0] == "optimizer_weights" and parts[-1].split(":")[0] in LEGACY_COUNTERS:
+                found.append((len(parts), self._scalar(name)))
+        if found:
+            return max(found)[1]
+        for n in ROOT_COUNTERS:
+            info = self._tensors.get(n)
+            if info is not None and info.numel == 1 and info.dtype in _INT_TYPES:
+                return self._scalar(n)
+        return None
+
+    def _scalar(self, name: str) -> int:
+        return int(self.read(name).reshape(-1)[0])
+
+    def averaged_by_default(self, info: TensorInfo) -> bool:
+        return info.dtype in dtypes.AVERAGED_BY_DEFAULT and info.name.split("/", 1)[0] not in OPTIMIZER_GROUPS
+
+    def extras(self):
+        layout = "hdf5"
+        if self.legacy_keras:
+            layout = "keras-legacy-h5"
+        elif "layers" in self._f or "vars" in self._f:
+            layout = "keras3-weights-h5"
+        return {"layout": layout, "not_tensors": dict(self.not_tensors)}
+
+    def close(self) -> None:
+        try:
+            self._f.close()
+        except Exception:  # noqa: BLE001 - closing twice or after a failed open
+            pass
+
+
+_INT_TYPES = frozenset({"int64", "int32", "int16", "int8", "uint64", "uint32", "uint16", "uint8"})
+
+
+def _read_strings(ds, kind: str) -> np.ndarray:
+    raw = ds[()]
+    arr = np.empty(ds.shape, dtype=object)
+    if kind == "vlen-bytes":
+        flat = np.asarray(raw, dtype=object).reshape(-1) if ds.shape else [raw]
+        arr.reshape(-1)[:] = [np.asarray(x, dtype=np.uint8).tobytes() for x in flat] if arr.size else []
+        return arr
+    src = np.asarray(raw, dtype=object)
+    flat = [x.encode() if isinstance(x, str) else bytes(x) for x in src.reshape(-1)]
+    if arr.size:
+        arr.reshape(-1)[:] = flat
+    return arr
+
+
+Reader = Hdf5Reader
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _check_names(names: list[str], path: str) -> None:
+    """Every name must map to its own HDF5 path: no empty or '.' components,
+    and no tensor may sit where another needs a group."""
+    taken = set(names)
+    for n in names:
+        parts = n.split("/")
+        if any(p in ("", ".") for p in parts):
+            raise EmaError("name has an empty or '.' path component: it cannot be an HDF5 dataset path",
+                           path=path, tensor=n)
+        for i in range(1, len(parts)):
+            prefix = "/".join(parts[:i])
+            if prefix in taken:
+                raise EmaError(f"tensor {prefix!r} would have to be an HDF5 group to hold this one "
+                               "(HDF5 cannot store both; write safetensors or TF instead)", path=path, tensor=n)
+
+
+def _copy_attrs(src, dst, *, skip=()) -> None:
+    """Copy every attribute with its own HDF5 type and shape."""
+    h5py = _h5py()
+    for key in src.attrs:
+        if key in skip:
+            continue
+        aid = src.attrs.get_id(key)
+        bname = key.encode() if isinstance(key, str) else key
+        space = aid.get_space()
+        new = h5py.h5a.create(dst.id, bname, aid.get_type(), space)
+        if space.get_simple_extent_type() != h5py.h5s.NULL:
+            buf = np.empty(aid.shape, dtype=aid.dtype)
+            aid.read(buf)
+            new.write(buf)
+
+
+class Hdf5Writer(Writer):
+    """HDF5 output: from an HDF5 template (copy and overwrite in place, or
+    rebuild when dtypes change) or from scratch (any other template)."""
+
+    def __init__(self, path: str, shards: list[list[TensorInfo]], metadata: dict[str, str], template=None):
+        if len(shards) > 1:
+            raise UsageError("HDF5 output is a single file: --max-shard-size applies to safetensors output")
+        self.path = path
+        self._infos = {i.name: i for i in (shards[0] if shards else [])}
+        self._pending = set(self._infos)
+        self._lock = threading.Lock()
+        self._metadata = {k: v for k, v in metadata.items() if isinstance(v, str)}
+        self._f = None
+        self._kind: dict[str, str] = {}
+        self._template = template if getattr(template, "format", None) == NAME else None
+        h5py = _h5py()
+        try:
+            if self._template is not None:
+                self._start_from_template(self._template)
+            else:
+                _check_names(list(self._infos), path)
+                self._f = h5py.File(path, "w")
+                for info in self._infos.values():
+                    if info.dtype != "string":  # strings: created when their value is known
+                        self._create(self._f, info.name, info.dtype)
+        except EmaError:
+            self.abort()
+            raise
+        except (OSError, ValueError, TypeError, RuntimeError, KeyError) as e:
+            self.abort()
+            raise EmaError(f"cannot write: {_msg(e)}", path=path) from None
+
+    # ------------------------------------------------------------- template
+
+    def _start_from_template(self, tmpl: Hdf5Reader) -> None:
+        h5py = _h5py()
+        have = tmpl.tensors()
+        foreign = [n for n in self._infos if n not in have]
+        if foreign:
+            raise EmaError(
+                f"{len(foreign)} output tensor(s) are not datasets of {tmpl.path}, whose layout HDF5 output "
+                f"keeps: {', '.join(foreign[:3])}" + (" ..." if len(foreign) > 3 else "")
+                + " (--names shadow needs safetensors or TF output)", path=self.path)
+        self._changed = {n for n, i in self._infos.items() if i.dtype != have[n].dtype}
+        self._kind = {n: tmpl.storage(n) for n in self._infos}
+        if not self._changed:
+            shutil.copyfile(tmpl.path, self.path)
+            self._f = h5py.File(self.path, "r+")
+        else:
+            self._rebuild(tmpl)
+
+    def _rebuild(self, tmpl: Hdf5Reader) -> None:
+        """A new file with the template's objects, except the datasets whose
+        dtype changes, which are created anew with the same attributes and
+        creation properties (chunks, filters)."""
+        h5py = _h5py()
+        src = tmpl._f
+        fcpl = src.id.get_create_plist()
+        fid = h5py.h5f.create(self.path.encode(), h5py.h5f.ACC_TRUNC, fcpl=fcpl)
+        self._f = h5py.File(fid)
+        ub = src.userblock_size
+        if ub:
+            with open(tmpl.path, "rb") as fh:
+                block = fh.read(ub)
+        _copy_attrs(src, self._f)
+        changed_groups = set()
+        for n in self._changed:
+            parts = n.split("/")
+            for i in range(1, len(parts)):
+                changed_groups.add("/".join(parts[:i]))
+
+        def copy(sgroup, dgroup, prefix: str) -> None:
+            for key in sgroup:
+                name = prefix + key
+                obj = sgroup.get(key)
+                if name in self._changed:
+                    self._recreate(obj, dgroup, key, self._infos[name].dtype)
+                elif isinstance(obj, h5py.Group) and name in changed_groups:
+                    gcpl = obj.id.get_create_plist()
+                    sub = h5py.Group(h5py.h5g.create(dgroup.id, key.encode(), gcpl=gcpl))
+                    _copy_attrs(obj, sub)
+                    copy(obj, sub, name + "/")
+                else:
+                    h5py.h5o.copy(sgroup.id, key.encode(), dgroup.id, key.encode())
+
+        copy(src, self._f, "")
+        self._f.flush()
+        if ub:
+            self._f.close()
+            with open(self.path, "r+b") as fh:
+                fh.write(block)
+            self._f = h5py.File(self.path, "r+")
+
+    def _recreate(self, old, dgroup, key: str, dtype: str) -> None:
+        h5py = _h5py()
+        dcpl = old.id.get_create_plist()
+        sdt = _storage_dtype(dtype)
+        if dcpl.fill_value_defined() == h5py.h5d.FILL_VALUE_USER_DEFINED:
+            dcpl.set_fill_value(np.zeros((), dtype=sdt))
+        if old.shape:
+            maxshape = tuple(h5py.h5s.UNLIMITED if m is None else m for m in old.maxshape)
+            space = h5py.h5s.create_simple(old.shape, maxshape)
+        else:
+            space = h5py.h5s.create(h5py.h5s.SCALAR)
+        try:
+            dsid = h5py.h5d.create(dgroup.id, key.encode(), h5py.h5t.py_create(sdt), space, dcpl=dcpl)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise EmaError(f"cannot recreate the dataset as {dtype} with its creation properties: {_msg(e)}",
+                           path=self.path, tensor=old.name.lstrip("/")) from None
+        new = h5py.Dataset(dsid)
+        old_tag = _attr_str(old.attrs[DTYPE_ATTR]) if DTYPE_ATTR in old.attrs else None
+        drop_tag = _needs_tag(dtype) or (old_tag is not None and dtypes.known(old_tag))
+        _copy_attrs(old, new, skip=(DTYPE_ATTR,) if drop_tag else ())
+        if _needs_tag(dtype):
+            new.attrs[DTYPE_ATTR] = dtype
+        name = old.name.lstrip("/")
+        self._kind[name] = "opaque" if _needs_tag(dtype) else "plain"
+
+    # ------------------------------------------------------------- scratch
+
+    def _create(self, f, name: str, dtype: str):
+        ds = f.create_dataset(name, shape=self._infos[name].shape, dtype=_storage_dtype(dtype))
+        if _needs_tag(dtype):
+            ds.attrs[DTYPE_ATTR] = dtype
+        return ds
+
+    def _create_strings(self, name: str, arr: np.ndarray):
+        h5py = _h5py()
+        vals = [x.encode() if isinstance(x, str) else bytes(x) for x in arr.reshape(-1)]
+        if all(b"\x00" not in v for v in vals):
+            data = np.empty(arr.shape, dtype=object)
+            if data.size:
+                data.reshape(-1)[:] = vals
+            self._f.create_dataset(name, data=data, dtype=h5py.string_dtype("utf-8" if _utf8(vals) else "ascii"))
+        else:  # binary bytes: HDF5 strings stop at NUL, so store bytes sequences
+            data = np.empty(arr.shape, dtype=object)
+            data.reshape(-1)[:] = [np.frombuffer(v, dtype=np.uint8) for v in vals]
+            ds = self._f.create_dataset(name, data=data, dtype=h5py.vlen_dtype(np.uint8))
+            ds.attrs[DTYPE_ATTR] = "string"
+
+    # ------------------------------------------------------------- streaming
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        info = self._infos[name]
+        arr = np.asarray(array)
+        if arr.shape != info.shape:
+            raise EmaError(f"internal: shape {arr.shape} != {info.shape}", tensor=name)
+        with self._lock:
+            try:
+                self._write(name, info, arr)
+            except EmaError:
+                raise
+            except (OSError, ValueError, TypeError, RuntimeError, KeyError) as e:
+                raise EmaError(f"cannot write: {_msg(e)}", path=self.path, tensor=name) from None
+            self._pending.discard(name)
+
+    def _write(self, name: str, info: TensorInfo, arr: np.ndarray) -> None:
+        if info.dtype == "string":
+            if self._template is None:
+                self._create_strings(name, arr)
+            elif not _same_strings(self._template.read(name), arr):
+                raise EmaError("internal: a string tensor differs from the template's", tensor=name)
+            return  # the template's copy already holds the newest value
+        ds = self._f[name]
+        buf = np.asarray(arr, dtype=dtypes.to_numpy(info.dtype), order="C")
+        kind = self._kind.get(name, "opaque" if _needs_tag(info.dtype) else "plain")
+        if kind in ("opaque", "enum"):
+            buf = buf.view(ds.dtype)
+        if buf.size:
+            ds.write_direct(buf)
+
+    def close(self) -> None:
+        if self._pending:
+            raise EmaError(f"internal: {len(self._pending)} tensors never written", path=self.path)
+        try:
+            with self._lock:
+                for k, v in self._metadata.items():
+                    if self._template is None or k == "ema_avg":
+                        self._f.attrs[k] = v
+                self._f.close()
+                self._f = None
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise EmaError(f"cannot write: {_msg(e)}", path=self.path) from None
+
+    def abort(self) -> None:
+        if self._f is not None:
+            try:
+                self._f.close()
+            except Exception:  # noqa: BLE001 - best effort after a failure
+                pass
+            self._f = None
+
+
+def _utf8(vals: list[bytes]) -> bool:
+    try:
+        for v in vals:
+            v.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _same_strings(a: np.ndarray, b: np.ndarray) -> bool:
+    a, b = np.asarray(a, dtype=object), np.asarray(b, dtype=object)
+    return a.shape == b.shape and all(
+        (x.encode() if isinstance(x, str) else bytes(x)) == (y.encode() if isinstance(y, str) else bytes(y))
+        for x, y in zip(a.reshape(-1), b.reshape(-1))
+    )
+
+
+Writer = Hdf5Writer
