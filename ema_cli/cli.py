@@ -248,7 +248,20 @@ def _command_names() -> set[str]:
     return set(getattr(cmd, "commands", {}))
 
 
+class Terminated(BaseException):
+    """SIGTERM: unwinds like Ctrl-C, so staging files are removed."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    # Ctrl-C raises KeyboardInterrupt even when started with SIGINT ignored (nohup, job control)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in ("--version", "-V"):
         print(f"ema-avg {__version__}")
@@ -259,7 +272,10 @@ def main(argv: list[str] | None = None) -> None:
         args[0] = "--help"
     code = 0
     try:
-        app(args=args, prog_name="ema-avg", standalone_mode=False)
+        rv = app(args=args, prog_name="ema-avg", standalone_mode=False)
+        if rv == EXIT_INTERRUPTED:  # typer turns KeyboardInterrupt into a returned 130
+            print("error: interrupted", file=sys.stderr)
+            code = EXIT_INTERRUPTED
     except typer.Exit as e:
         code = e.exit_code
     except typer.Abort:
@@ -281,6 +297,9 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         code = EXIT_INTERRUPTED
+    except Terminated:
+        print("error: terminated", file=sys.stderr)
+        code = 128 + 15
     except MemoryError:
         print("error: out of memory", file=sys.stderr)
         code = EXIT_ERROR

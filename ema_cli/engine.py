@@ -469,7 +469,7 @@ def run(plan: Plan, output: str, out_format: str, *, force: bool = False, pool: 
         staged = mod.make_staging(output, sharded=sharded, force=force)
     else:
         check_target(output, force=force, is_dir=sharded)
-        staged = Staged(output, is_dir=sharded)
+        staged = Staged(output, is_dir=sharded, force=force)
     writer = None
     try:
         template = pool.get(plan.checkpoints[plan.newest].source)

@@ -6,7 +6,9 @@ Format modules are imported here; none of them imports a heavy library
 
 from __future__ import annotations
 
+import glob
 import importlib
+import os
 from pathlib import Path
 from types import ModuleType
 
@@ -45,7 +47,16 @@ def resolve_inputs(args: list[str]) -> list[Source]:
     Each checkpoint appears once, in the order first named, however many of its
     files were given (shards, ``.index``/``.data``/``.meta`` files)."""
     found: dict[str, Source] = {}
+    expanded: list[str] = []
     for arg in args:
+        if not os.path.lexists(arg) and glob.has_magic(arg):
+            matches = sorted(glob.glob(arg))
+            if not matches:
+                raise EmaError("no checkpoints match this pattern", path=arg)
+            expanded += matches
+        else:
+            expanded.append(arg)
+    for arg in expanded:
         p = Path(arg)
         if p.is_dir():
             sources = [s for m in _available() for s in m.scan_dir(p)]
