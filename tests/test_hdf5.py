@@ -442,3 +442,49 @@ def test_many_datasets_with_threads(tmp_path):
     assert res.code == 0, res
     for k in vals[0]:
         assert_nearest(read_h5(out, k), mean_ref([v[k] for v in vals]), k)
+
+
+def _odd_file(path: Path, i: int) -> None:
+    with h5py.File(path, "w", userblock_size=512, track_order=True) as f:
+        f.attrs["zz"] = "first attribute"
+        f.attrs["aa"] = np.arange(3)
+        f["zbig"] = np.arange(6, dtype=">f4") * i
+        f["aenum"] = np.array([0, 1, 2], dtype=h5py.enum_dtype({"a": 0, "b": 1, "c": 2}, basetype="i1"))
+        g = f.create_group("g", track_order=True)
+        g["z"] = np.ones(3, "f4") * i
+        g["a"] = np.ones(3, "f4") * 2 * i
+        g["alias"] = g["z"]  # a second hard link to the same dataset
+        g["loop"] = f["g"]  # and a group that contains itself
+        f.create_dataset("fill", shape=(4,), dtype="f4", fillvalue=7.0, chunks=(2,), compression="gzip")
+        f["fill"][:2] = i
+        f.create_dataset("nothing", data=h5py.Empty("f4"))
+    with open(path, "r+b") as fh:
+        fh.write(b"USERBLOCK")
+
+
+@pytest.mark.parametrize("dtype", ["keep", "float16", "bfloat16"])
+def test_odd_layouts_survive_in_place_and_rebuilt(tmp_path, dtype):
+    """Track-order groups, attribute order, hard links, a group cycle, fill
+    values, filters, enums, big-endian data, empty dataspaces and a user block
+    come out as they went in, whether the file is copied (--dtype keep) or
+    rebuilt (a new dtype)."""
+    files = [tmp_path / f"odd-{i}.h5" for i in (1, 2)]
+    for i, p in enumerate(files, start=1):
+        _odd_file(p, i)
+    out = tmp_path / "out.h5"
+    res = run_cli(*files, "-o", out, "--dtype", dtype, "--verify")
+    assert res.code == 0, res
+    assert out.read_bytes()[:9] == b"USERBLOCK"
+    with h5py.File(out) as f, h5py.File(files[1]) as n:
+        assert list(f) == list(n) == ["zbig", "aenum", "g", "fill", "nothing"]
+        assert list(f["g"]) == ["z", "a", "alias", "loop"]
+        assert list(f.attrs) == ["zz", "aa", "ema_avg"]
+        assert f["g/alias"].id == f["g/z"].id and f["g/loop"].id == f["g"].id
+        assert h5py.check_enum_dtype(f["aenum"].dtype) == {"a": 0, "b": 1, "c": 2}
+        assert f["fill"].chunks == (2,) and f["fill"].compression == "gzip"
+        assert f["nothing"].shape is None
+        want = {"keep": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}[dtype]
+        z = read_h5(out, "zbig")
+        assert z.dtype == want and np.array_equal(z.astype(np.float64), np.arange(6) * 1.5)
+        fill = read_h5(out, "fill")
+        assert np.array_equal(fill.astype(np.float64), [1.5, 1.5, 7.0, 7.0])  # fill value carried over

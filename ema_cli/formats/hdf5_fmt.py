@@ -30,6 +30,7 @@ h5py is imported lazily: listing the format costs nothing for other formats.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -186,7 +187,7 @@ class Hdf5Reader(Reader):
         super().__init__(source)
         h5py = _h5py()
         try:
-            self._f = h5py.File(source.path, "r")
+            self._f = h5py.File(source.path, "r", locking="best-effort")
         except (OSError, ValueError) as e:
             raise EmaError(f"not a readable HDF5 file: {_msg(e)}", path=source.path) from None
         try:
@@ -341,6 +342,15 @@ Reader = Hdf5Reader
 
 # --------------------------------------------------------------------------- writing
 
+_STAGING = re.compile(r"^\.(?P<name>.+)\.ema-avg-\d+-[0-9a-f]+\.tmp$")
+
+
+def _final_name(path: str) -> str:
+    """The output path behind a staging path (output.Staged's naming)."""
+    d, base = os.path.split(path)
+    m = _STAGING.match(base)
+    return os.path.join(d, m.group("name")) if m else path
+
 
 def _check_names(names: list[str], path: str) -> None:
     """Every name must map to its own HDF5 path: no empty or '.' components,
@@ -382,20 +392,20 @@ class Hdf5Writer(Writer):
         if len(shards) > 1:
             raise UsageError("HDF5 output is a single file: --max-shard-size applies to safetensors output")
         self.path = path
+        self.shown = _final_name(path)  # the output path the user named, for messages
         self._infos = {i.name: i for i in (shards[0] if shards else [])}
         self._pending = set(self._infos)
         self._lock = threading.Lock()
         self._metadata = {k: v for k, v in metadata.items() if isinstance(v, str)}
         self._f = None
-        self._kind: dict[str, str] = {}
         self._template = template if getattr(template, "format", None) == NAME else None
         h5py = _h5py()
         try:
             if self._template is not None:
                 self._start_from_template(self._template)
             else:
-                _check_names(list(self._infos), path)
-                self._f = h5py.File(path, "w")
+                _check_names(list(self._infos), self.shown)
+                self._f = h5py.File(path, "w", locking="best-effort")
                 for info in self._infos.values():
                     if info.dtype != "string":  # strings: created when their value is known
                         self._create(self._f, info.name, info.dtype)
@@ -404,7 +414,7 @@ class Hdf5Writer(Writer):
             raise
         except (OSError, ValueError, TypeError, RuntimeError, KeyError) as e:
             self.abort()
-            raise EmaError(f"cannot write: {_msg(e)}", path=path) from None
+            raise EmaError(f"cannot write: {_msg(e)}", path=self.shown) from None
 
     # ------------------------------------------------------------- template
 
@@ -416,63 +426,71 @@ class Hdf5Writer(Writer):
             raise EmaError(
                 f"{len(foreign)} output tensor(s) are not datasets of {tmpl.path}, whose layout HDF5 output "
                 f"keeps: {', '.join(foreign[:3])}" + (" ..." if len(foreign) > 3 else "")
-                + " (--names shadow needs safetensors or TF output)", path=self.path)
+                + " (--names shadow needs safetensors or TF output)", path=self.shown)
         self._changed = {n for n, i in self._infos.items() if i.dtype != have[n].dtype}
-        self._kind = {n: tmpl.storage(n) for n in self._infos}
         if not self._changed:
             shutil.copyfile(tmpl.path, self.path)
-            self._f = h5py.File(self.path, "r+")
+            self._f = h5py.File(self.path, "r+", locking="best-effort")
         else:
             self._rebuild(tmpl)
 
     def _rebuild(self, tmpl: Hdf5Reader) -> None:
         """A new file with the template's objects, except the datasets whose
         dtype changes, which are created anew with the same attributes and
-        creation properties (chunks, filters)."""
+        creation properties (chunks, filters, fill value).  Groups are walked
+        in link order; an object linked twice is linked twice again."""
         h5py = _h5py()
         src = tmpl._f
+        root = src["/"]
         fcpl = src.id.get_create_plist()
+        gcpl = root.id.get_create_plist()  # the root group's order tracking lives here
+        if gcpl.get_link_creation_order():
+            fcpl.set_link_creation_order(gcpl.get_link_creation_order())
+        if gcpl.get_attr_creation_order():
+            fcpl.set_attr_creation_order(gcpl.get_attr_creation_order())
         fid = h5py.h5f.create(self.path.encode(), h5py.h5f.ACC_TRUNC, fcpl=fcpl)
         self._f = h5py.File(fid)
         ub = src.userblock_size
-        if ub:
-            with open(tmpl.path, "rb") as fh:
-                block = fh.read(ub)
-        _copy_attrs(src, self._f)
-        changed_groups = set()
-        for n in self._changed:
-            parts = n.split("/")
-            for i in range(1, len(parts)):
-                changed_groups.add("/".join(parts[:i]))
+        _copy_attrs(root, self._f)
+        first_path = {root.id: "/"}  # source object -> its path in the new file
 
         def copy(sgroup, dgroup, prefix: str) -> None:
             for key in sgroup:
-                name = prefix + key
-                obj = sgroup.get(key)
-                if name in self._changed:
-                    self._recreate(obj, dgroup, key, self._infos[name].dtype)
-                elif isinstance(obj, h5py.Group) and name in changed_groups:
-                    gcpl = obj.id.get_create_plist()
-                    sub = h5py.Group(h5py.h5g.create(dgroup.id, key.encode(), gcpl=gcpl))
+                name, bkey = prefix + key, key.encode()
+                dpath = f"{dgroup.name.rstrip('/')}/{key}"
+                obj = sgroup[key]  # hard links only: the reader refused every other kind
+                if obj.id in first_path:
+                    dgroup[key] = self._f[first_path[obj.id]]
+                    continue
+                first_path[obj.id] = dpath
+                if isinstance(obj, h5py.Group):
+                    sub = h5py.Group(h5py.h5g.create(dgroup.id, bkey, gcpl=obj.id.get_create_plist()))
                     _copy_attrs(obj, sub)
                     copy(obj, sub, name + "/")
-                else:
-                    h5py.h5o.copy(sgroup.id, key.encode(), dgroup.id, key.encode())
+                elif name in self._changed:
+                    self._recreate(tmpl, obj, dgroup, key, name)
+                else:  # data, attributes and creation properties as they are
+                    h5py.h5o.copy(sgroup.id, bkey, dgroup.id, bkey)
 
-        copy(src, self._f, "")
-        self._f.flush()
+        copy(root, self._f, "")
         if ub:
             self._f.close()
+            with open(tmpl.path, "rb") as fh:
+                block = fh.read(ub)
             with open(self.path, "r+b") as fh:
                 fh.write(block)
-            self._f = h5py.File(self.path, "r+")
+            self._f = h5py.File(self.path, "r+", locking="best-effort")
 
-    def _recreate(self, old, dgroup, key: str, dtype: str) -> None:
+    def _recreate(self, tmpl: Hdf5Reader, old, dgroup, key: str, name: str) -> None:
         h5py = _h5py()
+        dtype, old_dtype = self._infos[name].dtype, tmpl.tensors()[name].dtype
         dcpl = old.id.get_create_plist()
         sdt = _storage_dtype(dtype)
         if dcpl.fill_value_defined() == h5py.h5d.FILL_VALUE_USER_DEFINED:
-            dcpl.set_fill_value(np.zeros((), dtype=sdt))
+            fill = np.zeros((), dtype=old.dtype)
+            dcpl.get_fill_value(fill)
+            fill = fill.view(dtypes.to_numpy(old_dtype)) if fill.dtype.kind == "V" else fill
+            dcpl.set_fill_value(dtypes.cast_rounded(fill, dtype).view(sdt))
         if old.shape:
             maxshape = tuple(h5py.h5s.UNLIMITED if m is None else m for m in old.maxshape)
             space = h5py.h5s.create_simple(old.shape, maxshape)
@@ -481,16 +499,14 @@ class Hdf5Writer(Writer):
         try:
             dsid = h5py.h5d.create(dgroup.id, key.encode(), h5py.h5t.py_create(sdt), space, dcpl=dcpl)
         except (OSError, ValueError, RuntimeError) as e:
-            raise EmaError(f"cannot recreate the dataset as {dtype} with its creation properties: {_msg(e)}",
-                           path=self.path, tensor=old.name.lstrip("/")) from None
+            raise EmaError(f"cannot recreate the dataset as {dtype} with its creation properties "
+                           f"(use --dtype keep): {_msg(e)}", path=self.shown, tensor=name) from None
         new = h5py.Dataset(dsid)
         old_tag = _attr_str(old.attrs[DTYPE_ATTR]) if DTYPE_ATTR in old.attrs else None
         drop_tag = _needs_tag(dtype) or (old_tag is not None and dtypes.known(old_tag))
         _copy_attrs(old, new, skip=(DTYPE_ATTR,) if drop_tag else ())
         if _needs_tag(dtype):
             new.attrs[DTYPE_ATTR] = dtype
-        name = old.name.lstrip("/")
-        self._kind[name] = "opaque" if _needs_tag(dtype) else "plain"
 
     # ------------------------------------------------------------- scratch
 
@@ -527,7 +543,7 @@ class Hdf5Writer(Writer):
             except EmaError:
                 raise
             except (OSError, ValueError, TypeError, RuntimeError, KeyError) as e:
-                raise EmaError(f"cannot write: {_msg(e)}", path=self.path, tensor=name) from None
+                raise EmaError(f"cannot write: {_msg(e)}", path=self.shown, tensor=name) from None
             self._pending.discard(name)
 
     def _write(self, name: str, info: TensorInfo, arr: np.ndarray) -> None:
@@ -539,15 +555,14 @@ class Hdf5Writer(Writer):
             return  # the template's copy already holds the newest value
         ds = self._f[name]
         buf = np.asarray(arr, dtype=dtypes.to_numpy(info.dtype), order="C")
-        kind = self._kind.get(name, "opaque" if _needs_tag(info.dtype) else "plain")
-        if kind in ("opaque", "enum"):
-            buf = buf.view(ds.dtype)
+        if ds.dtype.kind == "V" or _h5py().check_enum_dtype(ds.dtype) is not None:
+            buf = buf.view(ds.dtype)  # opaque (bf16, f8) and enum data are written as stored
         if buf.size:
             ds.write_direct(buf)
 
     def close(self) -> None:
         if self._pending:
-            raise EmaError(f"internal: {len(self._pending)} tensors never written", path=self.path)
+            raise EmaError(f"internal: {len(self._pending)} tensors never written", path=self.shown)
         try:
             with self._lock:
                 for k, v in self._metadata.items():
@@ -561,7 +576,7 @@ class Hdf5Writer(Writer):
             finally:
                 os.close(fd)
         except (OSError, ValueError, RuntimeError) as e:
-            raise EmaError(f"cannot write: {_msg(e)}", path=self.path) from None
+            raise EmaError(f"cannot write: {_msg(e)}", path=self.shown) from None
 
     def abort(self) -> None:
         if self._f is not None:
