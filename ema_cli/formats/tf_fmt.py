@@ -172,7 +172,7 @@ def claim_path(path: Path) -> list[Source] | None:
                            path=p)
         return [_source(full)]
     if not path.exists() and data_files(p):
-        raise EmaError(f"the checkpoint's index {path.name}{INDEX} is missing (incomplete or deleted checkpoint)",
+        raise EmaError("missing: a checkpoint prefix needs its .index file (incomplete or deleted checkpoint)",
                        path=p + INDEX)
     return None
 
@@ -576,6 +576,7 @@ class TFStaging:
         if existing and not force:
             raise EmaError("output exists (use --force to overwrite)", path=existing[0])
         self._stale = existing
+        self.force = force
         self._staged = Staged(self.final, is_dir=True)
         self.path = os.path.join(self._staged.path, os.path.basename(self.final))
         self.final_files: list[str] = []
@@ -583,6 +584,14 @@ class TFStaging:
         self.done = False
 
     def commit(self) -> None:
+        try:
+            self._commit()
+        except FileExistsError as e:
+            raise EmaError("output appeared while writing it (use --force to overwrite)", path=e.filename) from None
+        except OSError as e:
+            raise EmaError(f"cannot move the output into place: {e.strerror}", path=e.filename or self.final) from None
+
+    def _commit(self) -> None:
         d = self._staged.path
         parent, base = os.path.split(self.final)
         names = [f for f in os.listdir(d) if f.startswith(base)]
@@ -597,8 +606,12 @@ class TFStaging:
             finally:
                 os.close(fd)
         for f in order:
-            dst = os.path.join(parent, f)
-            os.replace(os.path.join(d, f), dst)
+            src, dst = os.path.join(d, f), os.path.join(parent, f)
+            if self.force:
+                os.replace(src, dst)
+            else:  # never replaces a file that appeared meanwhile (a concurrent run)
+                os.link(src, dst)
+                os.unlink(src)
             self._moved.append(dst)
         for old in self._stale:  # --force: files of the old output that were not replaced
             if old not in self._moved:
@@ -648,5 +661,7 @@ class TFStaging:
 
 def make_staging(output: str, *, sharded: bool, force: bool) -> TFStaging:
     """``sharded`` (``--max-shard-size``) needs nothing special: TF data files are
-    already split into batches."""
+    already split into batches.  TensorFlow is imported first, so its absence is
+    reported against the output path before anything is created."""
+    import_tf(output)
     return TFStaging(output, force=force)
