@@ -29,6 +29,7 @@ h5py is imported lazily: listing the format costs nothing for other formats.
 
 from __future__ import annotations
 
+import mmap
 import os
 import re
 import shutil
@@ -165,6 +166,29 @@ def _canonical(ds, legacy_keras: bool) -> tuple[str | None, str]:
     return name, "plain"
 
 
+def direct_offset(ds, dtype: str, kind: str) -> int | None:
+    """The file offset of a dataset whose bytes are exactly the tensor's, in
+    native order (contiguous, allocated, plain little-endian numbers or opaque
+    bf16/f8): such data is mapped or written in place without h5py."""
+    h5py = _h5py()
+    if kind not in ("plain", "opaque") or dtype in ("string", "bool") or ds.shape is None:
+        return None
+    want = dtypes.to_numpy(dtype)
+    if kind == "plain" and ds.dtype.str != want.str:
+        return None  # other byte order: HDF5 converts
+    if ds.dtype.itemsize != want.itemsize:
+        return None
+    dsid = ds.id
+    if dsid.get_create_plist().get_layout() != h5py.h5d.CONTIGUOUS:
+        return None
+    nbytes = int(np.prod(ds.shape, dtype=np.int64)) * want.itemsize
+    # an unallocated dataset has no storage (and, with a user block, a bogus offset)
+    if nbytes == 0 or dsid.get_storage_size() != nbytes:
+        return None
+    off = dsid.get_offset()
+    return None if off is None else int(off)
+
+
 def _storage_dtype(name: str) -> np.dtype:
     """How a canonical dtype is stored in a new dataset."""
     dt = dtypes.to_numpy(name)
@@ -201,6 +225,9 @@ class Hdf5Reader(Reader):
             self._walk()
             recipe = _attr_str(attrs.get("ema_avg")) if "ema_avg" in attrs else None
             self._meta = {"ema_avg": recipe} if recipe else {}
+            self._offsets: dict[str, int | None] = {}
+            self._mm = None
+            self._size = os.path.getsize(source.path)
         except EmaError:
             self._f.close()
             raise
@@ -265,7 +292,11 @@ class Hdf5Reader(Reader):
         try:
             if info.dtype == "string":
                 return _read_strings(ds, kind)
-            out = np.empty(info.shape, dtype=dtypes.to_numpy(info.dtype))
+            dt = dtypes.to_numpy(info.dtype)
+            off = self._offset(name)
+            if off is not None:  # contiguous: a read-only view of the mapped file
+                return np.frombuffer(self._mm, dtype=dt, count=info.numel, offset=off).reshape(info.shape)
+            out = np.empty(info.shape, dtype=dt)
             if out.size:
                 # opaque and enum data are read as stored; everything else is
                 # converted by HDF5 into the native-order buffer
@@ -273,6 +304,18 @@ class Hdf5Reader(Reader):
             return out
         except (OSError, ValueError, TypeError, RuntimeError) as e:
             raise EmaError(f"cannot read: {_msg(e)}", path=self.path, tensor=name) from None
+
+    def _offset(self, name: str) -> int | None:
+        if name not in self._offsets:
+            ds, kind = self._ds[name]
+            off = direct_offset(ds, self._tensors[name].dtype, kind)
+            if off is not None and off + self._tensors[name].nbytes > self._size:
+                off = None  # truncated: let HDF5 report it
+            if off is not None and self._mm is None:
+                with open(self.path, "rb") as fh:
+                    self._mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            self._offsets[name] = off
+        return self._offsets[name]
 
     def metadata(self) -> dict[str, str]:
         return dict(self._meta)
@@ -318,6 +361,11 @@ class Hdf5Reader(Reader):
             self._f.close()
         except Exception:  # noqa: BLE001 - closing twice or after a failed open
             pass
+        if self._mm is not None:
+            try:
+                self._mm.close()
+            except BufferError:
+                pass  # views still alive; the map is released with them
 
 
 _INT_TYPES = frozenset({"int64", "int32", "int16", "int8", "uint64", "uint32", "uint16", "uint8"})
@@ -398,6 +446,8 @@ class Hdf5Writer(Writer):
         self._lock = threading.Lock()
         self._metadata = {k: v for k, v in metadata.items() if isinstance(v, str)}
         self._f = None
+        self._fd = -1  # raw descriptor for contiguous datasets written in place
+        self._direct: dict[str, int] = {}  # name -> file offset of its bytes
         self._template = template if getattr(template, "format", None) == NAME else None
         h5py = _h5py()
         try:
@@ -406,6 +456,7 @@ class Hdf5Writer(Writer):
             else:
                 _check_names(list(self._infos), self.shown)
                 self._f = h5py.File(path, "w", locking="best-effort")
+                self._fd = os.open(path, os.O_RDWR)
                 for info in self._infos.values():
                     if info.dtype != "string":  # strings: created when their value is known
                         self._create(self._f, info.name, info.dtype)
@@ -430,6 +481,13 @@ class Hdf5Writer(Writer):
         self._changed = {n for n, i in self._infos.items() if i.dtype != have[n].dtype}
         if not self._changed:
             shutil.copyfile(tmpl.path, self.path)
+            # a byte copy: contiguous datasets sit at the template's offsets
+            for name in self._infos:
+                ds, kind = tmpl._ds[name]
+                off = direct_offset(ds, have[name].dtype, kind)
+                if off is not None:
+                    self._direct[name] = off
+            self._fd = os.open(self.path, os.O_RDWR)
             self._f = h5py.File(self.path, "r+", locking="best-effort")
         else:
             self._rebuild(tmpl)
@@ -511,9 +569,18 @@ class Hdf5Writer(Writer):
     # ------------------------------------------------------------- scratch
 
     def _create(self, f, name: str, dtype: str):
-        ds = f.create_dataset(name, shape=self._infos[name].shape, dtype=_storage_dtype(dtype))
+        """A contiguous dataset, its space allocated now (without fill) so
+        that its values can be written in place."""
+        h5py = _h5py()
+        dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+        ds = f.create_dataset(name, shape=self._infos[name].shape, dtype=_storage_dtype(dtype), dcpl=dcpl,
+                              fill_time="never")
         if _needs_tag(dtype):
             ds.attrs[DTYPE_ATTR] = dtype
+        off = direct_offset(ds, dtype, "opaque" if _needs_tag(dtype) else "plain")
+        if off is not None:
+            self._direct[name] = off
         return ds
 
     def _create_strings(self, name: str, arr: np.ndarray):
@@ -537,14 +604,21 @@ class Hdf5Writer(Writer):
         arr = np.asarray(array)
         if arr.shape != info.shape:
             raise EmaError(f"internal: shape {arr.shape} != {info.shape}", tensor=name)
-        with self._lock:
-            try:
+        off = self._direct.get(name)
+        try:
+            if off is not None:  # straight to the dataset's bytes: no h5py, no lock
+                buf = np.asarray(arr, dtype=dtypes.to_numpy(info.dtype), order="C")
+                _pwrite_all(self._fd, memoryview(buf.reshape(-1).view(np.uint8)), off)
+                with self._lock:
+                    self._pending.discard(name)
+                return
+            with self._lock:
                 self._write(name, info, arr)
-            except EmaError:
-                raise
-            except (OSError, ValueError, TypeError, RuntimeError, KeyError) as e:
-                raise EmaError(f"cannot write: {_msg(e)}", path=self.shown, tensor=name) from None
-            self._pending.discard(name)
+                self._pending.discard(name)
+        except EmaError:
+            raise
+        except (OSError, ValueError, TypeError, RuntimeError, KeyError) as e:
+            raise EmaError(f"cannot write: {_msg(e)}", path=self.shown, tensor=name) from None
 
     def _write(self, name: str, info: TensorInfo, arr: np.ndarray) -> None:
         if info.dtype == "string":
@@ -570,6 +644,9 @@ class Hdf5Writer(Writer):
                         self._f.attrs[k] = v
                 self._f.close()
                 self._f = None
+                if self._fd >= 0:
+                    os.close(self._fd)
+                    self._fd = -1
             fd = os.open(self.path, os.O_RDONLY)
             try:
                 os.fsync(fd)
@@ -585,6 +662,15 @@ class Hdf5Writer(Writer):
             except Exception:  # noqa: BLE001 - best effort after a failure
                 pass
             self._f = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while len(data):
+        n = os.pwrite(fd, data[: 1 << 30], offset)
+        data, offset = data[n:], offset + n
 
 
 def _utf8(vals: list[bytes]) -> bool:
