@@ -159,7 +159,8 @@ def _parse_header(raw: bytes, data_len: int, path: str):
         raise EmaError("garbage header: not a safetensors JSON header", path=path) from None
     if not isinstance(doc, dict):
         raise EmaError("garbage header: the JSON header is not an object", path=path)
-    meta = doc.pop("__metadata__", None) or {}
+    meta = doc.pop("__metadata__", None)
+    meta = {} if meta is None else meta
     if not isinstance(meta, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
     ):
@@ -169,7 +170,7 @@ def _parse_header(raw: bytes, data_len: int, path: str):
         if not isinstance(e, dict):
             raise EmaError("header entry is not an object", path=path, tensor=name)
         code, shape, offs = e.get("dtype"), e.get("shape"), e.get("data_offsets")
-        if code not in _CODES:
+        if not isinstance(code, str) or code not in _CODES:
             raise EmaError(f"unknown dtype {code!r}", path=path, tensor=name)
         if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
             raise EmaError(f"invalid shape {shape!r}", path=path, tensor=name)
