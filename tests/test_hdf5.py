@@ -173,7 +173,7 @@ def test_keras3_output_keeps_the_template_layout(run, tmp_path):
 def test_keras3_bfloat16_model(tmp_path):
     """Keras 3 writes bf16 as 2-byte opaque + dtype="bfloat16": read, averaged
     in float64, rounded once, written back in the same convention."""
-    files = gen.train_keras(tmp_path / "bf", epochs=3, dtype="bfloat16", seed=1)
+    files = gen.train_keras(tmp_path / "bf", epochs=3, dtype="bfloat16", seed=1, legacy_dir=tmp_path / "legacy")
     with h5py.File(files[0]) as f:
         ds = f["layers/dense/vars/0"]
         assert ds.dtype == np.dtype("V2") and ds.attrs["dtype"] == "bfloat16"
@@ -188,6 +188,21 @@ def test_keras3_bfloat16_model(tmp_path):
     for g, want in zip(got_opt, per_epoch[-1][1]):
         assert g.tobytes() == want.tobytes()
     assert tree(out) == tree(files[-1])
+
+    # Keras' legacy saver writes bf16 as opaque data WITHOUT the attribute (and
+    # Keras 3.15 cannot load such a file back): ema-avg still reads it as bf16
+    legacy = sorted((tmp_path / "legacy").glob("model-*.h5"))
+    k = next(n for n in datasets(legacy[0]) if n.startswith("model_weights/dense/") and n.endswith("/kernel"))
+    with h5py.File(legacy[0]) as f:
+        assert f[k].dtype == np.dtype("V2") and "dtype" not in f[k].attrs
+    out = tmp_path / "avg.h5"
+    assert run_cli(*legacy, "-o", out, "--verify").code == 0
+    vals = []
+    for p in [*legacy, out]:
+        with h5py.File(p) as f:
+            vals.append(f[k][()].view(ml_dtypes.bfloat16))
+    assert_nearest(vals[-1], mean_ref(vals[:-1]), k)
+    assert tree(out) == tree(legacy[-1])
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])

@@ -261,7 +261,7 @@ class Hdf5Reader(Reader):
                     self._add(name, obj)
                 # committed datatypes are not tensors
 
-        seen_groups.add(self._f.id)
+        seen_groups.add(self._f["/"].id)
         visit(self._f, "")
 
     def _add(self, name: str, ds) -> None:
@@ -282,9 +282,6 @@ class Hdf5Reader(Reader):
 
     def tensors(self) -> dict[str, TensorInfo]:
         return self._tensors
-
-    def storage(self, name: str) -> str:
-        return self._ds[name][1]
 
     def read(self, name: str) -> np.ndarray:
         ds, kind = self._ds[name]
@@ -322,9 +319,11 @@ class Hdf5Reader(Reader):
 
     def step(self) -> int | None:
         """The optimizer's iteration counter: Keras 3 ``optimizer/**/vars/0``
-        (the deepest: a LossScaleOptimizer's own counter stays 0, its inner
-        optimizer's counts), legacy Keras ``optimizer_weights/<opt>/iteration``;
-        else a root ``global_step``/``step``/``iteration(s)`` integer scalar."""
+        (an integer scalar), legacy Keras ``optimizer_weights/<opt>/iteration``
+        (``iterations``, tf.keras' ``iter:0``).  With several, the deepest,
+        then the largest: a LossScaleOptimizer's own counter stays 0 while
+        ``optimizer/inner_optimizer/vars/0`` counts.  Else a root
+        ``global_step``/``step``/``iteration(s)`` integer scalar."""
         found: list[tuple[int, int]] = []
         for name, info in self._tensors.items():
             if info.numel != 1 or info.dtype not in _INT_TYPES:
