@@ -503,3 +503,22 @@ def test_odd_layouts_survive_in_place_and_rebuilt(tmp_path, dtype):
         assert z.dtype == want and np.array_equal(z.astype(np.float64), np.arange(6) * 1.5)
         fill = read_h5(out, "fill")
         assert np.array_equal(fill.astype(np.float64), [1.5, 1.5, 7.0, 7.0])  # fill value carried over
+
+
+def test_keras_weights_to_tf_checkpoint(run, tmp_path):
+    """HDF5 inputs written as a TF checkpoint: same names, same values as the
+    HDF5 output of the same recipe."""
+    pytest.importorskip("ema_cli.formats.tf_fmt")
+    import tensorflow as tf
+
+    files = sorted((run / "w").glob("epoch-*.weights.h5"))
+    h5out, tfout = tmp_path / "avg.weights.h5", tmp_path / "tf" / "avg.ckpt"
+    tfout.parent.mkdir()
+    assert run_cli(*files, "-o", h5out, "--decay", DECAY).code == 0
+    res = run_cli(*files, "-o", tfout, "--decay", DECAY, "--verify")
+    assert res.code == 0, res
+    ck = tf.train.load_checkpoint(str(tfout))
+    names = datasets(h5out)
+    assert set(ck.get_variable_to_shape_map()) == set(names)
+    for n in names:
+        assert np.array_equal(ck.get_tensor(n), read_h5(h5out, n)), n
