@@ -496,3 +496,21 @@ def test_tf_output_staging(tf, tmp_path, capsys):
     assert "left as it is" in capsys.readouterr().err
     assert tf.train.latest_checkpoint(str(train)) == str(train / "ckpt-1")
     assert [f for f in os.listdir(train) if f.startswith(".")] == []
+
+
+def test_meta_is_copied_only_when_dtypes_are_kept(tf, tf1_run, tmp_path, capsys):
+    """--dtype float16 changes the variables' dtypes: the .meta graph (float32
+    variables) would not restore the output, so it is left out, with a warning."""
+    from ema_cli import engine
+
+    run = copy_run(tf1_run, tmp_path / "run", keep=[TF1_STEPS - 1, TF1_STEPS])
+    for dtype, has_meta in (("keep", True), ("float16", False)):
+        prefix = tmp_path / f"out-{dtype}.ckpt"
+        plan = engine.make_plan([str(run)], engine.Options(dtype=dtype), out_format="tf")
+        capsys.readouterr()
+        res = engine.run(plan, str(prefix), "tf")
+        assert (str(prefix) + ".meta" in res.files) is has_meta
+        assert os.path.exists(str(prefix) + ".meta") is has_meta
+        assert ("not copied to the output" in capsys.readouterr().err) is not has_meta
+        assert dtypes_of(tf, prefix)["dense/kernel"] == ("float32" if has_meta else "float16")
+        assert dtypes_of(tf, prefix)["dense/kernel/Adam"] == "float32"

@@ -1,0 +1,238 @@
+#!/usr/bin/env python
+"""Benchmark: ema-avg on TensorFlow checkpoints against a t2t-style script.
+
+Writes N TF1 name-based checkpoints of SIZE MiB float32 each (``--tensors``
+equal tensors plus ``global_step``) with ``tf.raw_ops.SaveV2``, reads them once
+so they sit in the page cache, then times, each as its own process on the same
+files:
+
+  (a) ``ema-avg DIR -o out/avg.ckpt --force --quiet``            (mean, TF out)
+  (b) t2t-style baseline, the way tensor2tensor's ``avg_checkpoints.py`` does
+      it: ``tf.train.load_checkpoint`` every checkpoint and add every variable
+      into float64 numpy buffers, divide, then build a TF1 graph with one
+      variable + placeholder + assign per tensor and write it with a ``Saver``
+  (c) ``ema-avg DIR -o out/avg.safetensors --force --quiet``     (TF in, safetensors out)
+  (d) ``ema-avg DIR -o out/exact.ckpt --decay 0.999 --tf-exact`` (float32 replay)
+
+While each process runs, ``/proc/PID/status`` is polled every ~5 ms for
+``RssAnon`` (anonymous memory: heap, numpy and TF buffers) and ``VmHWM`` (peak
+resident set, including TensorFlow's ~0.5 GB of shared libraries); wall and
+CPU time come from ``wait4``.  Each case runs ``--reps`` times (order rotated);
+the table shows medians.  The outputs of (a) and (b) are compared at the end.
+
+    /work/venv/bin/python bench/bench_tf.py [--size-mb 48] [--n 8] [--tensors 32] [--reps 3] [--keep]
+
+Data goes to ``bench/out/tf-<n>x<size>mb`` (reused when present); figures to
+``bench/out/results_tf.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PY = sys.executable
+EMA = str(Path(PY).with_name("ema-avg"))
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "TF_ENABLE_ONEDNN_OPTS": "0"}
+
+T2T = r"""
+import os, sys
+import numpy as np
+import tensorflow as tf
+v1 = tf.compat.v1
+out, paths = sys.argv[1], sys.argv[2:]
+var_list = tf.train.list_variables(paths[0])
+var_values, var_dtypes = {}, {}
+for name, shape in var_list:
+    if not name.startswith("global_step"):
+        var_values[name] = np.zeros(shape)
+for p in paths:
+    reader = tf.train.load_checkpoint(p)
+    for name in var_values:
+        tensor = reader.get_tensor(name)
+        var_dtypes[name] = tensor.dtype
+        var_values[name] += tensor
+for name in var_values:
+    var_values[name] /= len(paths)
+with tf.Graph().as_default():
+    tf_vars = [v1.get_variable(n, shape=var_values[n].shape, dtype=var_dtypes[n]) for n in var_values]
+    placeholders = [v1.placeholder(v.dtype, shape=v.shape) for v in tf_vars]
+    assign_ops = [v1.assign(v, p) for v, p in zip(tf_vars, placeholders)]
+    global_step = tf.Variable(0, name="global_step", trainable=False, dtype=tf.int64)
+    saver = v1.train.Saver(v1.global_variables())
+    with v1.Session() as sess:
+        sess.run(v1.global_variables_initializer())
+        for p, op, name in zip(placeholders, assign_ops, var_values):
+            sess.run(op, {p: var_values[name]})
+        saver.save(sess, out)
+"""
+
+
+# --------------------------------------------------------------------------- data
+
+
+def make_checkpoints(d: Path, n: int, size_mb: int, tensors: int, seed: int = 0) -> list[str]:
+    os.environ.update(TF_CPP_MIN_LOG_LEVEL="3", TF_ENABLE_ONEDNN_OPTS="0")
+    import numpy as np
+
+    numel = size_mb * (1 << 20) // 4 // tensors
+    spec = {"n": n, "size_mb": size_mb, "tensors": tensors, "numel": numel, "seed": seed}
+    manifest = d / "manifest.json"
+    prefixes = [d / f"model.ckpt-{1000 * (k + 1)}" for k in range(n)]
+    if manifest.exists() and json.loads(manifest.read_text()) == spec and all(
+            Path(str(p) + ".index").exists() for p in prefixes):
+        return [str(p) for p in prefixes]
+    import tensorflow as tf
+
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    base = {f"layer_{i:03d}/kernel": rng.standard_normal(numel, dtype=np.float32).reshape(-1, 256)
+            for i in range(tensors)}
+    t0 = time.perf_counter()
+    for k, p in enumerate(prefixes):
+        names = sorted(base) + ["global_step"]
+        vals = [tf.constant(base[nm] + np.float32(0.01 * k) * base[nm][::-1]) for nm in sorted(base)]
+        vals.append(tf.constant(np.int64(1000 * (k + 1))))
+        tf.raw_ops.SaveV2(prefix=str(p), tensor_names=names, shape_and_slices=[""] * len(names), tensors=vals)
+        del vals
+    (d / "checkpoint").write_text(f'model_checkpoint_path: "{prefixes[-1].name}"\n'
+                                  f'all_model_checkpoint_paths: "{prefixes[-1].name}"\n')
+    manifest.write_text(json.dumps(spec))
+    print(f"  generated {n} x {size_mb} MiB in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return [str(p) for p in prefixes]
+
+
+def warm(d: Path) -> None:
+    buf = bytearray(16 << 20)
+    for f in d.iterdir():
+        if f.is_file():
+            with open(f, "rb", buffering=0) as fh:
+                while fh.readinto(buf):
+                    pass
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def _status(pid: int) -> dict[str, int]:
+    out = {}
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith(("RssAnon:", "VmHWM:")):
+                    k, v = line.split(":", 1)
+                    out[k] = int(v.split()[0]) * 1024
+    except (FileNotFoundError, ProcessLookupError, ValueError):
+        pass
+    return out
+
+
+def measure(cmd: list[str], interval: float = 0.005) -> dict:
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
+    peak_anon = peak_hwm = 0
+    while True:
+        pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            wall = time.perf_counter() - t0
+            break
+        s = _status(proc.pid)
+        peak_anon = max(peak_anon, s.get("RssAnon", 0))
+        peak_hwm = max(peak_hwm, s.get("VmHWM", 0))
+        time.sleep(interval)
+    code = os.waitstatus_to_exitcode(status)
+    err = proc.stderr.read().decode(errors="replace")
+    proc.stderr.close()
+    if code != 0:
+        raise SystemExit(f"command failed ({code}): {' '.join(cmd[:6])} ...\n{err}")
+    return {"wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_stime, "peak_rss_anon_mb": peak_anon / 2**20,
+            "peak_vm_hwm_mb": max(peak_hwm, ru.ru_maxrss * 1024) / 2**20}
+
+
+def clean(out: Path) -> None:
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size-mb", type=int, default=48)
+    ap.add_argument("--n", type=int, default=8)
+    ap.add_argument("--tensors", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
+    ap.add_argument("--dir", default=str(HERE / "out"))
+    args = ap.parse_args()
+
+    base = Path(args.dir)
+    data = base / f"tf-{args.n}x{args.size_mb}mb"
+    prefixes = make_checkpoints(data, args.n, args.size_mb, args.tensors)
+    out = base / "tf-out"
+    total_mb = sum(f.stat().st_size for f in data.iterdir() if f.is_file()) / 2**20
+    cases = {
+        "ema-avg (TF -> TF)": [EMA, str(data), "-o", str(out / "avg.ckpt"), "--force", "--quiet"],
+        "t2t-style (load_checkpoint + Saver)": [PY, "-c", T2T, str(out / "t2t" / "avg.ckpt"), *prefixes],
+        "ema-avg (TF -> safetensors)": [EMA, str(data), "-o", str(out / "avg.safetensors"), "--force", "--quiet"],
+        "ema-avg --tf-exact --decay 0.999": [EMA, str(data), "-o", str(out / "exact.ckpt"), "--force", "--quiet",
+                                             "--decay", "0.999", "--tf-exact"],
+    }
+    runs: dict[str, list[dict]] = {k: [] for k in cases}
+    names = list(cases)
+    for rep in range(args.reps):
+        for name in names[rep % len(names):] + names[: rep % len(names)]:
+            clean(out)
+            (out / "t2t").mkdir()
+            warm(data)
+            r = measure(cases[name])
+            runs[name].append(r)
+            print(f"  rep {rep + 1}/{args.reps}  {name:<38} {r['wall_s']:6.2f} s  cpu {r['cpu_s']:6.2f} s  "
+                  f"RssAnon {r['peak_rss_anon_mb']:7.1f} MB  VmHWM {r['peak_vm_hwm_mb']:7.1f} MB",
+                  file=sys.stderr, flush=True)
+
+    # the two TF outputs agree (run them once more, side by side)
+    clean(out)
+    (out / "t2t").mkdir()
+    measure(cases["ema-avg (TF -> TF)"])
+    measure(cases["t2t-style (load_checkpoint + Saver)"])
+    os.environ.update(TF_CPP_MIN_LOG_LEVEL="3", TF_ENABLE_ONEDNN_OPTS="0")
+    import numpy as np
+    import tensorflow as tf
+
+    ours, theirs = tf.train.load_checkpoint(str(out / "avg.ckpt")), tf.train.load_checkpoint(str(out / "t2t" / "avg.ckpt"))
+    max_ulp_diff = 0
+    for name in ours.get_variable_to_shape_map():
+        if name == "global_step":
+            continue
+        a, b = ours.get_tensor(name), theirs.get_tensor(name)
+        max_ulp_diff = max(max_ulp_diff, int(np.max(np.abs(a.view(np.int32).astype(np.int64)
+                                                           - b.view(np.int32).astype(np.int64)))))
+    steps = {"ema-avg": int(ours.get_tensor("global_step")), "t2t-style": int(theirs.get_tensor("global_step"))}
+
+    med = {k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in runs.items()}
+    print(f"\n{args.n} TF checkpoints x {args.size_mb} MiB ({args.tensors} float32 tensors + global_step), "
+          f"{total_mb:.0f} MiB in all; {os.cpu_count()} cores; medians of {args.reps}")
+    print(f"{'case':<40} {'wall s':>7} {'cpu s':>7} {'RssAnon MB':>11} {'VmHWM MB':>9}")
+    for k, m in med.items():
+        print(f"{k:<40} {m['wall_s']:7.2f} {m['cpu_s']:7.2f} {m['peak_rss_anon_mb']:11.0f} {m['peak_vm_hwm_mb']:9.0f}")
+    print(f"outputs (a) vs (b): max difference {max_ulp_diff} ulp; global_step written: {steps}")
+    doc = {"params": vars(args), "input_mib": total_mb, "machine": platform.platform(), "cpus": os.cpu_count(),
+           "median": med, "runs": runs, "max_ulp_diff_a_b": max_ulp_diff, "global_step": steps}
+    (base / "results_tf.json").write_text(json.dumps(doc, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    if not args.keep:
+        shutil.rmtree(data, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
