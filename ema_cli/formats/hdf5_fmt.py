@@ -447,6 +447,7 @@ class Hdf5Writer(Writer):
         self._f = None
         self._fd = -1  # raw descriptor for contiguous datasets written in place
         self._direct: dict[str, int] = {}  # name -> file offset of its bytes
+        self._changed: set[str] = set()  # datasets recreated with a new dtype
         self._template = template if getattr(template, "format", None) == NAME else None
         h5py = _h5py()
         try:
@@ -628,6 +629,12 @@ class Hdf5Writer(Writer):
             return  # the template's copy already holds the newest value
         ds = self._f[name]
         buf = np.asarray(arr, dtype=dtypes.to_numpy(info.dtype), order="C")
+        if self._template is not None and name not in self._changed:
+            # a chunked or converted dataset that already holds these values
+            # (a copied tensor): leave its stored (compressed) bytes alone
+            old = self._template.read(name)
+            if old.dtype == buf.dtype and old.tobytes() == buf.tobytes():
+                return
         if ds.dtype.kind == "V" or _h5py().check_enum_dtype(ds.dtype) is not None:
             buf = buf.view(ds.dtype)  # opaque (bf16, f8) and enum data are written as stored
         if buf.size:
