@@ -522,3 +522,18 @@ def test_keras_weights_to_tf_checkpoint(run, tmp_path):
     assert set(ck.get_variable_to_shape_map()) == set(names)
     for n in names:
         assert np.array_equal(ck.get_tensor(n), read_h5(h5out, n)), n
+
+
+def test_failure_after_the_template_copy_leaves_nothing(tmp_path):
+    """A NaN found while averaging (the template already copied to staging):
+    one error line, no output, no staging file."""
+    files = []
+    for i in (1, 2):
+        p = tmp_path / f"n-{i}.h5"
+        with h5py.File(p, "w") as f:
+            f["a"] = np.ones(4, np.float32)
+            f["b"] = np.array([1.0, np.nan if i == 1 else 2.0, 3.0], np.float32)
+        files.append(p)
+    out = tmp_path / "out.h5"
+    assert_clean_error(run_cli(*files, "-o", out), str(files[0]), "'b'", "NaN", code=1)
+    nothing_written(out)
