@@ -58,6 +58,17 @@ def _h5py():
     return h5py
 
 
+def _open(path: str, mode: str):
+    """h5py.File, with file locking where the file system supports it."""
+    h5py = _h5py()
+    try:
+        return h5py.File(path, mode, locking="best-effort")
+    except ValueError as e:
+        if "locking" not in str(e):
+            raise
+        return h5py.File(path, mode)  # an HDF5 library without best-effort locking
+
+
 def _msg(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
@@ -209,9 +220,8 @@ class Hdf5Reader(Reader):
 
     def __init__(self, source: Source):
         super().__init__(source)
-        h5py = _h5py()
         try:
-            self._f = h5py.File(source.path, "r", locking="best-effort")
+            self._f = _open(source.path, "r")
         except (OSError, ValueError) as e:
             raise EmaError(f"not a readable HDF5 file: {_msg(e)}", path=source.path) from None
         try:
@@ -449,13 +459,12 @@ class Hdf5Writer(Writer):
         self._direct: dict[str, int] = {}  # name -> file offset of its bytes
         self._changed: set[str] = set()  # datasets recreated with a new dtype
         self._template = template if getattr(template, "format", None) == NAME else None
-        h5py = _h5py()
         try:
             if self._template is not None:
                 self._start_from_template(self._template)
             else:
                 _check_names(list(self._infos), self.shown)
-                self._f = h5py.File(path, "w", locking="best-effort")
+                self._f = _open(path, "w")
                 self._fd = os.open(path, os.O_RDWR)
                 for info in self._infos.values():
                     if info.dtype != "string":  # strings: created when their value is known
@@ -470,7 +479,6 @@ class Hdf5Writer(Writer):
     # ------------------------------------------------------------- template
 
     def _start_from_template(self, tmpl: Hdf5Reader) -> None:
-        h5py = _h5py()
         have = tmpl.tensors()
         foreign = [n for n in self._infos if n not in have]
         if foreign:
@@ -488,7 +496,7 @@ class Hdf5Writer(Writer):
                 if off is not None:
                     self._direct[name] = off
             self._fd = os.open(self.path, os.O_RDWR)
-            self._f = h5py.File(self.path, "r+", locking="best-effort")
+            self._f = _open(self.path, "r+")
         else:
             self._rebuild(tmpl)
 
@@ -537,7 +545,7 @@ class Hdf5Writer(Writer):
                 block = fh.read(ub)
             with open(self.path, "r+b") as fh:
                 fh.write(block)
-            self._f = h5py.File(self.path, "r+", locking="best-effort")
+            self._f = _open(self.path, "r+")
 
     def _recreate(self, tmpl: Hdf5Reader, old, dgroup, key: str, name: str) -> None:
         h5py = _h5py()
@@ -574,8 +582,13 @@ class Hdf5Writer(Writer):
         h5py = _h5py()
         dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
         dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
-        ds = f.create_dataset(name, shape=self._infos[name].shape, dtype=_storage_dtype(dtype), dcpl=dcpl,
-                              fill_time="never")
+        dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)  # every value is written
+        parent, _, base = name.rpartition("/")
+        group = f.require_group(parent) if parent else f
+        shape = self._infos[name].shape
+        space = h5py.h5s.create_simple(shape) if shape else h5py.h5s.create(h5py.h5s.SCALAR)
+        tid = h5py.h5t.py_create(_storage_dtype(dtype), logical=True)
+        ds = h5py.Dataset(h5py.h5d.create(group.id, base.encode(), tid, space, dcpl=dcpl))
         if _needs_tag(dtype):
             ds.attrs[DTYPE_ATTR] = dtype
         off = direct_offset(ds, dtype, "opaque" if _needs_tag(dtype) else "plain")
