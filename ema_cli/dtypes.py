@@ -82,7 +82,8 @@ def _f64_to_f32_round_to_odd(a: np.ndarray) -> np.ndarray:
 
     Rounding to odd at float32 precision followed by round-to-nearest-even to a
     format with at most 22 significand bits equals one correct rounding."""
-    y = a.astype(np.float32)
+    with np.errstate(over="ignore"):  # overflow to inf is the correct rounding there
+        y = a.astype(np.float32)
     back = y.astype(np.float64)
     with np.errstate(invalid="ignore"):
         inexact = (back != a) & np.isfinite(a)
@@ -102,10 +103,11 @@ _ROUND_VIA_ODD = frozenset(n for n in FLOATING if n not in ("float64", "float32"
 def store_rounded(src: np.ndarray, dst: np.ndarray) -> None:
     """``dst[...] = src`` (src float64), correctly rounded to dst's dtype."""
     name = from_numpy(dst.dtype)
-    if name in _ROUND_VIA_ODD:
-        dst[...] = _f64_to_f32_round_to_odd(src).astype(dst.dtype)
-    else:
-        dst[...] = src
+    with np.errstate(over="ignore"):  # values beyond the dtype's range round to inf
+        if name in _ROUND_VIA_ODD:
+            dst[...] = _f64_to_f32_round_to_odd(src).astype(dst.dtype)
+        else:
+            dst[...] = src
 
 
 def cast_rounded(src: np.ndarray, dtype_name: str) -> np.ndarray:
