@@ -237,6 +237,7 @@ class Hdf5Reader(Reader):
             self._meta = {"ema_avg": recipe} if recipe else {}
             self._offsets: dict[str, int | None] = {}
             self._mm = None
+            self._map_lock = threading.Lock()
             self._size = os.path.getsize(source.path)
         except EmaError:
             self._f.close()
@@ -313,7 +314,9 @@ class Hdf5Reader(Reader):
             raise EmaError(f"cannot read: {_msg(e)}", path=self.path, tensor=name) from None
 
     def _offset(self, name: str) -> int | None:
-        if name not in self._offsets:
+        if name in self._offsets:
+            return self._offsets[name]
+        with self._map_lock:  # readers are shared by threads
             ds, kind = self._ds[name]
             off = direct_offset(ds, self._tensors[name].dtype, kind)
             if off is not None and off + self._tensors[name].nbytes > self._size:
