@@ -200,7 +200,7 @@ def read_state_file(path: Path) -> list[str]:
     for line in text.splitlines():
         m = _STATE_LINE.match(line)
         if m:
-            name = m.group(2).encode().decode("unicode_escape")
+            name = re.sub(r"\\(.)", r"\1", m.group(2))
             full = name if os.path.isabs(name) else str(Path(path).parent / name)
             named.setdefault(full, m.group(1))
     return list(named)
@@ -456,7 +456,6 @@ class TFWriter(Writer):
         self._batch_bytes = 0
         self._parts: list[str] = []
         self._lock = threading.Lock()
-        self._closed = False
         self.batch_bytes = int(os.environ.get("EMA_AVG_TF_BATCH_BYTES", BATCH_BYTES))
         parent, base = os.path.split(os.path.abspath(path))
         self._parts_dir = os.path.join(parent, f".{base}.parts-{os.getpid()}-{id(self):x}")
@@ -484,17 +483,18 @@ class TFWriter(Writer):
         if info.dtype == "string":
             arr = np.asarray(array, dtype=object)
             tdt = tf.string
+            nbytes = sum(len(b) for b in arr.reshape(-1)) + 1
         else:
             arr = np.asarray(array, dtype=dtypes.to_numpy(info.dtype))
             tdt = tf.as_dtype(info.dtype)
+            nbytes = max(info.nbytes, 1)
         if arr.shape != info.shape:
             raise EmaError(f"internal: shape {arr.shape} != {info.shape}", tensor=name)
         try:
             t = tf.constant(arr, dtype=tdt)
         except Exception as e:
             raise EmaError(f"cannot convert to a TensorFlow tensor: {_tf_message(e)}", tensor=name) from None
-        del arr
-        nbytes = max(info.nbytes, 1) if info.dtype != "string" else sum(len(b) for b in np.asarray(array, dtype=object).reshape(-1)) + 1
+        del arr  # the tensor holds its own copy: only the batch counts against memory
         with self._lock:
             if name not in self._pending:
                 raise EmaError("internal: tensor written twice or not planned", tensor=name)
@@ -537,7 +537,6 @@ class TFWriter(Writer):
                     shutil.copyfile(self._meta_src, self.path + META)
                 except OSError as e:
                     raise EmaError(f"cannot copy the .meta graph: {e.strerror}", path=self._meta_src) from None
-            self._closed = True
 
     def abort(self) -> None:
         with self._lock:
