@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import sys
 import threading
 
 import numpy as np
@@ -11,7 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ema_cli import dtypes
+from ema_cli import dtypes, notices
 
 
 def human_bytes(n: float) -> str:
@@ -30,13 +29,11 @@ class UI:
         self.console = Console(stderr=True, force_terminal=force_terminal, highlight=False, soft_wrap=True)
         self.quiet = quiet
         self.live = not quiet and self.console.is_terminal
+        notices.set_quiet(quiet)
 
     def warnings(self, msgs: list[str]) -> None:
-        if self.quiet:
-            return
-        for m in msgs:
-            # warnings are worth a line even when stderr is not a terminal
-            print(f"warning: {m}", file=sys.stderr)
+        for m in msgs:  # worth a line even when stderr is not a terminal
+            notices.warn(m)
 
     @contextlib.contextmanager
     def progress(self, plan):

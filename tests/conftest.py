@@ -56,7 +56,8 @@ def save_st(path, tensors: dict, metadata: dict | None = None) -> Path:
     """Write a safetensors file with the real safetensors library."""
     from safetensors.numpy import save_file
 
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path), metadata=metadata)
+    # (np.ascontiguousarray would turn a 0-d step counter into shape (1,))
+    save_file({k: np.require(v, requirements="C") for k, v in tensors.items()}, str(path), metadata=metadata)
     return Path(path)
 
 

@@ -29,7 +29,6 @@ import glob
 import os
 import re
 import shutil
-import sys
 import threading
 import warnings
 from pathlib import Path
@@ -37,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from ema_cli import dtypes
+from ema_cli.notices import warn
 from ema_cli.errors import EmaError
 from ema_cli.formats.base import Reader, Source, TensorInfo, Writer, step_from_scalar
 from ema_cli.output import Staged, _fsync_dir, check_target
@@ -472,8 +472,8 @@ class TFWriter(Writer):
         for name, info in self.infos.items():
             src = have.get(name)
             if src is not None and src.dtype != info.dtype:
-                print(f"warning: {meta}: not copied to the output: the graph's variables are {src.dtype} "
-                      f"but {name!r} is written as {info.dtype}", file=sys.stderr)
+                warn(f"{meta}: not copied to the output: the graph's variables are {src.dtype} "
+                     f"but {name!r} is written as {info.dtype}")
                 return None
         return meta
 
@@ -635,8 +635,8 @@ class TFStaging:
             except EmaError:
                 others = []
             if others:
-                print(f"warning: {state} left as it is (it names {os.path.basename(others[-1])}): "
-                      f"tf.train.latest_checkpoint will not pick {self.final}", file=sys.stderr)
+                warn(f"{state} left as it is (it names {os.path.basename(others[-1])}): "
+                     f"tf.train.latest_checkpoint will not pick {self.final}")
                 return None
         tmp = os.path.join(self._staged.path, STATE_FILE)
         quoted = base.replace("\\", "\\\\").replace('"', '\\"')
