@@ -50,6 +50,14 @@ Exclude = Annotated[Optional[List[str]], typer.Option("--exclude", help="Copy, d
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary on stderr.")]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 Suffix = Annotated[str, typer.Option("--suffix", help="Shadow-name suffix: the shadow of x is x/SUFFIX.")]
+# output options shared by average and posthoc
+Output = Annotated[str, typer.Option("--output", "-o", help="Output path (format from its suffix).", show_default=False)]
+Format = Annotated[Optional[str], typer.Option("--format", help="Output format: safetensors, tf or hdf5.")]
+Dtype = Annotated[str, typer.Option("--dtype", help="keep, float32, float16, bfloat16 or float64: dtype of averaged tensors.")]
+AllowNonfinite = Annotated[bool, typer.Option("--allow-nonfinite", help="Average NaN/Inf values instead of failing.")]
+Verify = Annotated[bool, typer.Option("--verify", help="Reopen the output and check every tensor against what was computed.")]
+Threads = Annotated[int, typer.Option("--threads", help="Worker threads (0: one per core, at most 4).")]
+Force = Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing output.")]
 
 
 def _spec(swa, decay, num_updates, zero_debias, weights, decay_per, interp, half_life, sigma_rel, gamma, tf_exact) -> schedule.Spec:
@@ -81,9 +89,9 @@ def _emit_json(doc) -> None:
 @app.command(help="Average checkpoints into one (the default command).")
 def average(
     inputs: Inputs,
-    output: Annotated[str, typer.Option("--output", "-o", help="Output path (format from its suffix).", show_default=False)],
-    fmt: Annotated[Optional[str], typer.Option("--format", help="Output format: safetensors, tf or hdf5.")] = None,
-    dtype: Annotated[str, typer.Option("--dtype", help="keep, float32, float16, bfloat16 or float64: dtype of averaged tensors.")] = "keep",
+    output: Output,
+    fmt: Format = None,
+    dtype: Dtype = "keep",
     swa: Swa = False, decay: Decay = None, num_updates: NumUpdates = False, zero_debias: ZeroDebias = False,
     weights: Weights = None, decay_per: DecayPer = "checkpoint", interp: Interp = "linear",
     half_life: HalfLife = None, sigma_rel: SigmaRel = None, gamma: Gamma = None, tf_exact: TfExact = False,
@@ -93,10 +101,7 @@ def average(
     names: Annotated[str, typer.Option("--names", help="'original' (evaluation-ready) or 'shadow' (x/SUFFIX, TF training layout).")] = "original",
     suffix: Suffix = "ExponentialMovingAverage",
     max_shard_size: Annotated[Optional[str], typer.Option("--max-shard-size", help="Write HF-style shards of at most SIZE (e.g. 2GB) into the OUTPUT directory.")] = None,
-    allow_nonfinite: Annotated[bool, typer.Option("--allow-nonfinite", help="Average NaN/Inf values instead of failing.")] = False,
-    verify: Annotated[bool, typer.Option("--verify", help="Reopen the output and check every tensor against what was computed.")] = False,
-    threads: Annotated[int, typer.Option("--threads", help="Worker threads (0: one per core, at most 4).")] = 0,
-    force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing output.")] = False,
+    allow_nonfinite: AllowNonfinite = False, verify: Verify = False, threads: Threads = 0, force: Force = False,
     quiet: Quiet = False, as_json: Json = False,
 ):
     t0 = time.perf_counter()
@@ -142,16 +147,11 @@ def _execute(inputs, opts, output, fmt, *, force, quiet, as_json, verify, t0) ->
 @app.command(help="EDM2 post-hoc EMA: reconstruct a power-function EMA of any width from snapshot series.")
 def posthoc(
     series: Annotated[List[str], typer.Option("--from", help="S=DIR_OR_GLOB: a series of power-EMA snapshots of relative width S (repeat).", show_default=False)],
-    output: Annotated[str, typer.Option("--output", "-o", help="Output path (format from its suffix).", show_default=False)],
+    output: Output,
     sigma_rel: SigmaRel = None, gamma: Gamma = None,
     at_step: Annotated[Optional[int], typer.Option("--at-step", help="Reconstruct the EMA at step T (default: the latest snapshot).")] = None,
-    fmt: Annotated[Optional[str], typer.Option("--format", help="Output format: safetensors, tf or hdf5.")] = None,
-    dtype: Annotated[str, typer.Option("--dtype", help="keep, float32, float16, bfloat16 or float64.")] = "keep",
-    include: Include = None, exclude: Exclude = None,
-    allow_nonfinite: Annotated[bool, typer.Option("--allow-nonfinite", help="Average NaN/Inf values instead of failing.")] = False,
-    verify: Annotated[bool, typer.Option("--verify", help="Reopen the output and check every tensor.")] = False,
-    threads: Annotated[int, typer.Option("--threads", help="Worker threads (0: one per core, at most 4).")] = 0,
-    force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing output.")] = False,
+    fmt: Format = None, dtype: Dtype = "keep", include: Include = None, exclude: Exclude = None,
+    allow_nonfinite: AllowNonfinite = False, verify: Verify = False, threads: Threads = 0, force: Force = False,
     quiet: Quiet = False, as_json: Json = False,
 ):
     t0 = time.perf_counter()
