@@ -95,6 +95,9 @@ class Plan:
     shards: list[list[str]]  # output names per output shard (the unit of work)
     options: Options
     warnings: list[str] = field(default_factory=list)
+    # False: writers start fresh, not from the newest input's layout (rename: the
+    # input's TF .meta graph and HDF5 groups name the old tensors)
+    use_template: bool = True
 
     def task(self, out_name: str) -> Task:
         return self._by_out[out_name]
@@ -476,8 +479,10 @@ def run(plan: Plan, output: str, out_format: str, *, force: bool = False, pool: 
         metadata = dict(template.metadata())
         import json
 
-        metadata["ema_avg"] = json.dumps(plan.describe(), separators=(",", ":"))
-        writer = mod.Writer(staged.path, plan.shard_infos(), metadata, template=template)
+        recipe = plan.describe()
+        if recipe is not None:  # None (rename): the values are unchanged, so is the newest input's metadata
+            metadata["ema_avg"] = json.dumps(recipe, separators=(",", ":"))
+        writer = mod.Writer(staged.path, plan.shard_infos(), metadata, template=template if plan.use_template else None)
         threads = plan.options.threads or default_threads()
         sums: dict[str, str] | None = {} if checksums else None
         for shard in plan.shards:

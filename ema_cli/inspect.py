@@ -8,30 +8,34 @@ from ema_cli import engine, formats, names
 
 
 def inspect(inputs: list[str], *, include: list[str], exclude: list[str], suffix: str) -> list[dict]:
-    opts = engine.Options(include=include, exclude=exclude)
-    inc = engine._compile(include, "--include")
-    exc = engine._compile(exclude, "--exclude")
+    """One document per checkpoint.  Roles: ``shadow`` (named ``x/SUFFIX``),
+    ``averaged`` (the averaged set ``average`` uses: for TF1 with a ``.meta``, its
+    collections), ``copied`` (from the newest checkpoint)."""
+    names.check_suffix(suffix)
+    engine._compile(include, "--include")
+    engine._compile(exclude, "--exclude")
     docs = []
     for src in formats.resolve_inputs(inputs):
         r = formats.open_reader(src)
         try:
             rows = []
             tensors = r.tensors()
+            averaged = set(names.averaged_names(r, suffix, include, exclude))
             for name, info in tensors.items():
+                row = {"name": name, "dtype": info.dtype, "shape": list(info.shape), "nbytes": info.nbytes}
                 if names.is_shadow(name, suffix):
-                    role = "shadow"
-                elif engine._averaged(r, info, opts, inc, exc):
-                    role = "averaged"
+                    row["role"] = "shadow"
+                    row["shadow_of"] = names.original_name(name, suffix)
                 else:
-                    role = "copied"
-                rows.append({"name": name, "dtype": info.dtype, "shape": list(info.shape),
-                             "nbytes": info.nbytes, "role": role})
+                    row["role"] = "averaged" if name in averaged else "copied"
+                rows.append(row)
             step = r.step()
             step_from = "tensor"
             if step is None:
                 step, step_from = engine.step_from_name(src.name_hint or src.path), "name"
             docs.append({
                 "path": src.path, "format": src.format, "step": step, "step_from": step_from if step is not None else None,
+                "suffix": suffix, "averaged_from": names.averaged_from(r),
                 "files": list(src.files), "metadata": r.metadata(), "tensors": rows,
                 "totals": {"tensors": len(rows), "bytes": sum(x["nbytes"] for x in rows),
                            "roles": dict(Counter(x["role"] for x in rows))},

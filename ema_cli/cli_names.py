@@ -1,0 +1,162 @@
+"""``restore-map`` and ``rename``: TensorFlow's shadow names from the command line.
+
+Registered by ``cli._register_optional_commands``.  Thin: parse, call
+:mod:`ema_cli.names` / :mod:`ema_cli.engine`, render.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Annotated, List, Optional
+
+import typer
+
+from ema_cli import engine, formats, names, render
+from ema_cli.errors import EmaError, UsageError
+from ema_cli.output import Staged, check_target
+
+Ckpt = Annotated[str, typer.Argument(help="One checkpoint: file, TF prefix, sharded index or directory holding one.",
+                                     show_default=False)]
+Suffix = Annotated[str, typer.Option("--suffix", help="Shadow-name suffix: the shadow of x is x/SUFFIX.")]
+Include = Annotated[Optional[List[str]], typer.Option("--include", help="Also count tensors matching REGEX as averaged (repeatable).")]
+Exclude = Annotated[Optional[List[str]], typer.Option("--exclude", help="Do not count tensors matching REGEX as averaged (repeatable).")]
+Force = Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing output.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No summary or warnings on stderr.")]
+Json = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+
+
+def _emit_json(doc) -> None:
+    sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def _summary(ui: render.UI, msg: str) -> None:
+    """A one-line summary on stderr, like ``average``'s: only on a terminal, never with --quiet."""
+    if ui.live:
+        ui.console.print(msg, markup=False)
+
+
+def restore_map(
+    ckpt: Ckpt,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Write the map to this JSON file (default: stdout).")] = None,
+    suffix: Suffix = names.DEFAULT_SUFFIX,
+    include: Include = None, exclude: Exclude = None,
+    force: Force = False, quiet: Quiet = False, as_json: Json = False,
+):
+    """Print TensorFlow's ema.variables_to_restore() for a checkpoint, as names: {restore_name: variable_name}."""
+    ui = render.UI(quiet=quiet)  # also silences library warnings with --quiet
+    names.check_suffix(suffix)
+    if as_json and output is None:
+        raise UsageError("--json describes the map written with -o; without -o the map itself is printed")
+    pool = engine.ReaderPool()
+    try:
+        src, r = names.open_one(ckpt, pool, "restore-map")
+        mapping = names.restore_map(r, suffix, include or [], exclude or [])
+        origin = names.averaged_from(r)
+    finally:
+        pool.close()
+    text = json.dumps(mapping, indent=2) + "\n"
+    n_shadow = sum(1 for k, v in mapping.items() if k != v)
+    if output is None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    _write_text(output, text, force=force)
+    if as_json:
+        _emit_json({"output": output, "checkpoint": src.path, "format": src.format, "suffix": suffix,
+                    "averaged_from": origin, "entries": len(mapping), "from_shadow": n_shadow})
+    _summary(ui, f"wrote {output}: {len(mapping)} entries, {n_shadow} restored from */{suffix} "
+                 f"(averaged set from {origin})")
+
+
+def _write_text(path: str, text: str, *, force: bool) -> None:
+    """Atomic, like every output: staged beside the target, fsync'ed, renamed."""
+    if os.path.isdir(path):
+        raise EmaError("output is a directory; expected a file path", path=path)
+    check_target(path, force=force, is_dir=False)
+    staged = Staged(path, is_dir=False, force=force)
+    try:
+        with open(staged.path, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        staged.commit()
+    except OSError as e:
+        staged.discard()
+        raise EmaError(f"cannot write: {e.strerror}", path=path) from None
+    except BaseException:
+        staged.discard()
+        raise
+
+
+def rename(
+    ckpt: Ckpt,
+    output: Annotated[str, typer.Option("--output", "-o", help="Output path, in the input's format.", show_default=False)],
+    to_original: Annotated[bool, typer.Option("--to-original", help="Write each x/SUFFIX under x and drop the shadow names (offline swapping_saver).")] = False,
+    to_shadow: Annotated[bool, typer.Option("--to-shadow", help="Rename the averaged set x to x/SUFFIX; other tensors unchanged.")] = False,
+    suffix: Suffix = names.DEFAULT_SUFFIX,
+    include: Include = None, exclude: Exclude = None,
+    max_shard_size: Annotated[Optional[str], typer.Option("--max-shard-size", help="safetensors: write HF-style shards of at most SIZE into the OUTPUT directory.")] = None,
+    force: Force = False, quiet: Quiet = False, as_json: Json = False,
+):
+    """Rename a checkpoint's tensors between original and shadow names, keeping format and dtypes."""
+    t0 = time.perf_counter()
+    ui = render.UI(quiet=quiet)  # also silences library warnings with --quiet
+    if to_original == to_shadow:
+        raise UsageError("give exactly one of --to-original and --to-shadow")
+    direction = names.TO_ORIGINAL if to_original else names.TO_SHADOW
+    pool = engine.ReaderPool()
+    try:
+        plan = names.rename_plan(ckpt, direction, suffix, include=include or [], exclude=exclude or [],
+                                 max_shard_size=engine.parse_size(max_shard_size) if max_shard_size else None,
+                                 pool=pool)
+        src = plan.checkpoints[0].source
+        _check_output_format(output, src.format)
+        reader = pool.get(src)
+        if names.OBJECT_GRAPH_KEY in reader.tensors():
+            ui.warnings([
+                f"{src.path}: object-based (TF2) checkpoint: its object graph is copied as it is and still "
+                "lists the old keys, so tf.train.Checkpoint.restore maps objects to the old names "
+                "(tf.train.load_checkpoint and name-based Savers see the new ones)"])
+        result = engine.run(plan, output, src.format, force=force, pool=pool,
+                            timings={"plan_s": time.perf_counter() - t0})
+    finally:
+        pool.close()
+    result.timings["total_s"] = time.perf_counter() - t0
+    info = plan.rename
+    if as_json:
+        _emit_json({
+            "output": output, "format": result.format, "files": result.files, "checkpoint": src.path,
+            "direction": direction, "suffix": suffix, "renamed": info["renamed"], "dropped": info["dropped"],
+            "tensors": len(plan.tasks),
+            "names": {t.name: t.out_name for t in plan.tasks if t.name != t.out_name},
+            "bytes_written": result.bytes_written,
+            "timings": {k: round(v, 6) for k, v in result.timings.items()},
+        })
+    what = (f"{info['renamed']} */{suffix} written under the original names, {info['dropped']} replaced"
+            if direction == names.TO_ORIGINAL else f"{info['renamed']} tensor(s) renamed to */{suffix}")
+    _summary(ui, f"wrote {output} ({result.format}, {render.human_bytes(result.bytes_written)}): {what}, "
+                 f"{len(plan.tasks) - info['renamed']} unchanged")
+
+
+def _check_output_format(output: str, fmt: str) -> None:
+    """rename keeps the input's format: refuse an output name that says another one."""
+    for name in formats.FORMAT_NAMES:
+        if name == fmt:
+            continue
+        try:
+            mod = formats.module(name)
+        except ModuleNotFoundError:
+            continue
+        if mod.is_output(output) and not formats.module(fmt).is_output(output):
+            raise UsageError(f"{output}: rename keeps the input's format ({fmt}); this name says {name}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("restore-map", help="TensorFlow's ema.variables_to_restore() for a checkpoint, offline: "
+                "{restore_name: variable_name} as JSON.")(restore_map)
+    app.command("rename", help="Write a checkpoint with shadow values under the original names (--to-original, "
+                "the offline swapping_saver) or the averaged set under shadow names (--to-shadow).")(rename)
