@@ -118,9 +118,9 @@ def rename(
         reader = pool.get(src)
         if names.OBJECT_GRAPH_KEY in reader.tensors():
             ui.warnings([
-                f"{src.path}: object-based (TF2) checkpoint: its object graph is copied as it is and still "
-                "lists the old keys, so tf.train.Checkpoint.restore maps objects to the old names "
-                "(tf.train.load_checkpoint and name-based Savers see the new ones)"])
+                f"{src.path}: object-based (TF2) checkpoint: its object graph, copied as it is, still points "
+                "at the old keys, so tf.train.Checkpoint.restore will not find the renamed tensors "
+                "(tf.train.load_checkpoint and TF1 Savers read them by their new names)"])
         result = engine.run(plan, output, src.format, force=force, pool=pool,
                             timings={"plan_s": time.perf_counter() - t0})
     finally:

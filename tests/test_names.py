@@ -626,3 +626,16 @@ def test_names_shadow_then_to_original_equals_names_original(tmp_path):
     assert list(t_back) == list(t_orig)
     assert all(t_back[k].dtype == t_orig[k].dtype and bits(t_back[k]) == bits(t_orig[k]) for k in t_orig)
     assert json.loads(meta_back["ema_avg"])["mode"] == "ema"  # the averaging recipe survives the rename
+
+
+def test_rename_tf2_warns_about_the_object_graph(tf, tmp_path):
+    run2 = gen_tf.train_tf2(tmp_path / "tf2", saves=1)
+    out = tmp_path / "o" / "s.ckpt"
+    out.parent.mkdir()
+    res = run_cli("rename", run2["prefixes"][0], "-o", out, "--to-shadow")
+    assert res.code == 0, res
+    warns = [ln for ln in res.err.splitlines() if ln.startswith("warning: ")]
+    assert len(warns) == 1 and "object graph" in warns[0] and "Checkpoint.restore" in warns[0], res
+    got = values(tf, out)
+    assert "w/ExponentialMovingAverage/.ATTRIBUTES/VARIABLE_VALUE" in got and "_CHECKPOINTABLE_OBJECT_GRAPH" in got
+    assert run_cli("rename", run2["prefixes"][0], "-o", out, "--to-shadow", "--force", "--quiet").err == ""
