@@ -202,8 +202,10 @@ def plan(
     doc = render.plan_json(p)
     if as_json:
         _emit_json(doc)
-    if not quiet:
-        render.UI(quiet=False, force_terminal=None).plan_table(p, doc)
+    ui = render.UI(quiet=quiet)
+    if not quiet and (ui.console.is_terminal or not as_json):
+        ui.plan_table(p, doc)
+    ui.warnings(p.warnings)
 
 
 # ------------------------------------------------------------------ inspect
@@ -221,8 +223,9 @@ def inspect(
     docs = inspect_mod.inspect(inputs, include=include or [], exclude=exclude or [], suffix=suffix)
     if as_json:
         _emit_json(docs if len(docs) != 1 else docs[0])
-    if not quiet:
-        render.UI(quiet=False, force_terminal=None).inspect_tables(docs)
+    ui = render.UI(quiet=quiet)
+    if not quiet and (ui.console.is_terminal or not as_json):
+        ui.inspect_tables(docs)
 
 
 def _register_optional_commands() -> None:

@@ -88,8 +88,6 @@ class UI:
             if key in doc["params"]:
                 extra += f"   {key} = {doc['params'][key]:.6g}"
         self.console.print(extra)
-        for w in doc["warnings"]:
-            self.console.print(f"[yellow]warning:[/] {w}")
 
     def inspect_tables(self, docs) -> None:
         for doc in docs:
