@@ -604,6 +604,10 @@ def test_inspect_suffix_and_table(tf, run_custom):
     roles = {t["name"]: t["role"] for t in doc["tensors"]}
     assert roles["bn/moving_mean"] == "averaged" and roles[f"bn/moving_mean/{CUSTOM}"] == "shadow"
     assert doc["totals"]["roles"] == {"copied": 9, "averaged": 4, "shadow": 4}
+    # without --json, the table goes to stderr (under --json off a terminal, only the JSON is printed)
+    assert res.err == ""
+    res = run_cli("inspect", run_custom["prefixes"][-1], "--suffix", CUSTOM)
+    assert res.code == 0 and res.out == ""
     assert f"bn/moving_mean/{CUSTOM}" in res.err and "shadow: 4" in res.err
 
 
