@@ -17,6 +17,7 @@ import mmap
 import os
 import re
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -281,6 +282,39 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         data, offset = data[n:], offset + n
 
 
+_WRITEBACK_MIN = 1 << 20  # tensors smaller than this are left to the final fsync
+_sync_file_range = None  # libc's sync_file_range (Linux), False where unavailable
+
+
+def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Ask the kernel to start writing this range to disk now, without waiting
+    (``sync_file_range(SYNC_FILE_RANGE_WRITE)``): the disk works while later
+    tensors are computed, and the final fsync, which still guarantees
+    durability, finds little left to do.  Whole pages only (a page shared with
+    a neighbour written later would go out twice).  A hint: errors are ignored."""
+    global _sync_file_range
+    if nbytes < _WRITEBACK_MIN:
+        return
+    fn = _sync_file_range
+    if fn is None:
+        fn = False
+        if sys.platform.startswith("linux"):
+            try:
+                import ctypes
+
+                fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+                fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+                fn.restype = ctypes.c_int
+            except (OSError, AttributeError):
+                fn = False
+        _sync_file_range = fn
+    if fn:
+        start = -(-offset // mmap.PAGESIZE) * mmap.PAGESIZE
+        end = (offset + nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+        if end > start:
+            fn(fd, start, end - start, 2)  # SYNC_FILE_RANGE_WRITE (ctypes releases the GIL)
+
+
 class _FileWriter:
     """Writes one safetensors file: the header first (every name, dtype and shape
     is known before any tensor is computed), then each tensor at its offset."""
@@ -320,6 +354,7 @@ class _FileWriter:
             raise EmaError(f"internal: shape {arr.shape} != {info.shape}", tensor=name)
         try:
             _pwrite_all(self.fd, memoryview(arr.reshape(-1).view(np.uint8)), self.data_start + pos)
+            _start_writeback(self.fd, self.data_start + pos, info.nbytes)
         except OSError as e:
             raise EmaError(f"cannot write: {e.strerror}", path=self.path, tensor=name) from None
         self.pending.discard(name)
