@@ -7,7 +7,7 @@ import threading
 
 import numpy as np
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from ema_cli import dtypes, notices
@@ -41,19 +41,17 @@ class UI:
             yield None
             return
         total_bytes = sum(dtypes.itemsize(t.out_dtype) * t.info.numel for t in plan.tasks)
-        cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("tensors"),
-                DownloadColumn(), TimeRemainingColumn())
+        cols = (TextColumn("{task.description}"), BarColumn(),
+                TextColumn("{task.fields[done]}/{task.fields[of]} tensors"), DownloadColumn(), TimeRemainingColumn())
         lock = threading.Lock()
         with Progress(*cols, console=self.console, transient=True) as prog:
-            tid = prog.add_task("averaging", total=len(plan.tasks))
-            bid = prog.add_task("", total=total_bytes, visible=False)
-            done_bytes = [0]
+            tid = prog.add_task("averaging", total=total_bytes, done=0, of=len(plan.tasks))
+            count = [0]
 
             def on_tensor(task):
                 with lock:
-                    done_bytes[0] += dtypes.itemsize(task.out_dtype) * task.info.numel
-                    prog.update(tid, advance=1, completed=None)
-                    prog.update(bid, completed=done_bytes[0])
+                    count[0] += 1
+                    prog.update(tid, advance=dtypes.itemsize(task.out_dtype) * task.info.numel, done=count[0])
 
             yield on_tensor
 
