@@ -32,6 +32,8 @@ from ema_cli.formats.base import Reader, Source, TensorInfo
 from ema_cli.output import Staged, check_target
 
 BLOCK = 1 << 16  # elements per float64 accumulation block (512 KiB; two of them stay in L2)
+CHUNK = 1 << 20  # bytes of rounded output a thread stages before handing them to a streaming writer
+STREAM_MIN = 1 << 20  # averaged tensors of at least this many bytes are streamed to writers with write_range
 
 
 # --------------------------------------------------------------------------- options
@@ -352,21 +354,36 @@ def _scratch_buffers(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return bufs
 
 
-def _block_sum(srcs, weights, out_flat: np.ndarray, check: bool):
+def _stage_buffer(dtype: np.dtype, block: int) -> np.ndarray:
+    """This thread's staging buffer for rounded output: a whole number of blocks, about CHUNK bytes."""
+    stages = _scratch.__dict__.setdefault("stages", {})
+    size = max(1, CHUNK // (dtype.itemsize * block)) * block
+    buf = stages.get(dtype)
+    if buf is None or buf.size < size:
+        buf = stages[dtype] = np.empty(size, dtype=dtype)
+    return buf[:size]
+
+
+def _block_sum(srcs, weights, out_flat: np.ndarray, check: bool, emit=None):
     """out = round(sum_k w_k x_k), float64 accumulation in blocks, rounded once.
 
     Returns the start of the first block whose sum is not finite (when
-    ``check``), else None.  The sum runs in checkpoint order, so it equals a
+    ``check``), else None.  Without ``emit``, ``out_flat`` is the whole output
+    (flat).  With ``emit``, it is a staging buffer (a whole number of blocks):
+    each time it is full, and at the end, ``emit(start, part)`` receives the
+    rounded elements ``[start, start + part.size)``, so that memory does not
+    grow with the tensor.  The sum runs in checkpoint order, so it equals a
     float64 reference computed the same way bit for bit:
     ``acc = float64(x_0) * w_0``, then ``acc += float64(x_k) * w_k``, every
     product and every sum rounded in float64 (no FMA), then one rounding to the
     output dtype.  Converting x to float64 is exact, so ``copyto`` then
     ``multiply`` gives the same products as ``np.multiply(x, w, dtype=float64)``
     and is faster (no buffered casting loop)."""
-    n = out_flat.size
+    n = srcs[0].size
     if n == 0:
         return None
     block = min(n, BLOCK)
+    staged = 0  # with emit: output index of out_flat[0]
     acc, tmp, fin = _scratch_buffers(block)
     copyto, multiply, add, isfinite = np.copyto, np.multiply, np.add, np.isfinite
     # float64 inputs need no conversion: multiply straight from the source
@@ -391,7 +408,15 @@ def _block_sum(srcs, weights, out_flat: np.ndarray, check: bool):
             add(a, t, out=a)
         if check and not isfinite(a, out=f).all():
             return b0
-        dtypes.store_rounded(a, out_flat[b0:b1])
+        if emit is None:
+            dtypes.store_rounded(a, out_flat[b0:b1])
+        else:
+            if b1 - staged > out_flat.size:
+                emit(staged, out_flat[: b0 - staged])
+                staged = b0
+            dtypes.store_rounded(a, out_flat[b0 - staged : b1 - staged])
+    if emit is not None:
+        emit(staged, out_flat[: n - staged])
     return None
 
 
@@ -417,12 +442,54 @@ def compute_tensor(plan: Plan, task: Task, pool: ReaderPool) -> np.ndarray:
         srcs = [np.asarray(pool.get(ck.source).read(task.name)).reshape(-1) for ck, _ in pairs]
         bad = _block_sum(srcs, [w for _, w in pairs], out.reshape(-1), check)
     if bad is not None:
-        for ck, w in pairs:
-            if not np.isfinite(pool.get(ck.source).read(task.name)).all():
-                raise EmaError(f"has NaN or Inf values (weight {w:.6g}); use --allow-nonfinite to average anyway",
-                               path=ck.path, tensor=task.name)
-        raise EmaError("the weighted sum is not finite (overflow)", tensor=task.name)
+        _raise_nonfinite(pairs, task, pool)
     return out
+
+
+def _raise_nonfinite(pairs, task: Task, pool: ReaderPool):
+    for ck, w in pairs:
+        if not np.isfinite(pool.get(ck.source).read(task.name)).all():
+            raise EmaError(f"has NaN or Inf values (weight {w:.6g}); use --allow-nonfinite to average anyway",
+                           path=ck.path, tensor=task.name)
+    raise EmaError("the weighted sum is not finite (overflow)", tensor=task.name)
+
+
+def _streams(plan: Plan, task: Task, writer) -> bool:
+    """Whether the tensor is averaged block by block straight into the writer."""
+    return (task.action == "average" and not plan.options.spec.tf_exact
+            and dtypes.itemsize(task.out_dtype) * task.info.numel >= STREAM_MIN
+            and hasattr(writer, "write_range"))
+
+
+def stream_tensor(plan: Plan, task: Task, pool: ReaderPool, writer, hasher=None) -> None:
+    """Average one tensor into ``writer.write_range`` chunk by chunk: the same
+    values as ``compute_tensor``, but only a CHUNK-sized staging buffer per
+    thread is held, whatever the tensor's size.  ``hasher`` (hashlib) is fed the
+    output bytes in order (the same digest as ``digest`` of the whole tensor)."""
+    cks = plan.checkpoints
+    pairs = [(cks[i], w) for i, w in zip(plan.selected, plan.weights) if w != 0.0]
+    srcs = [np.asarray(pool.get(ck.source).read(task.name)).reshape(-1) for ck, _ in pairs]
+    stage = _stage_buffer(dtypes.to_numpy(task.out_dtype), min(task.info.numel, BLOCK))
+    write_range, name = writer.write_range, task.out_name
+
+    def emit(start: int, part: np.ndarray) -> None:
+        write_range(name, start, part)
+        if hasher is not None:
+            hasher.update(part.view(np.uint8))
+
+    if _block_sum(srcs, [w for _, w in pairs], stage, not plan.options.allow_nonfinite, emit) is not None:
+        _raise_nonfinite(pairs, task, pool)
+
+
+def _release(plan: Plan, task: Task, pool: ReaderPool) -> None:
+    """Tell the readers that support it that this tensor is done (safetensors
+    drops its memory-mapped pages from the process: resident memory stays small)."""
+    cks = plan.checkpoints
+    used = plan.selected if task.action == "average" else [plan.newest]
+    for i in used:
+        release = getattr(pool.get(cks[i].source), "release", None)
+        if release is not None:
+            release(task.name)
 
 
 def run_shard(plan: Plan, shard: list[str], pool: ReaderPool, writer, *,
@@ -433,10 +500,20 @@ def run_shard(plan: Plan, shard: list[str], pool: ReaderPool, writer, *,
 
     def one(name: str) -> None:
         task = plan.task(name)
-        arr = compute_tensor(plan, task, pool)
-        writer.write(name, arr)
-        if checksums is not None:
-            checksums[name] = digest(arr)
+        if _streams(plan, task, writer):
+            import hashlib
+
+            hasher = hashlib.blake2b(digest_size=16) if checksums is not None else None
+            stream_tensor(plan, task, pool, writer, hasher)
+            if hasher is not None:
+                checksums[name] = hasher.hexdigest()
+        else:
+            arr = compute_tensor(plan, task, pool)
+            writer.write(name, arr)
+            if checksums is not None:
+                checksums[name] = digest(arr)
+            del arr
+        _release(plan, task, pool)
         if on_tensor is not None:
             on_tensor(task)
 
