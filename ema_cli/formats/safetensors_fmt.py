@@ -145,6 +145,23 @@ class _File:
         arr = np.frombuffer(self.mm, dtype=dt, count=info.numel, offset=self.data_start + begin)
         return arr.reshape(info.shape)
 
+    def release(self, name: str) -> None:
+        """Done with this tensor: drop its pages from this process's page tables
+        (``MADV_DONTNEED``; they stay in the page cache, and a later read maps
+        them again).  The resident set then stays small whatever the file size,
+        and closing does not have to unmap gigabytes at the end.  Whole pages
+        inside the tensor only; tensors under 1 MiB are left alone."""
+        if self.mm is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        _info, (begin, end) = self.header[name]
+        start = -(-(self.data_start + begin) // mmap.PAGESIZE) * mmap.PAGESIZE
+        stop = (self.data_start + end) // mmap.PAGESIZE * mmap.PAGESIZE
+        if stop - start >= 1 << 20:
+            try:
+                self.mm.madvise(mmap.MADV_DONTNEED, start, stop - start)
+            except (OSError, ValueError):
+                pass  # a hint
+
     def close(self):
         if self.mm is not None:
             try:
@@ -249,6 +266,10 @@ class SafetensorsReader(Reader):
 
     def read(self, name: str) -> np.ndarray:
         return self._where[name].read(name)
+
+    def release(self, name: str) -> None:
+        """The engine is done with this tensor (see ``_File.release``)."""
+        self._where[name].release(name)
 
     def metadata(self) -> dict[str, str]:
         return dict(self._meta)
@@ -359,6 +380,23 @@ class _FileWriter:
             raise EmaError(f"cannot write: {e.strerror}", path=self.path, tensor=name) from None
         self.pending.discard(name)
 
+    def write_range(self, name: str, start: int, flat: np.ndarray) -> None:
+        """Elements ``[start, start + flat.size)`` of the tensor in C order (``flat``:
+        1-D, contiguous, the tensor's dtype), copied to the file before returning.
+        The range that ends at the tensor's last element completes it."""
+        pos, info = self.offsets[name]
+        dt = dtypes.to_numpy(info.dtype)
+        if flat.dtype != dt or flat.ndim != 1 or not flat.flags.c_contiguous or not 0 <= start <= info.numel - flat.size:
+            raise EmaError(f"internal: bad range {start}+{flat.size} ({flat.dtype}) of {info.numel} {dt}", tensor=name)
+        where = self.data_start + pos + start * dt.itemsize
+        try:
+            _pwrite_all(self.fd, memoryview(flat.view(np.uint8)), where)
+            _start_writeback(self.fd, where, flat.nbytes)
+        except OSError as e:
+            raise EmaError(f"cannot write: {e.strerror}", path=self.path, tensor=name) from None
+        if start + flat.size == info.numel:
+            self.pending.discard(name)
+
     def close(self) -> None:
         if self.pending:
             raise EmaError(f"internal: {len(self.pending)} tensors never written", path=self.path)
@@ -422,6 +460,11 @@ class SafetensorsWriter(Writer):
 
     def write(self, name: str, array: np.ndarray) -> None:
         self._by_name[name].write(name, array)
+
+    def write_range(self, name: str, start: int, flat: np.ndarray) -> None:
+        """Part of a tensor (see ``_FileWriter.write_range``): lets the engine stream
+        large tensors in chunks instead of holding them whole."""
+        self._by_name[name].write_range(name, start, flat)
 
     def close(self) -> None:
         for fw in self._files:
