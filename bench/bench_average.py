@@ -18,14 +18,20 @@ While each process runs, ``/proc/PID/status`` is polled every ~5 ms for
 ``RssAnon`` (anonymous memory: heap, numpy buffers; mmap'd file pages do not
 count) and ``VmHWM``; wall time and CPU time (user+sys, from ``wait4``) are
 recorded.  Every case runs ``--reps`` times (order rotated between
-repetitions); the table shows medians.  A scaling check then runs (a) on a model
-with 2x more tensors: its peak RssAnon must stay flat.
+repetitions); the table shows medians.  Before every run the inputs are read
+again (page cache) and the previous outputs are deleted (so nobody pays for
+unlinking the last run's file).  The machine may be shared: the CPU time other
+processes used during a run is recorded ("bg cores") and a run with more than
+``--max-bg`` cores of background load is repeated (up to 3 times, the quietest
+kept).  Scaling checks then run (a) on 2x the model (twice the tensors) and on
+the same model cut into 16x larger tensors: peak RssAnon must stay flat.
 
     /work/venv/bin/python bench/bench_average.py [--size-mb 256] [--n 8] [--reps 3] [--keep]
 
 Checkpoints go to ``bench/out/`` (git-ignored) and are reused when present with
 the same parameters; ``--keep`` leaves them there after the run (default:
-deleted at the end).  Figures go to ``bench/out/results.json``.
+deleted at the end).  Figures go to ``bench/out/results.json``.  ``--ema`` times
+another ema-avg command (e.g. an older checkout) against the same floor.
 """
 
 from __future__ import annotations
@@ -227,7 +233,7 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3, help="repetitions of every case; medians reported (default 3)")
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints for the next run")
     ap.add_argument("--dir", default=str(HERE / "out"), help="bench directory (default bench/out)")
-    ap.add_argument("--no-scaling", action="store_true", help="skip the 2x-model memory scaling check")
+    ap.add_argument("--no-scaling", action="store_true", help="skip the memory scaling checks")
     ap.add_argument("--no-extra", action="store_true", help="skip the --decay and bfloat16 rows")
     ap.add_argument("--ema", default=EMA, help="the ema-avg command to time, e.g. to compare two versions "
                     "(split like a shell line; default: the ema-avg next to this Python)")
@@ -270,25 +276,26 @@ def main() -> int:
 
     scaling = None
     if not args.no_scaling:
-        big = 2 * args.size_mb
-        data2 = out / f"data-{args.n}x{big}mb-scaling"
-        print(f"scaling check: {args.n} x {big} MB ({2 * TENSORS} tensors)", file=sys.stderr)
-        # twice the tensors of the same size: 2x the model, same per-tensor work
-        paths2 = make_checkpoints(data2, args.n, big, 2 * TENSORS)
-        warm(paths2)
-        r2 = run_cases({"(a) ema-avg 2x model": [*ema_cmd, *paths2, "-o", avg, "--force", "--quiet"]},
-                       max(1, args.reps - 1), before=lambda: fresh(paths2), max_bg=args.max_bg)
+        # (a) again on 2x the model (twice the tensors), then on the same model
+        # size cut into 16x larger tensors: peak RssAnon must not follow either
         one = res["(a) ema-avg (mean)"]["median"]
-        two = r2["(a) ema-avg 2x model"]["median"]
-        scaling = {
-            "model_mb": [args.size_mb, big],
-            "peak_rss_anon_mb": [one["peak_rss_anon_mb"], two["peak_rss_anon_mb"]],
-            "wall_s": [one["wall_s"], two["wall_s"]],
-            "ratio_rss_anon": two["peak_rss_anon_mb"] / one["peak_rss_anon_mb"],
-            "runs": r2["(a) ema-avg 2x model"]["runs"],
-        }
-        if not args.keep:
-            shutil.rmtree(data2, ignore_errors=True)
+        scaling = {"base": {"model_mb": args.size_mb, "tensors": TENSORS,
+                            "tensor_mb": args.size_mb / TENSORS, **one}}
+        for key, size, tensors in (("2x_model", 2 * args.size_mb, 2 * TENSORS),
+                                   ("16x_tensor_size", args.size_mb, max(1, TENSORS // 16))):
+            d = out / f"data-{args.n}x{size}mb-{tensors}t"
+            print(f"scaling check: {args.n} x {size} MB in {tensors} tensors of {size / tensors:g} MB",
+                  file=sys.stderr)
+            ps = make_checkpoints(d, args.n, size, tensors)
+            warm(ps)
+            name = f"(a) ema-avg {key}"
+            r = run_cases({name: [*ema_cmd, *ps, "-o", avg, "--force", "--quiet"]},
+                          max(1, args.reps - 1), before=lambda ps=ps: fresh(ps), max_bg=args.max_bg)
+            scaling[key] = {"model_mb": size, "tensors": tensors, "tensor_mb": size / tensors,
+                            **r[name]["median"], "runs": r[name]["runs"]}
+            scaling[key]["ratio_rss_anon"] = scaling[key]["peak_rss_anon_mb"] / one["peak_rss_anon_mb"]
+            if not args.keep:
+                shutil.rmtree(d, ignore_errors=True)
 
     a = res["(a) ema-avg (mean)"]["median"]
     b = res["(b) floor (safe_open, +=)"]["median"]
@@ -301,7 +308,8 @@ def main() -> int:
                     "a_over_naive <= 1/3": a["wall_s"] / c["wall_s"] <= 1 / 3,
                     "peak_rss_anon <= 200 MB": max(r["max_peak_rss_anon_mb"] for k, r in
                                                    ((k, v["median"]) for k, v in res.items())
-                                                   if k.startswith("(a)")) <= 200},
+                                                   if k.startswith("(a)")) <= 200
+                    and all(sc["max_peak_rss_anon_mb"] <= 200 for sc in (scaling or {}).values())},
     }
 
     # table
@@ -316,9 +324,10 @@ def main() -> int:
                      f"{m['wall_s'] / c['wall_s']:>9.2f}{m['peak_rss_anon_mb']:>12.1f}{m['peak_vm_hwm_mb']:>10.1f}"
                      f"{m['background_cores']:>10.2f}")
     if scaling:
-        lines.append(f"scaling: peak RssAnon {scaling['peak_rss_anon_mb'][0]:.1f} MB at {args.size_mb} MB -> "
-                     f"{scaling['peak_rss_anon_mb'][1]:.1f} MB at {2 * args.size_mb} MB "
-                     f"(x{scaling['ratio_rss_anon']:.2f}); wall {scaling['wall_s'][0]:.2f} -> {scaling['wall_s'][1]:.2f} s")
+        for key, sc in scaling.items():
+            lines.append(f"scaling {key:<16} model {sc['model_mb']:>5g} MB, {sc['tensors']:>3} tensors of "
+                         f"{sc['tensor_mb']:>4g} MB: wall {sc['wall_s']:5.2f} s, peak RssAnon {sc['peak_rss_anon_mb']:6.1f} MB, "
+                         f"VmHWM {sc['peak_vm_hwm_mb']:6.1f} MB")
     lines.append("targets: " + ", ".join(f"{k}: {'ok' if ok else 'MISSED'}" for k, ok in summary["targets"].items()))
     print("\n".join(lines))
 
