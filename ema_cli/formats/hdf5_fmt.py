@@ -100,6 +100,64 @@ def is_hdf5(path: Path) -> bool:
     return False
 
 
+_HEAP_MIN = 4096  # H5HG_MINSIZE: HDF5 never writes a smaller global heap collection
+
+
+def check_global_heaps(path: str) -> None:
+    """Variable-length data (strings, such as the ``dtype`` attributes of Keras 3
+    bfloat16 weights) lives in global heap collections.  HDF5 parses a whole
+    collection when it reads one object of it, and on a corrupt collection
+    (H5HG__cache_heap_deserialize) loops forever on an object of size 0 or copies
+    from past its end.  So every collection in the file (signature ``GCOL``,
+    version 1) is parsed here first, as HDF5 does, before any such data is read."""
+    try:
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size == 0:
+                return
+            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                ls = _length_size(mm, size)
+                hdr = (8 + ls + 7) // 8 * 8  # H5HG_SIZEOF_HDR: signature, version, reserved, size; aligned
+                objhdr = 8 + ls  # H5HG_SIZEOF_OBJHDR: index, refcount, reserved, size
+                pos = mm.find(b"GCOL\x01")
+                while pos >= 0:
+                    problem = _heap_problem(mm, pos, size, ls, hdr, objhdr)
+                    if problem:
+                        raise EmaError(f"corrupt HDF5 file: global heap at byte {pos}: {problem}", path=path)
+                    pos = mm.find(b"GCOL\x01", pos + 1)
+    except OSError as e:
+        raise EmaError(f"cannot read: {e.strerror}", path=path) from None
+
+
+def _length_size(mm, size: int) -> int:
+    """The superblock's "size of lengths" (8 unless it says otherwise)."""
+    off = 0
+    while off + 16 <= size:
+        if mm[off:off + 8] == SIGNATURE:
+            v = mm[off + 8]
+            n = mm[off + 14] if v in (0, 1) else mm[off + 10]
+            return n if n in (2, 4, 8) else 8
+        off = 512 if off == 0 else off * 2
+    return 8
+
+
+def _heap_problem(mm, pos: int, size: int, ls: int, hdr: int, objhdr: int) -> str | None:
+    hsize = int.from_bytes(mm[pos + 8:pos + 8 + ls], "little") if pos + 8 + ls <= size else 0
+    if hsize < _HEAP_MIN or pos + hsize > size:
+        return f"collection size {hsize} (the file has {size - pos} bytes from there)"
+    p = hdr
+    while p < hsize:
+        if p + objhdr > hsize:
+            break  # the tail is too small for an object: free space
+        idx = int.from_bytes(mm[pos + p:pos + p + 2], "little")
+        osize = int.from_bytes(mm[pos + p + 8:pos + p + 8 + ls], "little")
+        need = objhdr + (osize + 7) // 8 * 8 if idx > 0 else osize
+        if need < objhdr or p + need > hsize:
+            return f"object {idx} of {osize} bytes at byte {pos + p} does not fit"
+        p += need
+    return None
+
+
 def claim_path(path: Path) -> list[Source] | None:
     path = Path(path)
     if not path.is_file():
@@ -143,7 +201,15 @@ def _attr_str(v) -> str | None:
     return v if isinstance(v, str) else None
 
 
-def _canonical(ds, legacy_keras: bool) -> tuple[str | None, str]:
+def _attr_value(obj, name: str, guard=None):
+    """An attribute's value; ``guard()`` first when it is variable-length data
+    (read from a global heap: see check_global_heaps)."""
+    if guard is not None and obj.attrs.get_id(name).dtype.hasobject:
+        guard()
+    return obj.attrs.get(name)
+
+
+def _canonical(ds, legacy_keras: bool, guard=None) -> tuple[str | None, str]:
     """(canonical dtype, storage kind) of a dataset; dtype None: not a tensor.
 
     Storage kinds: "plain" (numpy type, HDF5 converts), "opaque" (raw bytes
@@ -151,7 +217,7 @@ def _canonical(ds, legacy_keras: bool) -> tuple[str | None, str]:
     "str" (h5py strings), "vlen-bytes" (vlen uint8 tagged dtype="string")."""
     h5py = _h5py()
     dt = ds.dtype
-    tag = _attr_str(ds.attrs.get(DTYPE_ATTR)) if DTYPE_ATTR in ds.attrs else None
+    tag = _attr_str(_attr_value(ds, DTYPE_ATTR, guard)) if DTYPE_ATTR in ds.attrs else None
     if dt.kind == "V" and dt.fields is None and dt.subdtype is None:  # opaque
         if tag and tag != "string" and dtypes.known(tag) and dtypes.itemsize(tag) == dt.itemsize:
             return tag, "opaque"
@@ -174,6 +240,10 @@ def _canonical(ds, legacy_keras: bool) -> tuple[str | None, str]:
         return None, f"{dt} data"
     if h5py.check_enum_dtype(dt) is not None and base != np.bool_:
         return name, "enum"
+    if base.kind == "f" and not ds.id.get_type().equal(h5py.h5t.py_create(base)):
+        # h5py names any 2/4/8-byte float float16/32/64, but this one has another exponent,
+        # mantissa or normalization: not a tensor (averages could not be stored back exactly)
+        return None, f"{dt.itemsize}-byte floating-point data of a non-IEEE layout"
     return name, "plain"
 
 
@@ -190,6 +260,10 @@ def direct_offset(ds, dtype: str, kind: str) -> int | None:
     if ds.dtype.itemsize != want.itemsize:
         return None
     dsid = ds.id
+    if kind == "plain" and not dsid.get_type().equal(h5py.h5t.py_create(want)):
+        # numpy's name hides the file's exact type (an integer of fewer bits, a float with
+        # another exponent, mantissa or normalization): its bytes are not the values, HDF5 converts
+        return None
     if dsid.get_create_plist().get_layout() != h5py.h5d.CONTIGUOUS:
         return None
     nbytes = int(np.prod(ds.shape, dtype=np.int64)) * want.itemsize
@@ -220,6 +294,7 @@ class Hdf5Reader(Reader):
 
     def __init__(self, source: Source):
         super().__init__(source)
+        self._heaps_checked = False
         try:
             self._f = _open(source.path, "r")
         except (OSError, ValueError) as e:
@@ -233,7 +308,7 @@ class Hdf5Reader(Reader):
             self._ds: dict[str, tuple[object, str]] = {}
             self.not_tensors: dict[str, str] = {}
             self._walk()
-            recipe = _attr_str(attrs.get("ema_avg")) if "ema_avg" in attrs else None
+            recipe = _attr_str(_attr_value(self._f, "ema_avg", self.check_heaps)) if "ema_avg" in attrs else None
             self._meta = {"ema_avg": recipe} if recipe else {}
             self._offsets: dict[str, int | None] = {}
             self._mm = None
@@ -284,12 +359,18 @@ class Hdf5Reader(Reader):
         if ds.shape is None:
             self.not_tensors[name] = "empty dataspace"
             return
-        dt, kind = _canonical(ds, self.legacy_keras)
+        dt, kind = _canonical(ds, self.legacy_keras, self.check_heaps)
         if dt is None:
             self.not_tensors[name] = kind
             return
         self._tensors[name] = TensorInfo(name, dt, tuple(int(d) for d in ds.shape))
         self._ds[name] = (ds, kind)
+
+    def check_heaps(self) -> None:
+        """check_global_heaps, once, before the first variable-length read."""
+        if not self._heaps_checked:
+            check_global_heaps(self.path)
+            self._heaps_checked = True
 
     def tensors(self) -> dict[str, TensorInfo]:
         return self._tensors
@@ -299,6 +380,8 @@ class Hdf5Reader(Reader):
         info = self._tensors[name]
         try:
             if info.dtype == "string":
+                if ds.dtype.hasobject:
+                    self.check_heaps()
                 return _read_strings(ds, kind)
             dt = dtypes.to_numpy(info.dtype)
             off = self._offset(name)
@@ -482,6 +565,7 @@ class Hdf5Writer(Writer):
     # ------------------------------------------------------------- template
 
     def _start_from_template(self, tmpl: Hdf5Reader) -> None:
+        tmpl.check_heaps()  # its objects and attributes are copied, variable-length ones too
         have = tmpl.tensors()
         foreign = [n for n in self._infos if n not in have]
         if foreign:

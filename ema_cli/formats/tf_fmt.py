@@ -312,6 +312,251 @@ def averaged_names(meta_file: str | None, keys) -> set[str] | None:
     return found if found else None
 
 
+# --------------------------------------------------------------------------- index sanity
+#
+# TensorFlow's checkpoint reader trusts the entries of the .index: a negative or
+# overflowing shape, an entry that does not parse, a slice listed twice, or a
+# slice stored with another dtype than its variable aborts the process (a CHECK
+# failure); a shape much larger than the data is allocated before the size is
+# checked.  The table's block checksums only catch accidental corruption, so the
+# entries are checked here first (_check_index).  The .index is an SSTable
+# (LevelDB's format, uncompressed); anything this small parser does not
+# understand is left to TensorFlow, which checks the table's checksums itself.
+
+
+def _varint(buf: bytes, i: int) -> tuple[int, int]:
+    n = shift = 0
+    while True:
+        b = buf[i]  # IndexError past the end: caught by the caller
+        i += 1
+        n |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80 or shift > 63:
+            return n, i
+
+
+def _table_entries(raw: bytes):
+    """(key, value) pairs of an uncompressed SSTable; None if not understood."""
+    import struct
+
+    def block(off: int, size: int):
+        if off < 0 or size < 4 or off + size + 5 > len(raw) or raw[off + size] != 0:
+            return None  # out of range, or compressed
+        blk = raw[off:off + size]
+        (nr,) = struct.unpack_from("<I", blk, size - 4)
+        end = size - 4 * (nr + 1)
+        if end < 0:
+            return None
+        out, key, i = [], b"", 0
+        while i < end:
+            shared, i = _varint(blk, i)
+            nonshared, i = _varint(blk, i)
+            vlen, i = _varint(blk, i)
+            if shared > len(key) or i + nonshared + vlen > end:
+                return None
+            key = key[:shared] + blk[i:i + nonshared]
+            i += nonshared
+            out.append((key, blk[i:i + vlen]))
+            i += vlen
+        return out
+
+    try:
+        if len(raw) < 48 or struct.unpack_from("<Q", raw, len(raw) - 8)[0] != 0xDB4775248B80FB57:
+            return None
+        footer = raw[-48:]
+        _, i = _varint(footer, 0)
+        _, i = _varint(footer, i)
+        ioff, i = _varint(footer, i)
+        isize, _ = _varint(footer, i)
+        index = block(ioff, isize)
+        if index is None:
+            return None
+        entries = []
+        for _, handle in index:
+            off, j = _varint(handle, 0)
+            size, _ = _varint(handle, j)
+            blk = block(off, size)
+            if blk is None:
+                return None
+            entries += blk
+        return entries
+    except (IndexError, struct.error):
+        return None
+
+
+def _ordered_string(s: bytes) -> bytes:
+    """tensorflow::strings::OrderedCode::WriteString."""
+    out = bytearray()
+    for c in s:
+        out += b"\x00\xff" if c == 0 else (b"\xff\x00" if c == 0xFF else bytes((c,)))
+    return bytes(out) + b"\x00\x01"
+
+
+def _ordered_num(n: int) -> bytes:
+    """OrderedCode::WriteNumIncreasing (n >= 0)."""
+    b = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([len(b)]) + b
+
+
+_SIGNED_HEADER = {1: (0x80, 0), 2: (0xC0, 0), 3: (0xE0, 0), 4: (0xF0, 0), 5: (0xF8, 0), 6: (0xFC, 0), 7: (0xFE, 0),
+                  8: (0xFF, 0), 9: (0xFF, 0x80), 10: (0xFF, 0xC0)}
+
+
+def _ordered_signed(v: int) -> bytes:
+    """OrderedCode::WriteSignedNumIncreasing."""
+    x = ~v if v < 0 else v
+    if x < 64:
+        return bytes([(0x80 ^ v) & 0xFF])
+    n = x.bit_length() // 7 + 1
+    buf = bytearray((b"\xff\xff" if v < 0 else b"\x00\x00") + (v & (2**64 - 1)).to_bytes(8, "big"))[10 - n:]
+    buf[0] ^= _SIGNED_HEADER[n][0]
+    buf[1] ^= _SIGNED_HEADER[n][1]
+    return bytes(buf)
+
+
+def _slice_key(name: bytes, extents: list[tuple[int, int]]) -> bytes:
+    """checkpoint::EncodeTensorNameSlice: the key a stored slice is saved under."""
+    key = _ordered_num(0) + _ordered_string(name) + _ordered_num(len(extents))
+    for start, length in extents:
+        key += _ordered_signed(start) + _ordered_signed(length)
+    return key
+
+
+def _key_name(key: bytes) -> str:
+    """An index key for messages: a slice's key (OrderedCode) shown as its variable's name."""
+    if key[:1] == b"\x00":
+        name, i = bytearray(), 1
+        while i + 1 < len(key) and key[i:i + 2] != b"\x00\x01":
+            name.append(key[i])
+            i += 2 if key[i] in (0, 0xFF) else 1  # \x00\xff is NUL, \xff\x00 is 0xff
+        return name.decode("utf-8", "backslashreplace") + " (a stored slice)"
+    return key.decode("utf-8", "backslashreplace")
+
+
+def _tf_itemsize(enum: int) -> int | None:
+    """Bytes per element of a DataType enum value: 0 for strings, None if unsupported."""
+    try:
+        name = _tf_dtype_name(import_tf().dtypes.as_dtype(enum))
+    except (TypeError, ValueError, KeyError):
+        return None
+    return None if name is None else dtypes.itemsize(name)
+
+
+def _check_index(prefix: str) -> None:
+    """What TensorFlow's checkpoint reader assumes of its index and CHECKs (an
+    abort) or does not check at all, verified before it opens the index: every
+    entry parses; no key appears twice; no slice is listed twice; every shape has
+    non-negative dimensions and fewer than 2**63 elements; every tensor's bytes lie inside its
+    data file and have its size (so nothing larger than the files is allocated);
+    every slice of a partitioned variable lies inside the variable and is stored
+    under its key with the variable's dtype and the slice's shape."""
+    index = prefix + INDEX
+    try:
+        with open(index, "rb") as fh:
+            raw = fh.read()
+    except OSError as e:
+        raise EmaError(f"cannot read: {e.strerror}", path=index) from None
+    entries = _table_entries(raw)
+    if entries is None:
+        return  # not understood here: TensorFlow checks the table itself
+    from google.protobuf.message import DecodeError
+    from tensorflow.core.protobuf import tensor_bundle_pb2
+
+    def bad(msg: str, key: bytes | None = None, path: str = index, what: str = "corrupt index"):
+        return EmaError(f"{what}: {msg}", path=path, tensor=None if key is None else _key_name(key))
+
+    if not entries:
+        return  # TensorFlow reports the missing header
+    # as TensorFlow reads it: the first entry is the header (whatever its key),
+    # every later one a tensor entry, which must parse; no key twice
+    try:
+        header = tensor_bundle_pb2.BundleHeaderProto.FromString(entries[0][1])
+    except (DecodeError, ValueError, RuntimeError):
+        return  # TensorFlow reports an unreadable header
+    decoded = []
+    for key, value in entries[1:]:
+        try:
+            decoded.append((key, tensor_bundle_pb2.BundleEntryProto.FromString(value)))
+        except (DecodeError, ValueError, RuntimeError) as e:
+            raise bad(f"unreadable entry ({e})", key) from None
+    table = dict(decoded)
+    if len(table) < len(decoded) or b"" in table and entries[0][0] == b"":
+        # the variable maps keep one entry, lookups find another (with another dtype, shape...)
+        seen: set[bytes] = {entries[0][0]}
+        dup = next(k for k, _ in decoded if k in seen or seen.add(k))
+        raise bad("the index holds this tensor twice", dup)
+
+    def extents_of(sl) -> list[tuple[int, int]]:
+        return [(ext.start, ext.length if ext.HasField("length") else -1) for ext in sl.extent]
+
+    slice_keys = set()
+    for key, e in decoded:
+        for sl in e.slices:
+            skey = _slice_key(key, extents_of(sl))
+            if skey in slice_keys:
+                raise bad(f"the slice {extents_of(sl)} is listed twice", key)
+            slice_keys.add(skey)
+
+    def numel(key: bytes, e) -> int:
+        dims = [d.size for d in e.shape.dim]
+        if len(dims) > 200:
+            raise bad(f"{len(dims)} dimensions", key)
+        n = 1
+        for d in dims:
+            n *= d
+            if d < 0 or n >= 2**63:
+                raise bad(f"invalid shape {dims}", key)
+        return n
+
+    data_size: dict[int, int] = {}
+    for key, e in decoded:
+        n = numel(key, e)
+        if e.slices:
+            continue  # a partitioned variable's data is in its slices, checked below
+        if not 0 <= e.shard_id < max(header.num_shards, 0):
+            raise bad(f"data shard {e.shard_id} of {header.num_shards}", key)
+        if e.shard_id not in data_size:
+            shard = f"{prefix}.data-{e.shard_id:05d}-of-{header.num_shards:05d}"
+            try:
+                data_size[e.shard_id] = os.path.getsize(shard)
+            except OSError:
+                raise EmaError("data file is missing", path=shard) from None
+        if e.offset < 0 or e.size < 0:
+            raise bad(f"stored at offset {e.offset}, {e.size} bytes", key)
+        if e.offset + e.size > data_size[e.shard_id]:
+            raise bad(f"its bytes {e.offset}..{e.offset + e.size} are beyond the end of the file "
+                      f"({data_size[e.shard_id]} bytes)", key, what="truncated or corrupt data",
+                      path=f"{prefix}.data-{e.shard_id:05d}-of-{header.num_shards:05d}")
+        itemsize = _tf_itemsize(e.dtype)
+        if (itemsize and e.size != n * itemsize) or (itemsize == 0 and e.size < n):
+            raise bad(f"{e.size} bytes stored for {n} elements of dtype {e.dtype}", key)
+
+    for key, full in decoded:
+        if not full.slices:
+            continue
+        dims = [d.size for d in full.shape.dim]
+        covered = 0
+        for sl in full.slices:
+            extents = extents_of(sl)
+            if len(extents) != len(dims):
+                raise bad(f"a slice of rank {len(extents)} of a rank-{len(dims)} partitioned variable", key)
+            shape = []
+            for (start, length), dim in zip(extents, dims):
+                if start < 0 or (length != -1 and (length < 0 or start + length > dim)) or (length == -1 and start):
+                    raise bad(f"slice {extents} outside the shape {dims}", key)
+                shape.append(dim if length == -1 else length)
+            stored = table.get(_slice_key(key, extents))
+            if stored is None:
+                raise bad(f"the stored slice {extents} of the partitioned variable is missing", key)
+            sdims = [d.size for d in stored.shape.dim]
+            if stored.dtype != full.dtype or sdims != shape or stored.slices:
+                raise bad(f"the stored slice {extents} (dtype {stored.dtype}, shape {sdims}) does not match the "
+                          f"partitioned variable (dtype {full.dtype}, slice shape {shape})", key)
+            covered += numel(key, stored)
+        if covered < numel(key, full):
+            raise bad(f"its slices hold {covered} of its {numel(key, full)} elements", key)
+
+
 # --------------------------------------------------------------------------- reading
 
 
@@ -323,10 +568,12 @@ class TFReader(Reader):
         prefix = source.path
         self._lock = threading.Lock()
         self._meta_set: set[str] | None | bool = False  # False: not read yet
+        self._failed: tuple[str, str, str] | None = None  # the first failed read: (message, path, tensor)
         if not os.path.isfile(prefix + INDEX):
             raise EmaError("the checkpoint's .index file is missing", path=prefix + INDEX)
         self._data = self._check_data_files(prefix)
         tf = import_tf(prefix)
+        _check_index(prefix)  # before TensorFlow: its reader aborts the process on some corrupt indexes
         try:
             self._r = tf.train.load_checkpoint(prefix)
             shapes = self._r.get_variable_to_shape_map()
@@ -363,14 +610,19 @@ class TFReader(Reader):
 
     def read(self, name: str) -> np.ndarray:
         info = self._tensors[name]
-        try:
-            with self._lock:
+        with self._lock:
+            if self._failed is not None:
+                # TensorFlow's BundleReader keeps a failed read's status and aborts the
+                # whole process (a CHECK failure) on its next lookup: never call it again
+                raise EmaError(*self._failed[:1], path=self._failed[1], tensor=self._failed[2])
+            try:
                 value = self._r.get_tensor(name)
-        except MemoryError:
-            raise
-        except Exception as e:
-            where = self._data[0] if len(self._data) == 1 else f"{self.path} (data files)"
-            raise EmaError(f"truncated or corrupt data: {_tf_message(e)}", path=where, tensor=name) from None
+            except MemoryError:
+                raise
+            except Exception as e:
+                where = self._data[0] if len(self._data) == 1 else f"{self.path} (data files)"
+                self._failed = (f"truncated or corrupt data: {_tf_message(e)}", where, name)
+                raise EmaError(self._failed[0], path=where, tensor=name) from None
         if info.dtype == "string":
             arr = np.empty((), dtype=object)
             if isinstance(value, np.ndarray):
