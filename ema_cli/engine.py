@@ -471,11 +471,15 @@ def stream_tensor(plan: Plan, task: Task, pool: ReaderPool, writer, hasher=None)
     srcs = [np.asarray(pool.get(ck.source).read(task.name)).reshape(-1) for ck, _ in pairs]
     stage = _stage_buffer(dtypes.to_numpy(task.out_dtype), min(task.info.numel, BLOCK))
     write_range, name = writer.write_range, task.out_name
+    # inputs whose reader can drop a consumed range of mapped pages right away
+    releases = [r for r in (getattr(pool.get(ck.source), "release", None) for ck, _ in pairs) if r is not None]
 
     def emit(start: int, part: np.ndarray) -> None:
         write_range(name, start, part)
         if hasher is not None:
             hasher.update(part.view(np.uint8))
+        for release in releases:
+            release(task.name, start, start + part.size)
 
     if _block_sum(srcs, [w for _, w in pairs], stage, not plan.options.allow_nonfinite, emit) is not None:
         _raise_nonfinite(pairs, task, pool)

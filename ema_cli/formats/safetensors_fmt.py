@@ -145,18 +145,22 @@ class _File:
         arr = np.frombuffer(self.mm, dtype=dt, count=info.numel, offset=self.data_start + begin)
         return arr.reshape(info.shape)
 
-    def release(self, name: str) -> None:
-        """Done with this tensor: drop its pages from this process's page tables
-        (``MADV_DONTNEED``; they stay in the page cache, and a later read maps
-        them again).  The resident set then stays small whatever the file size,
-        and closing does not have to unmap gigabytes at the end.  Whole pages
-        inside the tensor only; tensors under 1 MiB are left alone."""
+    def release(self, name: str, first: int = 0, last: int | None = None) -> None:
+        """Done with this tensor (or with its elements ``[first, last)``): drop
+        their pages from this process's page tables (``MADV_DONTNEED``; they stay
+        in the page cache, and a later read maps them again).  The resident set
+        then stays small whatever the file or tensor size, and closing does not
+        have to unmap gigabytes at the end.  Whole pages inside the range only;
+        ranges under 512 KiB are left alone."""
         if self.mm is None or not hasattr(mmap, "MADV_DONTNEED"):
             return
-        _info, (begin, end) = self.header[name]
+        info, (begin, end) = self.header[name]
+        if last is not None:
+            item = dtypes.itemsize(info.dtype)
+            begin, end = begin + first * item, begin + min(last, info.numel) * item
         start = -(-(self.data_start + begin) // mmap.PAGESIZE) * mmap.PAGESIZE
         stop = (self.data_start + end) // mmap.PAGESIZE * mmap.PAGESIZE
-        if stop - start >= 1 << 20:
+        if stop - start >= 1 << 19:
             try:
                 self.mm.madvise(mmap.MADV_DONTNEED, start, stop - start)
             except (OSError, ValueError):
@@ -267,9 +271,9 @@ class SafetensorsReader(Reader):
     def read(self, name: str) -> np.ndarray:
         return self._where[name].read(name)
 
-    def release(self, name: str) -> None:
-        """The engine is done with this tensor (see ``_File.release``)."""
-        self._where[name].release(name)
+    def release(self, name: str, first: int = 0, last: int | None = None) -> None:
+        """The engine is done with this tensor or part of it (see ``_File.release``)."""
+        self._where[name].release(name, first, last)
 
     def metadata(self) -> dict[str, str]:
         return dict(self._meta)
