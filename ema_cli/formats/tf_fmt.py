@@ -39,7 +39,7 @@ from ema_cli import dtypes
 from ema_cli.notices import warn
 from ema_cli.errors import EmaError
 from ema_cli.formats.base import Reader, Source, TensorInfo, Writer, step_from_scalar
-from ema_cli.output import Staged, _fsync_dir, check_target
+from ema_cli.output import Staged, _fsync_dir, check_target, fsync_file
 
 NAME = "tf"
 OUTPUT_SUFFIX = ".ckpt"
@@ -851,11 +851,7 @@ class TFStaging:
         if base + INDEX not in order:
             raise EmaError("internal: the writer wrote no .index", path=self.final)
         for f in order:
-            fd = os.open(os.path.join(d, f), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_file(os.path.join(d, f))
         for f in order:
             src, dst = os.path.join(d, f), os.path.join(parent, f)
             if self.force:
