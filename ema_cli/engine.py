@@ -503,6 +503,10 @@ def run_shard(plan: Plan, shard: list[str], pool: ReaderPool, writer, *,
     ``checksums``, record each written tensor's digest for ``--verify``."""
 
     def one(name: str) -> None:
+        with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf are reported as errors, not warnings
+            _one(name)
+
+    def _one(name: str) -> None:
         task = plan.task(name)
         if _streams(plan, task, writer):
             import hashlib

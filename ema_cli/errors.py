@@ -27,7 +27,14 @@ class EmaError(Exception):
             parts.append(f"tensor {tensor!r}")
         prefix = ": ".join(parts)
         msg = f"{prefix}: {message}" if prefix else message
-        super().__init__(" ".join(msg.split("\n")))
+        super().__init__(one_line(msg))
+
+
+def one_line(text: str) -> str:
+    """Newlines become spaces; other control characters (e.g. in a tensor name
+    read from a corrupt file) are escaped, so an error is always one line."""
+    text = " ".join(text.split("\n"))
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class UsageError(EmaError):

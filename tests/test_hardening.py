@@ -237,3 +237,20 @@ def test_verify(good, tmp_path):
     res = run_cli(good, "-o", out, "--verify", "--json")
     assert res.code == 0, res
     assert "verify_s" in res.json()["timings"]
+
+
+def test_signaling_nan_and_control_characters_still_give_one_line(tmp_path):
+    """Found by the fuzzer: numpy warnings on a signaling NaN, and a tensor name with
+    control characters, must not break the one-line error."""
+    a = np.ones(4, np.float32)
+    b = a.copy()
+    b.view(np.uint32)[1] = 0x7FA00000  # a signaling NaN
+    save_st(tmp_path / "c-1.safetensors", {"w": a, "x\x1cy": a})
+    save_st(tmp_path / "c-2.safetensors", {"w": b, "x\x1cy": a})
+    save_st(tmp_path / "d-3.safetensors", {"w": a, "z\rq": a})
+    out = tmp_path / "out.safetensors"
+    assert_clean_error(run_cli(tmp_path / "c-1.safetensors", tmp_path / "c-2.safetensors", "-o", out), "'w'", "NaN")
+    assert "Warning" not in run_cli(tmp_path / "c-1.safetensors", tmp_path / "c-2.safetensors", "-o", out).err
+    line = assert_clean_error(run_cli(tmp_path / "c-1.safetensors", tmp_path / "d-3.safetensors", "-o", out), "lacks")
+    assert "x\\x1cy" in line and "z\\rq" in line
+    assert not out.exists()
