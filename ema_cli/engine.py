@@ -34,6 +34,7 @@ from ema_cli.output import Staged, check_target
 BLOCK = 1 << 16  # elements per float64 accumulation block (512 KiB; two of them stay in L2)
 CHUNK = 1 << 20  # bytes of rounded output a thread stages before handing them to a streaming writer
 STREAM_MIN = 1 << 20  # averaged tensors of at least this many bytes are streamed to writers with write_range
+RELEASE_STEP = 16 << 20  # while streaming, consumed input pages are unmapped every this many bytes per input
 
 
 # --------------------------------------------------------------------------- options
@@ -471,15 +472,22 @@ def stream_tensor(plan: Plan, task: Task, pool: ReaderPool, writer, hasher=None)
     srcs = [np.asarray(pool.get(ck.source).read(task.name)).reshape(-1) for ck, _ in pairs]
     stage = _stage_buffer(dtypes.to_numpy(task.out_dtype), min(task.info.numel, BLOCK))
     write_range, name = writer.write_range, task.out_name
-    # inputs whose reader can drop a consumed range of mapped pages right away
+    # inputs whose reader can drop consumed mapped pages before the tensor is done
+    # (in steps: each call costs a TLB shootdown; the rest goes in _release)
     releases = [r for r in (getattr(pool.get(ck.source), "release", None) for ck, _ in pairs) if r is not None]
+    step = max(1, RELEASE_STEP // max(1, dtypes.itemsize(task.info.dtype)))
+    released = 0
 
     def emit(start: int, part: np.ndarray) -> None:
+        nonlocal released
         write_range(name, start, part)
         if hasher is not None:
             hasher.update(part.view(np.uint8))
-        for release in releases:
-            release(task.name, start, start + part.size)
+        end = start + part.size
+        if end - released >= step and end < task.info.numel:
+            for release in releases:
+                release(task.name, released, end)
+            released = end
 
     if _block_sum(srcs, [w for _, w in pairs], stage, not plan.options.allow_nonfinite, emit) is not None:
         _raise_nonfinite(pairs, task, pool)
