@@ -12,6 +12,13 @@ import ml_dtypes  # noqa: F401  (safetensors' numpy API needs it for bf16)
 import numpy as np
 import pytest
 
+from hypothesis import settings as _hyp_settings
+
+# CI replays the same examples every run (no flaky first sightings); locally, new random ones
+_hyp_settings.register_profile("ci", derandomize=True, deadline=None)
+if os.environ.get("CI"):
+    _hyp_settings.load_profile("ci")
+
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fixtures"
 

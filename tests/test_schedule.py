@@ -7,7 +7,7 @@ import math
 import ml_dtypes
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from ema_cli import dtypes, schedule
@@ -164,6 +164,9 @@ def test_sigma_rel_known_values_and_limits():
 @given(st.lists(st.floats(0.03, 0.25), min_size=1, max_size=3, unique=True), st.floats(0.03, 0.25),
        st.integers(3, 12))
 def test_posthoc_weights_normalised_and_exact_on_a_stored_profile(stored, target, n):
+    # distinct profiles: two (nearly) equal widths are the same snapshot twice, and
+    # least squares may then split the weight between them
+    assume(all(abs(a - b) > 0.005 for i, a in enumerate(stored) for b in stored[i + 1:]))
     steps = np.tile(np.arange(1, n + 1) * 100, len(stored))
     gammas = np.repeat([schedule.sigma_rel_to_gamma(s) for s in stored], n)
     w = schedule.posthoc(steps, gammas, steps.max(), schedule.sigma_rel_to_gamma(target))
