@@ -13,6 +13,8 @@ files, each as its own process:
       (the least work that touches every input byte; it writes nothing)
   (c) naive: ``load_file`` every checkpoint into a list, average each tensor
       (``sum(...) / n``), ``save_file`` the result
+  (a') information row: the same engine called from ``python -c`` without the
+      command line (what typer/rich/imports add to (a))
 
 While each process runs, ``/proc/PID/status`` is polled every ~5 ms for
 ``RssAnon`` (anonymous memory: heap, numpy buffers; mmap'd file pages do not
@@ -67,6 +69,17 @@ for name in files[0].keys():
         if buf is None:
             buf = np.zeros(x.shape, dtype=x.dtype)
         buf += x
+"""
+
+# the same engine and writer as (a), called without the command line (typer, rich): shows
+# what the CLI layer costs on top of the work (an information row, not a target)
+ENGINE_ONLY = r"""
+import sys
+from ema_cli import engine
+pool = engine.ReaderPool()
+plan = engine.make_plan(sys.argv[2:], engine.Options(), out_format="safetensors", pool=pool)
+engine.run(plan, sys.argv[1], "safetensors", force=True, pool=pool)
+pool.close()
 """
 
 NAIVE = r"""
@@ -261,6 +274,8 @@ def main() -> int:
     if not args.no_extra:
         cases["(a) ema-avg --decay 0.999"] = ema + ["--decay", "0.999"]
         cases["(a) ema-avg --dtype bfloat16"] = ema + ["--dtype", "bfloat16"]
+        if args.ema == EMA:
+            cases["(a') engine only, no CLI"] = [PY, "-c", ENGINE_ONLY, avg, *paths]
 
     # warm the interpreters' own files too (imports), then measure
     subprocess.run([PY, "-c", "import numpy, safetensors, ml_dtypes, ema_cli.cli"], check=True)
