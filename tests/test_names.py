@@ -51,7 +51,7 @@ CUSTOM = "MyEMA"
 
 @pytest.fixture(scope="module")
 def tf():
-    pytest.importorskip("tensorflow")
+    import tensorflow  # noqa: F401  (a test extra: missing it must fail, not skip)
     from ema_cli.formats.tf_fmt import import_tf
 
     return import_tf()

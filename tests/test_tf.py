@@ -41,7 +41,7 @@ HINT = "needs TensorFlow: pip install 'ema-avg[tf]'"
 
 @pytest.fixture(scope="session")
 def tf():
-    pytest.importorskip("tensorflow")
+    import tensorflow  # noqa: F401  (a test extra: missing it must fail, not skip)
     from ema_cli.formats.tf_fmt import import_tf
 
     return import_tf()
