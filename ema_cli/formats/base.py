@@ -14,6 +14,7 @@ which format it handles.  A format module (``formats/<name>_fmt.py``) defines:
 from __future__ import annotations
 
 import math
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +39,40 @@ class TensorInfo:
     @property
     def nbytes(self) -> int:
         return self.numel * dtypes.itemsize(self.dtype)
+
+
+#: what a tensor is to the training code that wrote it
+PARAMETER = "parameter"  # a trained weight: averaged
+BUFFER = "buffer"  # a float model state that is not trained (BatchNorm statistics): averaged, but
+#                    post-hoc EMA takes it from the newest snapshot (signed weights could make a variance negative)
+OPTIMIZER = "optimizer"  # optimizer state (slots, moments, its counters): copied from the newest
+COUNTER = "counter"  # step / epoch / save counters: copied
+OTHER = "other"  # anything else not averaged (strings, integers, bool, the TF2 object graph)
+AVERAGED_KINDS = frozenset({PARAMETER, BUFFER})
+
+# float buffers that are model state but not parameters, by the names frameworks give them
+_BUFFER_SEGMENT = re.compile(r"^(moving_mean|moving_variance|running_mean|running_var|moving_var)$")
+
+
+@dataclass(frozen=True)
+class Role:
+    """What a tensor is (``kind``, one of the constants above) and why the reader
+    thinks so (``why``: ``object graph: model variable``, ``name rules``, ...)."""
+
+    kind: str
+    why: str
+
+    @property
+    def averaged(self) -> bool:
+        return self.kind in AVERAGED_KINDS
+
+
+def is_buffer_name(name: str) -> bool:
+    """A BatchNorm-style statistics buffer by its name's last segment
+    (``bn.running_mean``, ``bn/moving_variance``, ``.../moving_mean/.ATTRIBUTES/VARIABLE_VALUE``)."""
+    head = name.partition("/.ATTRIBUTES/")[0]
+    last = re.split(r"[/.]", head)[-1]
+    return bool(_BUFFER_SEGMENT.match(last))
 
 
 @dataclass(frozen=True)
@@ -85,10 +120,21 @@ class Reader(ABC):
         """The training step stored in the checkpoint, if it has a step counter."""
         return None
 
+    def role(self, info: TensorInfo) -> Role:
+        """What the tensor is, decided from the structure the framework wrote where
+        the format has one (TF2 object graph, ``.meta`` collections, Keras layer
+        layout, state-dict nesting), else from names.  The default: floats are
+        parameters (or buffers by :func:`is_buffer_name`), everything else copied."""
+        if not dtypes.is_float(info.dtype):
+            return Role(OTHER, f"{info.dtype}: not floating point")
+        if is_buffer_name(info.name):
+            return Role(BUFFER, "name rules: statistics buffer")
+        return Role(PARAMETER, "floating point")
+
     def averaged_by_default(self, info: TensorInfo) -> bool:
         """Whether the tensor is a model weight averaged when no option says otherwise
         (float8 tensors are then still copied unless --dtype is given: see engine)."""
-        return dtypes.is_float(info.dtype)
+        return self.role(info).averaged
 
     def extras(self) -> dict[str, Any]:
         """Format-specific facts for ``inspect`` (e.g. TF object-graph presence)."""
