@@ -28,6 +28,9 @@ def inspect(inputs: list[str], *, include: list[str], exclude: list[str], suffix
                     row["shadow_of"] = names.original_name(name, suffix)
                 else:
                     row["role"] = "averaged" if name in averaged else "copied"
+                kind = r.role(info)
+                row["kind"] = kind.kind  # parameter, buffer, optimizer, counter, other
+                row["why"] = kind.why
                 rows.append(row)
             step = r.step()
             step_from = "tensor"

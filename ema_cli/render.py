@@ -90,10 +90,11 @@ class UI:
     def inspect_tables(self, docs) -> None:
         for doc in docs:
             t = Table(title=f"{doc['path']}  ({doc['format']}, step {doc['step']})")
-            for col in ("tensor", "dtype", "shape", "size", "role"):
+            for col in ("tensor", "dtype", "shape", "size", "role", "why"):
                 t.add_column(col, justify="right" if col == "size" else "left", overflow="fold")
             for r in doc["tensors"]:
-                t.add_row(r["name"], r["dtype"], str(r["shape"]), human_bytes(r["nbytes"]), r["role"])
+                t.add_row(r["name"], r["dtype"], str(r["shape"]), human_bytes(r["nbytes"]), r["role"],
+                          r.get("why", ""))
             self.console.print(t)
             tot = doc["totals"]
             self.console.print(
