@@ -27,6 +27,8 @@ class UI:
 
     def __init__(self, quiet: bool, force_terminal: bool | None = None):
         self.console = Console(stderr=True, force_terminal=force_terminal, highlight=False, soft_wrap=True)
+        if not self.console.is_terminal:  # a file or a pipe: tables as wide as their content, names never folded
+            self.console.width = 4096
         self.quiet = quiet
         self.live = not quiet and self.console.is_terminal
         notices.set_quiet(quiet)
