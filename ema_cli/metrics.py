@@ -93,13 +93,15 @@ def load(path: str) -> Metrics:
         raise EmaError(f"cannot read metrics: {e.strerror}", path=path) from None
     if not data.strip():
         raise EmaError("the metrics file is empty", path=path)
-    if "tfevents" in os.path.basename(path) or _looks_like_records(data):
-        return _tensorboard(path, [path])
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
         text = None
-    if text is None or "\x00" in text:
+    if text is not None and "\x00" in text:
+        text = None  # a TFRecord's first bytes (a little-endian length) hold NULs
+    if "tfevents" in os.path.basename(path) or (text is None and _looks_like_records(data)):
+        return _tensorboard(path, [path])
+    if text is None:
         raise EmaError("not a metrics file (binary, and not a TensorBoard event file); expected CSV, JSON, "
                        "trainer_state.json or events.out.tfevents.*", path=path)
     if path.endswith(".json") or text.lstrip().startswith(("{", "[")):

@@ -74,7 +74,9 @@ class UI:
         t = Table(title=f"{doc['mode']}  " + "  ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}"
                                                       for k, v in params.items()))
         sel = doc["params"].get("selection", {})
-        metric = sel.get("metric") if "metrics" in sel else None
+        from rich.markup import escape
+
+        metric = escape(sel["metric"]) if "metrics" in sel and sel.get("metric") else None
         cols = ("#", "checkpoint", "step") + ((metric,) if metric else ()) + ("weight", "")
         for col in cols:
             t.add_column(col, justify="left" if col in ("checkpoint", "") else "right",
@@ -87,7 +89,7 @@ class UI:
                       f"{c['weight']:.6f}" if c["selected"] else "-", bar)
         self.console.print(t)
         if sel.get("top_k") is not None:
-            self.console.print(f"top {sel['top_k']} by {metric} ({sel.get('direction')}) from {sel['metrics']}")
+            self.console.print(f"top {sel['top_k']} by {metric} ({sel.get('direction')}) from {escape(sel['metrics'])}")
         extra = f"sum |w| = {doc['sum_abs_weights']:.6f}"
         for key in ("half_life_steps", "half_life_checkpoints", "sigma_rel"):
             if key in doc["params"]:
