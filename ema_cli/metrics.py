@@ -51,6 +51,7 @@ class Metrics:
     # TensorBoard: series name -> bare tag (names carry the run directory when there are several runs)
     tags: dict[str, str] = field(default_factory=dict)
     source: str | None = None  # the file actually read (a directory was given)
+    text_columns: dict[str, str] = field(default_factory=dict)  # CSV columns left out: name -> why
 
     def choose(self, metric: str | None) -> tuple[str, dict[str, float]]:
         names = list(self.series)
@@ -62,6 +63,8 @@ class Metrics:
             raise UsageError(f"{self.path}: holds {len(names)} metrics, pick one with --metric: {_listing(names)}")
         if metric in self.series:
             return metric, self.series[metric]
+        if metric in self.text_columns:
+            raise EmaError(f"column {metric!r} is not numeric ({self.text_columns[metric]})", path=self.path)
         same_tag = [n for n, t in self.tags.items() if t == metric]
         if len(same_tag) == 1:
             return same_tag[0], self.series[same_tag[0]]
@@ -248,7 +251,7 @@ def _csv(path: str, text: str) -> Metrics:
         key_col, kind, by = 0, "csv", "step"
     m = Metrics(path, kind, by)
     skip = {key_col} | ({i for i, n in enumerate(lower) if n in _INDEX_KEYS} if has_header else set())
-    bad: dict[int, str] = {}
+    bad: dict[int, str] = {}  # column -> why it is not a metric
     for line, r in enumerate(rows, 2 if has_header else 1):
         if len(r) <= key_col or not r[key_col].strip():
             raise EmaError(f"cannot parse metrics: row {line} has no {names[key_col]!r}", path=path)
@@ -264,12 +267,13 @@ def _csv(path: str, text: str) -> Metrics:
             try:
                 val = _num(cell)
             except ValueError:
-                bad[i] = cell  # a text column (not a metric)
+                bad[i] = f"row {line}: {cell.strip()!r}"  # a text column (not a metric)
                 continue
             if val is not None:
                 m.series.setdefault(names[i], {})[k] = val
-    for i in bad:
+    for i, why in bad.items():
         m.series.pop(names[i], None)
+        m.text_columns[names[i]] = why
     if not m.series:
         raise EmaError("cannot parse metrics: no numeric column besides the step or checkpoint; expected CSV "
                        "'step,value' rows", path=path)
@@ -467,5 +471,9 @@ def pick_top_k(cks, sel, metrics_path, k, maximize, metric=None) -> tuple[np.nda
         if math.isnan(v):
             raise EmaError(f"{name!r} is NaN for this checkpoint in {metrics_path}", path=cks[i].path)
         vals.append(v)
+    if k > len(vals):
+        from ema_cli.notices import warn
+
+        warn(f"--top-k {k} but only {len(vals)} checkpoint(s) to choose from: all of them are averaged")
     picked = schedule.top_k(vals, k, maximize)
     return np.asarray(sel)[picked], name

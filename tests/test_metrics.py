@@ -269,6 +269,12 @@ def test_plain_csv_needs_metric_when_several_columns(st_run, tmp_path):
     res = run_cli("plan", st_run, "--metrics", m, "--metric", "val_acc", "--top-k", "2", "--maximize", "--json")
     assert res.code == 0, res
     assert _selected(res.json()) == [400, 500]
+    assert_clean_error(run_cli("plan", st_run, "--metrics", m, "--metric", "note", "--top-k", "2", "--maximize"),
+                       "'note' is not numeric", "row 2")
+    res = run_cli("plan", st_run, "--metrics", m, "--metric", "val_acc", "--top-k", "3", "--maximize", "--last-n", "2",
+                  "--json")
+    assert res.code == 0 and _selected(res.json()) == [500, 600], res
+    assert "warning: --top-k 3 but only 2 checkpoint(s)" in res.err
     # a step column anywhere is the key; a header-less two-column CSV has one candidate
     m.write_text("val_loss,step\n" + "".join(f"{EVAL_LOSS[s]},{s}\n" for s in STEPS))
     res = run_cli("plan", st_run, "--metrics", m, "--top-k", "2", "--minimize", "--json")
