@@ -40,7 +40,8 @@ TfExact = Annotated[bool, typer.Option("--tf-exact", help="Replay TensorFlow's f
 LastN = Annotated[Optional[int], typer.Option("--last-n", help="Keep only the last N checkpoints.")]
 StartStep = Annotated[Optional[int], typer.Option("--start-step", help="Keep checkpoints with step >= S.")]
 Every = Annotated[Optional[int], typer.Option("--every", help="Keep every K-th checkpoint (starting with the first kept).")]
-Metrics = Annotated[Optional[str], typer.Option("--metrics", help="CSV or JSON: step or checkpoint name -> metric value (with --top-k).")]
+Metrics = Annotated[Optional[str], typer.Option("--metrics", help="Metrics by step or checkpoint (with --top-k): trainer_state.json or its directory, TensorBoard event file or directory, Keras CSVLogger CSV, CSV or JSON.")]
+Metric = Annotated[Optional[str], typer.Option("--metric", help="The column, key or tag in --metrics (e.g. eval_loss); needed when it holds several.")]
 TopK = Annotated[Optional[int], typer.Option("--top-k", help="Average the K best checkpoints by --metrics.")]
 Maximize = Annotated[bool, typer.Option("--maximize", help="Higher metric is better.")]
 Minimize = Annotated[bool, typer.Option("--minimize", help="Lower metric is better.")]
@@ -97,7 +98,7 @@ def average(
     weights: Weights = None, decay_per: DecayPer = "checkpoint", interp: Interp = "linear",
     half_life: HalfLife = None, sigma_rel: SigmaRel = None, gamma: Gamma = None, tf_exact: TfExact = False,
     last_n: LastN = None, start_step: StartStep = None, every: Every = None,
-    metrics: Metrics = None, top_k: TopK = None, maximize: Maximize = False, minimize: Minimize = False,
+    metrics: Metrics = None, metric: Metric = None, top_k: TopK = None, maximize: Maximize = False, minimize: Minimize = False,
     order: Order = "step", include: Include = None, exclude: Exclude = None,
     names: Annotated[str, typer.Option("--names", help="'original' (evaluation-ready) or 'shadow' (x/SUFFIX, TF training layout).")] = "original",
     suffix: Suffix = "ExponentialMovingAverage",
@@ -111,7 +112,7 @@ def average(
     opts = engine.Options(
         spec=_spec(swa, decay, num_updates, zero_debias, weights, decay_per, interp, half_life, sigma_rel, gamma, tf_exact),
         order=order, include=include or [], exclude=exclude or [], dtype=dtype, allow_nonfinite=allow_nonfinite,
-        last_n=last_n, start_step=start_step, every=every, metrics=metrics, top_k=top_k,
+        last_n=last_n, start_step=start_step, every=every, metrics=metrics, metric=metric, top_k=top_k,
         maximize=_maximize(maximize, minimize), names=names, suffix=suffix,
         max_shard_size=engine.parse_size(max_shard_size) if max_shard_size else None, threads=threads,
         allow_copy_only=allow_copy_only,
@@ -187,16 +188,17 @@ def plan(
     weights: Weights = None, decay_per: DecayPer = "checkpoint", interp: Interp = "linear",
     half_life: HalfLife = None, sigma_rel: SigmaRel = None, gamma: Gamma = None, tf_exact: TfExact = False,
     last_n: LastN = None, start_step: StartStep = None, every: Every = None,
-    metrics: Metrics = None, top_k: TopK = None, maximize: Maximize = False, minimize: Minimize = False,
+    metrics: Metrics = None, metric: Metric = None, top_k: TopK = None, maximize: Maximize = False, minimize: Minimize = False,
     order: Order = "step", include: Include = None, exclude: Exclude = None,
     allow_copy_only: AllowCopyOnly = False, quiet: Quiet = False, as_json: Json = False,
 ):
     opts = engine.Options(
         spec=_spec(swa, decay, num_updates, zero_debias, weights, decay_per, interp, half_life, sigma_rel, gamma, tf_exact),
         order=order, include=include or [], exclude=exclude or [],
-        last_n=last_n, start_step=start_step, every=every, metrics=metrics, top_k=top_k,
+        last_n=last_n, start_step=start_step, every=every, metrics=metrics, metric=metric, top_k=top_k,
         maximize=_maximize(maximize, minimize), allow_copy_only=allow_copy_only,
     )
+    ui = render.UI(quiet=quiet)  # first: warnings while planning honour --quiet
     pool = engine.ReaderPool()
     try:
         p = engine.make_plan(inputs, opts, pool=pool)
@@ -205,7 +207,6 @@ def plan(
     doc = render.plan_json(p)
     if as_json:
         _emit_json(doc)
-    ui = render.UI(quiet=quiet)
     if not quiet and (ui.console.is_terminal or not as_json):
         ui.plan_table(p, doc)
     ui.warnings(p.warnings)

@@ -53,6 +53,7 @@ class Options:
     start_step: int | None = None
     every: int | None = None
     metrics: str | None = None
+    metric: str | None = None  # the column / key / tag in --metrics (needed when it holds several)
     top_k: int | None = None
     maximize: bool | None = None
     names: str = "original"  # or "shadow"
@@ -74,6 +75,7 @@ class Checkpoint:
     step_from: str  # "tensor", "name" or "order"
     weight: float = 0.0
     selected: bool = True
+    metric: float | None = None  # its value in --metrics, when given
 
     @property
     def path(self) -> str:
@@ -116,11 +118,18 @@ class Plan:
     def describe(self) -> dict:
         """The recipe: recorded in the output, printed by ``plan`` and ``--json``."""
         w = self.weights
+        o = self.options
+        selection = {"last_n": o.last_n, "start_step": o.start_step, "every": o.every, "top_k": o.top_k,
+                     "metric": o.metric, "metrics": o.metrics,
+                     "direction": None if o.top_k is None else ("maximize" if o.maximize else "minimize")}
         return {
             "tool": f"ema-avg {__version__}",
             **self.options.spec.describe(),
+            "selection": {k: v for k, v in selection.items() if v is not None},
+            "dtype": o.dtype,
             "checkpoints": [
-                {"path": c.path, "step": c.step, "step_from": c.step_from, "weight": c.weight, "selected": c.selected}
+                {"path": c.path, "step": c.step, "step_from": c.step_from, "weight": c.weight, "selected": c.selected,
+                 "metric": c.metric}
                 for c in self.checkpoints
             ],
             "sum_abs_weights": float(np.abs(w).sum()),
@@ -278,10 +287,10 @@ def make_plan(inputs: list[str], opts: Options, *, out_format: str | None = None
         at = opts.spec.at_step if opts.spec.at_step is not None else int(steps.max())
         sel = sel[steps[sel] <= at]
         opts.spec.posthoc_gammas = [gammas[i] for i in sel]
-    if opts.metrics is not None or opts.top_k is not None:
+    if opts.metrics is not None or opts.top_k is not None or opts.metric is not None:
         from ema_cli.metrics import pick_top_k
 
-        sel = pick_top_k(cks, sel, opts.metrics, opts.top_k, opts.maximize)
+        sel, opts.metric = pick_top_k(cks, sel, opts.metrics, opts.top_k, opts.maximize, opts.metric)
     if len(sel) == 0:
         raise UsageError("the windows select no checkpoint")
     weights = opts.spec.weights_for(steps[sel])

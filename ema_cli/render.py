@@ -72,17 +72,26 @@ class UI:
         )
 
     def plan_table(self, plan, doc) -> None:
+        params = {k: v for k, v in doc["params"].items() if k not in ("selection", "dtype")}
         t = Table(title=f"{doc['mode']}  " + "  ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}"
-                                                      for k, v in doc["params"].items()))
-        for col in ("#", "checkpoint", "step", "weight", ""):
-            t.add_column(col, justify="right" if col in ("#", "step", "weight") else "left",
+                                                      for k, v in params.items()))
+        sel = doc["params"].get("selection", {})
+        from rich.markup import escape
+
+        metric = escape(sel["metric"]) if "metrics" in sel and sel.get("metric") else None
+        cols = ("#", "checkpoint", "step") + ((metric,) if metric else ()) + ("weight", "")
+        for col in cols:
+            t.add_column(col, justify="left" if col in ("checkpoint", "") else "right",
                          overflow="fold", no_wrap=col != "checkpoint")
         wmax = max((abs(c["weight"]) for c in doc["checkpoints"]), default=1.0) or 1.0
         for i, c in enumerate(doc["checkpoints"]):
             bar = "█" * int(round(24 * abs(c["weight"]) / wmax)) if c["selected"] else "[dim]not selected[/]"
-            t.add_row(str(i), c["path"], "" if c["step"] is None else str(c["step"]),
+            mcol = (("-" if c.get("metric") is None else f"{c['metric']:.6g}"),) if metric else ()
+            t.add_row(str(i), c["path"], "" if c["step"] is None else str(c["step"]), *mcol,
                       f"{c['weight']:.6f}" if c["selected"] else "-", bar)
         self.console.print(t)
+        if sel.get("top_k") is not None:
+            self.console.print(f"top {sel['top_k']} by {metric} ({sel.get('direction')}) from {escape(sel['metrics'])}")
         extra = f"sum |w| = {doc['sum_abs_weights']:.6f}"
         for key in ("half_life_steps", "half_life_checkpoints", "sigma_rel"):
             if key in doc["params"]:
