@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ema_cli import schedule
+from ema_cli import schedule, steps
 from ema_cli.errors import EmaError, UsageError
 
 TB_HINT = "pip install 'ema-avg[tensorboard]'"
@@ -422,23 +422,10 @@ def _keys(ck) -> list[str]:
 
 
 def epoch_of(ck) -> int | None:
-    """The epoch Keras' ModelCheckpoint put in a checkpoint's name (``{epoch}``, 1-based).
-
-    ``epoch=E`` / ``epoch_E`` / ``epochE`` if present, else the only integer
-    in the name once decimal numbers (``{val_loss:.2f}``) are removed."""
-    name = os.path.basename((ck.source.name_hint or ck.source.path).rstrip("/"))
-    m = re.search(r"epoch[=_-]?(\d+)", name, re.I)
-    if m:
-        return int(m.group(1))
-    from ema_cli.engine import _NAME_SUFFIXES
-
-    while True:
-        stripped = _NAME_SUFFIXES.sub("", name)
-        if stripped == name:
-            break
-        name = stripped
-    nums = re.findall(r"\d+", re.sub(r"\d+\.\d+", " ", name))
-    return int(nums[0]) if len(nums) == 1 else None
+    """The epoch Keras' ModelCheckpoint put in a checkpoint's name (``{epoch}``, 1-based):
+    ``epoch=E`` / ``epoch_E`` if present, else the only integer in the name once
+    decimal numbers (``{val_loss:.2f}``) are removed (``ema_cli.steps``)."""
+    return steps.epoch_from_name(ck.source.name_hint or ck.source.path)
 
 
 def lookup(ck, values: dict[str, float], by: str) -> float | None:

@@ -80,3 +80,15 @@ def parse(name: str) -> StepName:
 
 def step_from_name(name: str) -> int | None:
     return parse(name).step
+
+
+def epoch_from_name(name: str) -> int | None:
+    """The epoch a name gives: ``epoch=E`` / ``epoch_E``, else, in a name with no
+    step or checkpoint label, its only integer once floats are removed (Keras'
+    ``weights.{epoch:02d}-{val_loss:.2f}.h5``)."""
+    base = stem(name)
+    m = _LABELS[2][1].search(base)
+    if m:
+        return int(m.group("num"))
+    got = parse(name)
+    return got.step if got.label == "number" and got.note is None else None
