@@ -97,7 +97,7 @@ def _train_by_hand(out: Path) -> None:
         sched.step()
         opt.zero_grad()
         state.global_step = step
-        state.log_history.append({"loss": float(loss), "step": step})
+        state.log_history.append({"loss": loss.item(), "step": step})
         if step % 2 == 0:
             d = out / f"checkpoint-{step}"
             model.save_pretrained(d)

@@ -173,12 +173,13 @@ def open_reader(source: Source) -> Reader:
     return module(source.format).Reader(source)
 
 
-def is_directory_output(path: str) -> bool:
+def is_directory_output(path: str, fmt: str | None = None) -> bool:
     """``-o DIR/`` (a trailing slash), an existing directory, or a name with no
-    suffix: the output is a directory in the inputs' format."""
+    suffix: the output is a directory in the inputs' format.  With ``--format
+    tf`` a name without suffix is a checkpoint prefix (``avg/model``, ``ckpt-5``)."""
     if path.endswith("/") or path.endswith(os.sep) or os.path.isdir(path):
         return True
-    return os.path.splitext(os.path.basename(path))[1] == ""
+    return os.path.splitext(os.path.basename(path))[1] == "" and fmt != "tf"
 
 
 def output_format(path: str, explicit: str | None) -> str | None:
@@ -218,7 +219,7 @@ def output_directory(output: str, fmt: str | None, sources: list[Source], newest
     (``--max-shard-size`` always means a directory); TensorFlow
     ``model.ckpt.*`` and the ``checkpoint`` state file; HDF5 ``model.h5`` (or
     ``model.weights.h5`` when the newest input is a ``.weights.h5``)."""
-    if not (is_directory_output(output) or (fmt == "safetensors" and (max_shard_size or shards > 1))):
+    if not (is_directory_output(output, fmt) or (fmt == "safetensors" and (max_shard_size or shards > 1))):
         return None
     if fmt is None:
         found = sorted({s.format for s in sources})
