@@ -20,7 +20,7 @@ import shutil
 
 from ema_cli.errors import EmaError
 
-MARKER = ".ema-avg.json"  # = formats.OUTPUT_MARKER (inputs leave such directories out)
+MARKER = ".ema-avg.json"  # formats.OUTPUT_MARKER: input scans leave such directories out
 
 
 def check_target(final: str, *, force: bool, is_dir: bool) -> None:
@@ -90,6 +90,8 @@ def _foreign_error(final: str, foreign: list[str]) -> EmaError:
 def _check_dir_target(final: str, force: bool) -> None:
     state, names = dir_state(final)
     if state == "file":
+        if os.path.islink(final):
+            raise EmaError("output is a symbolic link; give the directory it points to", path=final)
         raise EmaError("output exists and is not a directory (a directory output needs a directory path)", path=final)
     if state == "foreign":
         raise _foreign_error(final, names)

@@ -350,8 +350,13 @@ def test_output_paths(tmp_path):
         _st(tmp_path / "in" / f"c-{k}.safetensors", k)
         ins.append(tmp_path / "in" / f"c-{k}.safetensors")
     # a name with no suffix is a directory in the inputs' format
-    assert run_cli(*ins, "-o", tmp_path / "plain", "--quiet").code == 0
+    res = run_cli(*ins, "-o", tmp_path / "plain", "--verify", "--json")
+    assert res.code == 0 and res.json()["format"] == "safetensors", res
     assert load_st(tmp_path / "plain" / "model.safetensors")[0]["w"].tolist() == [1.5] * 3
+    # HDF5 (Keras) inputs into a directory: DIR/model.weights.h5, loadable as the inputs are
+    res = run_cli(FIXTURES / "keras", "-o", f"{tmp_path / 'kdir'}/", "--quiet")
+    assert res.code == 0, res
+    assert sorted(p.name for p in (tmp_path / "kdir").iterdir()) == [".ema-avg.json", "model.weights.h5"]
     # a file output is still a file
     assert run_cli(*ins, "-o", tmp_path / "a.safetensors", "--quiet").code == 0
     assert (tmp_path / "a.safetensors").is_file()

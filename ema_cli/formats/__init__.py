@@ -9,8 +9,8 @@ from __future__ import annotations
 import glob
 import importlib
 import os
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 
 from ema_cli.errors import EmaError, UsageError
@@ -94,8 +94,8 @@ def resolve_inputs(args: list[str]) -> Inputs:
     return Inputs(found.values(), warnings)
 
 
-#: the marker file ema-avg writes into every output directory (ema_cli.output)
-OUTPUT_MARKER = ".ema-avg.json"
+#: the marker file ema-avg writes into every output directory
+from ema_cli.output import MARKER as OUTPUT_MARKER  # noqa: E402
 
 
 def _checkpoints_in(d: Path) -> list[Source]:
@@ -143,13 +143,13 @@ def _scan_directory(p: Path, arg: str, warnings: list[str]) -> list[Source]:
     if ours:
         warnings.append(f"left out ema-avg output director{'y' if len(ours) == 1 else 'ies'} "
                         f"{_some(ours)} (name {'it' if len(ours) == 1 else 'them'} to include)")
-    if not subs:
-        if not top:
-            why = f" (sub-directories with several checkpoints each: {_some(several)}; name them)" if several else ""
-            raise EmaError(f"no checkpoints in this directory{why}", path=arg)
-        return top
+    if not subs and not top:
+        why = f" (sub-directories with several checkpoints each: {_some(several)}; name them)" if several else ""
+        raise EmaError(f"no checkpoints in this directory{why}", path=arg)
     if several:
         warnings.append(f"left out sub-directories that hold several checkpoints: {_some(several)} (name them to include)")
+    if not subs:
+        return top
     if not top:
         return subs
     if len(top) == 1 and len(subs) >= 2:
