@@ -43,30 +43,37 @@ def check_target(final: str, *, force: bool, is_dir: bool) -> None:
 def dir_state(path: str) -> tuple[str, list[str]]:
     """What is at a directory output's path: ``("missing", [])``, ``("empty", [])``,
     ``("ours", files)`` (a previous ema-avg output: its marker lists every file
-    in it; ``files`` relative), ``("foreign", names)`` (anything else: the
-    entries ema-avg did not write), ``("file", [])`` (not a directory, or a
-    symbolic link)."""
+    in it; ``files`` relative), ``("foreign", names)`` (anything else: some of
+    the entries ema-avg did not write), ``("file", [])`` (not a directory, or a
+    symbolic link).  Stops walking once a few foreign entries are found."""
     if not os.path.lexists(path):
         return "missing", []
     if os.path.islink(path) or not os.path.isdir(path):
         return "file", []
-    entries: list[str] = []
-    dirs: set[str] = set()
+    listed = _marker_files(path)
+    parents = {os.path.dirname(f) for f in listed or ()} - {""}
+    ours: list[str] = []
+    foreign: list[str] = []
     for root, subdirs, files in os.walk(path):
         rel = os.path.relpath(root, path)
-        for d in subdirs:
-            dirs.add(os.path.normpath(os.path.join(rel, d)))
-        entries += [os.path.normpath(os.path.join(rel, f)) for f in files]
-    entries.sort()
-    if not entries and not dirs:
+        for d in sorted(subdirs):
+            d = os.path.normpath(os.path.join(rel, d))
+            if d not in parents and not any(p.startswith(d + os.sep) for p in parents):
+                foreign.append(d + "/")
+        subdirs[:] = [d for d in subdirs if os.path.normpath(os.path.join(rel, d)) in parents]
+        for f in sorted(files):
+            f = os.path.normpath(os.path.join(rel, f))
+            if listed is not None and (f == MARKER or f in listed):
+                ours.append(f)
+            else:
+                foreign.append(f)
+        if len(foreign) > 5:
+            break
+    if foreign:
+        return "foreign", foreign
+    if not ours:
         return "empty", []
-    listed = _marker_files(path)
-    if listed is None:
-        return "foreign", entries or sorted(d + "/" for d in dirs)
-    parents = {os.path.dirname(f) for f in listed} - {""}
-    foreign = [f for f in entries if f != MARKER and f not in listed]
-    foreign += sorted(d + "/" for d in dirs if d not in parents and not any(p.startswith(d + os.sep) for p in parents))
-    return ("foreign", foreign) if foreign else ("ours", [f for f in entries if f != MARKER])
+    return "ours", sorted(f for f in ours if f != MARKER)
 
 
 def _marker_files(path: str) -> set[str] | None:
@@ -82,7 +89,7 @@ def _marker_files(path: str) -> set[str] | None:
 
 
 def _foreign_error(final: str, foreign: list[str]) -> EmaError:
-    shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+    shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
     return EmaError(f"output directory holds files ema-avg did not write ({shown}); ema-avg never deletes "
                     "them, even with --force: choose a new or empty directory", path=final)
 
