@@ -30,6 +30,7 @@ from ema_cli import __version__, dtypes, formats, schedule
 from ema_cli import steps as steps_mod
 from ema_cli.errors import EmaError, UsageError
 from ema_cli.formats.base import BUFFER, Reader, Source, TensorInfo
+from ema_cli.notices import warn
 from ema_cli.output import Staged, check_target
 
 BLOCK = 1 << 16  # elements per float64 accumulation block (512 KiB; two of them stay in L2)
@@ -227,6 +228,7 @@ def parse_size(text: str) -> int:
 def _discover(inputs: list[str], opts: Options, pool: ReaderPool, warnings: list[str]):
     """Open the inputs, find each one's step, order them and refuse duplicate steps."""
     sources = formats.resolve_inputs(inputs)
+    warnings += sources.warnings  # what a directory's scan left out
     cks: list[Checkpoint] = []
     metas: list[dict[str, TensorInfo]] = []
     for src in sources:
@@ -610,35 +612,58 @@ class Result:
     checksums: dict[str, str] | None = None
 
 
-def run(plan: Plan, output: str, out_format: str, *, force: bool = False, pool: ReaderPool | None = None,
+def run(plan: Plan, output: str, out_format: str | None, *, force: bool = False, pool: ReaderPool | None = None,
         on_tensor: Callable[[Task], None] | None = None, timings: dict | None = None,
         checksums: bool = False) -> Result:
-    """Write the averaged checkpoint atomically to ``output``."""
+    """Write the averaged checkpoint atomically to ``output``: a file (or TF
+    prefix), or a directory (``formats.output_directory``: ``-o DIR/``, an
+    existing directory, a name without suffix, HF shards), staged as a whole
+    with the loader files of the newest input's directory.  ``out_format`` None:
+    a directory in the inputs' format."""
     pool = pool or ReaderPool()
-    mod = formats.module(out_format)
     t0 = time.perf_counter()
     sharded = len(plan.shards) > 1
-    _refuse_input_as_output(plan, output)
-    if hasattr(mod, "make_staging"):
+    newest = plan.checkpoints[plan.newest].source
+    outdir = formats.output_directory(output, out_format, [c.source for c in plan.checkpoints], newest,
+                                      shards=len(plan.shards), max_shard_size=plan.options.max_shard_size)
+    if outdir is not None:
+        out_format = outdir.format
+    elif out_format is None:
+        raise EmaError("internal: no output format", path=output)
+    mod = formats.module(out_format)
+    _refuse_input_as_output(plan, output, directory=outdir is not None)
+    copies: list[str] = []
+    if outdir is not None:
+        check_target(outdir.directory, force=force, is_dir=True)
+        copies, notes = formats.directory_extras(outdir, newest)
+        for note in notes:
+            warn(note)
+        staged = Staged(outdir.directory, is_dir=True, force=force)
+        write_path = os.path.join(staged.path, outdir.name) if outdir.name else staged.path
+    elif hasattr(mod, "make_staging"):
         staged = mod.make_staging(output, sharded=sharded, force=force)
+        write_path = staged.path
     else:
-        check_target(output, force=force, is_dir=sharded)
-        staged = Staged(output, is_dir=sharded, force=force)
+        check_target(output, force=force, is_dir=False)
+        staged = Staged(output, is_dir=False, force=force)
+        write_path = staged.path
     writer = None
     try:
-        template = pool.get(plan.checkpoints[plan.newest].source)
+        template = pool.get(newest)
         metadata = dict(template.metadata())
         import json
 
         recipe = plan.describe()
         if recipe is not None:  # None (rename): the values are unchanged, so is the newest input's metadata
             metadata["ema_avg"] = json.dumps(recipe, separators=(",", ":"))
-        writer = mod.Writer(staged.path, plan.shard_infos(), metadata, template=template if plan.use_template else None)
+        writer = mod.Writer(write_path, plan.shard_infos(), metadata, template=template if plan.use_template else None)
         threads = plan.options.threads or default_threads()
         sums: dict[str, str] | None = {} if checksums else None
         for shard in plan.shards:
             run_shard(plan, shard, pool, writer, threads=threads, on_tensor=on_tensor, checksums=sums)
         writer.close()
+        if outdir is not None:
+            formats.finish_directory(outdir, staged.path, copies)
         staged.commit()
     except BaseException:
         if writer is not None:
@@ -652,9 +677,14 @@ def run(plan: Plan, output: str, out_format: str, *, force: bool = False, pool: 
     return Result(plan, output, out_format, files, t, nbytes, sums)
 
 
-def _refuse_input_as_output(plan: Plan, output: str) -> None:
+def _refuse_input_as_output(plan: Plan, output: str, *, directory: bool = False) -> None:
+    """An output that is one of the inputs is refused; so is a directory output
+    that contains an input at any depth (replacing it would delete the input)."""
     out = os.path.realpath(output)
     for c in plan.checkpoints:
         for f in (c.source.path, *c.source.files):
-            if os.path.realpath(f) == out or os.path.realpath(os.path.dirname(f)) == out:
+            real = os.path.realpath(f)
+            if real == out or os.path.realpath(os.path.dirname(f)) == out:
                 raise EmaError("output path is one of the inputs", path=output)
+            if directory and real.startswith(out.rstrip(os.sep) + os.sep):
+                raise EmaError(f"output directory contains an input ({f}); choose another directory", path=output)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from ema_cli import engine, formats, names
+from ema_cli import engine, formats, names, notices
 
 
 def inspect(inputs: list[str], *, include: list[str], exclude: list[str], suffix: str) -> list[dict]:
@@ -15,7 +15,10 @@ def inspect(inputs: list[str], *, include: list[str], exclude: list[str], suffix
     engine._compile(include, "--include")
     engine._compile(exclude, "--exclude")
     docs = []
-    for src in formats.resolve_inputs(inputs):
+    sources = formats.resolve_inputs(inputs)
+    for w in sources.warnings:
+        notices.warn(w)
+    for src in sources:
         r = formats.open_reader(src)
         try:
             rows = []

@@ -27,6 +27,7 @@ import numpy as np
 
 from ema_cli import engine
 from ema_cli.errors import EmaError, UsageError
+from ema_cli.notices import warn
 
 DEFAULT_SUFFIX = "ExponentialMovingAverage"
 ATTRIBUTES = "/.ATTRIBUTES/"  # TF2 object-based keys: <object path>/.ATTRIBUTES/<attribute>
@@ -84,6 +85,8 @@ def other_suffixes(names, suffix: str) -> list[str]:
 def open_one(ckpt: str, pool, what: str):
     """The single checkpoint ``ckpt`` names, opened from ``pool``: (source, reader)."""
     sources = engine.formats.resolve_inputs([ckpt])
+    for w in sources.warnings:
+        warn(w)
     if len(sources) != 1:
         newest = max(sources, key=lambda s: (engine.step_from_name(s.name_hint or s.path) or -1))
         raise UsageError(f"{ckpt}: names {len(sources)} checkpoints; {what} takes one (e.g. {newest.path})")

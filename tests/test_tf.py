@@ -483,7 +483,8 @@ def test_tf_output_staging(tf, tmp_path, capsys):
     assert listing(out_dir) == ["avg.ckpt.data-00000-of-00001", "avg.ckpt.index", "checkpoint"]
     assert sorted(res.files) == sorted(str(out_dir / f) for f in listing(out_dir))
     assert bits(values(tf, prefix)["a"]) == bits(np.full(3, 1.5, np.float32))
-    with pytest.raises(EmaError, match="is a directory"):
+    # an existing directory is a directory output: this one holds files ema-avg did not write
+    with pytest.raises(EmaError, match="did not write"):
         run(output=str(out_dir))
 
     # a training directory: its state file keeps naming the training checkpoint

@@ -104,6 +104,65 @@ def _load_index(index: Path) -> dict:
     return doc
 
 
+# --------------------------------------------------------------------------- Hugging Face directories
+
+# What a Hugging Face checkpoint directory holds beside the weights.  Files a
+# loader needs (``from_pretrained``: the model config, generation config,
+# tokenizer / processor files, remote code, the model card) are copied into a
+# directory output; the Trainer's training state is not (it describes the run,
+# not the averaged model, and resuming from it would be wrong).
+_LOADER_NAMES = frozenset({
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "added_tokens.json", "merges.txt", "preprocessor_config.json",
+    "processor_config.json", "adapter_config.json", "README.md",
+})
+_LOADER_PATTERNS = ("vocab.*", "*.model", "*.tiktoken", "chat_template.*", "*.py")
+_TRAINING_STATE = re.compile(
+    r"^(optimizer\.(pt|bin)|scheduler\.pt|scaler\.pt|rng_state(_\d+)?\.pth|trainer_state\.json|training_args\.bin)$")
+
+
+def is_training_state(name: str) -> bool:
+    """A file the HF Trainer writes to resume training (optimizer, scheduler,
+    grad scaler and RNG states, ``trainer_state.json``, ``training_args.bin``):
+    never a checkpoint to average, never copied to an output."""
+    return bool(_TRAINING_STATE.match(name))
+
+
+def is_loader_file(name: str) -> bool:
+    """A non-tensor file ``from_pretrained`` reads beside the weights."""
+    import fnmatch
+
+    return name in _LOADER_NAMES or any(fnmatch.fnmatchcase(name, p) for p in _LOADER_PATTERNS)
+
+
+def loader_files(directory: str, checkpoint_files) -> tuple[list[str], list[str]]:
+    """For a directory output, from the newest checkpoint's ``directory``:
+    (files to copy, names left out).  Copied: the loader files.  Not copied and
+    not mentioned: the checkpoint's own files, other ``.safetensors`` checkpoints
+    and index files, training state, hidden files.  Everything else (other
+    weights such as ``pytorch_model.bin``, unknown files, sub-directories) is
+    left out and named, so the caller can warn."""
+    own = {os.path.abspath(f) for f in checkpoint_files}
+    copies, left_out = [], []
+    try:
+        entries = sorted(os.scandir(directory), key=lambda e: e.name)
+    except OSError as e:
+        raise EmaError(f"cannot list: {e.strerror}", path=directory) from None
+    for e in entries:
+        name = e.name
+        if name.startswith(".") or os.path.abspath(e.path) in own or is_training_state(name):
+            continue
+        if e.is_dir():
+            left_out.append(name + "/")
+        elif name.endswith(SUFFIX) or name.endswith(INDEX_SUFFIX):
+            continue
+        elif e.is_file() and is_loader_file(name):
+            copies.append(e.path)
+        else:
+            left_out.append(name)
+    return copies, left_out
+
+
 # --------------------------------------------------------------------------- reading
 
 

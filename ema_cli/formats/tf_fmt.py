@@ -931,6 +931,15 @@ class TFStaging:
         self._staged.discard()
 
 
+def write_state_file(directory: str, base: str) -> None:
+    """The ``checkpoint`` state file naming prefix ``base`` (relative), for a
+    directory output staged as a whole (``-o DIR/``): the directory is new, so
+    there is no training state file to respect."""
+    quoted = base.replace("\\", "\\\\").replace('"', '\\"')
+    with open(os.path.join(directory, STATE_FILE), "w") as fh:
+        fh.write(f'model_checkpoint_path: "{quoted}"\nall_model_checkpoint_paths: "{quoted}"\n')
+
+
 def make_staging(output: str, *, sharded: bool, force: bool) -> TFStaging:
     """``sharded`` (``--max-shard-size``) needs nothing special: TF data files are
     already split into batches.  TensorFlow is imported first, so its absence is
