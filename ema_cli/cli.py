@@ -120,28 +120,36 @@ def average(
     _execute(inputs, opts, output, fmt, force=force, quiet=quiet, as_json=as_json, verify=verify, t0=t0)
 
 
-def _execute(inputs, opts, output, fmt, *, force, quiet, as_json, verify, t0) -> None:
-    """Plan, write, optionally verify, then render: shared by average and posthoc."""
-    out_format = engine.formats.output_format(output, fmt)
+def _execute(inputs, opts, output, fmt, *, force, quiet, as_json, verify, t0, targets=None) -> None:
+    """Plan, write, optionally verify, then render: shared by average and posthoc.
+
+    ``targets``: ``[(opts, output), ...]`` written in one pass over the inputs
+    (post-hoc EMA of several widths) instead of ``opts`` and ``output``."""
+    targets = targets or [(opts, output)]
+    out_format = engine.formats.output_format(targets[0][1], fmt)
     pool = engine.ReaderPool()
     ui = render.UI(quiet=quiet)
     try:
-        plan = engine.make_plan(inputs, opts, out_format=out_format, pool=pool)
+        plans = [engine.make_plan(inputs, o, out_format=out_format, pool=pool) for o, _ in targets]
         t_plan = time.perf_counter() - t0
-        ui.warnings(plan.warnings)
-        with ui.progress(plan) as on_tensor:
-            result = engine.run(plan, output, out_format, force=force, pool=pool, on_tensor=on_tensor,
-                                timings={"plan_s": t_plan}, checksums=verify)
+        ui.warnings(list(dict.fromkeys(w for p in plans for w in p.warnings)))
+        with ui.progress(plans[0]) as on_tensor:
+            results = engine.run_many(plans, [out for _, out in targets], out_format, force=force, pool=pool,
+                                      on_tensor=on_tensor, timings={"plan_s": t_plan}, checksums=verify)
         if verify:
             from ema_cli import verify as verify_mod
 
-            result.timings["verify_s"] = verify_mod.verify(result)
-        result.timings["total_s"] = time.perf_counter() - t0
+            for result in results:
+                result.timings["verify_s"] = verify_mod.verify(result)
+        for result in results:
+            result.timings["total_s"] = time.perf_counter() - t0
     finally:
         pool.close()
-    ui.summary(result)
+    for result in results:
+        ui.summary(result)
     if as_json:
-        _emit_json(render.result_json(result))
+        docs = [render.result_json(r) for r in results]
+        _emit_json(docs[0] if len(docs) == 1 else {"outputs": docs})
 
 
 # ------------------------------------------------------------------ posthoc
@@ -151,7 +159,8 @@ def _execute(inputs, opts, output, fmt, *, force, quiet, as_json, verify, t0) ->
 def posthoc(
     series: Annotated[List[str], typer.Option("--from", help="S=DIR_OR_GLOB: a series of power-EMA snapshots of relative width S (repeat).", show_default=False)],
     output: Output,
-    sigma_rel: SigmaRel = None, gamma: Gamma = None,
+    sigma_rel: Annotated[Optional[str], typer.Option("--sigma-rel", metavar="S1,S2,...", help="Target width(s) (< 0.2887); several write one output each, in one pass: put {sigma_rel} in --output.")] = None,
+    gamma: Gamma = None,
     at_step: Annotated[Optional[int], typer.Option("--at-step", help="Reconstruct the EMA at step T (default: the latest snapshot).")] = None,
     fmt: Format = None, dtype: Dtype = "keep", include: Include = None, exclude: Exclude = None,
     allow_nonfinite: AllowNonfinite = False, verify: Verify = False, threads: Threads = 0, force: Force = False,
@@ -171,11 +180,25 @@ def posthoc(
         if not paths:
             raise EmaError("no checkpoints match", path=where)
         parsed.append((g, paths))
-    spec = schedule.Spec(sigma_rel=sigma_rel, gamma=gamma, at_step=at_step, posthoc_gammas=[])
-    opts = engine.Options(spec=spec, include=include or [], exclude=exclude or [], dtype=dtype,
-                          allow_nonfinite=allow_nonfinite, threads=threads, series=parsed,
-                          allow_copy_only=allow_copy_only)
-    _execute([], opts, output, fmt, force=force, quiet=quiet, as_json=as_json, verify=verify, t0=t0)
+    widths = [w.strip() for w in sigma_rel.split(",") if w.strip()] if sigma_rel is not None else [None]
+    if len(widths) > 1 and gamma is not None:
+        raise UsageError("give the targets with --sigma-rel or --gamma, not both")
+    if len(widths) > 1 and "{sigma_rel}" not in output:
+        raise UsageError("several --sigma-rel targets need '{sigma_rel}' in --output (e.g. -o 'ema-{sigma_rel}.safetensors')")
+    if len(set(widths)) < len(widths):
+        raise UsageError(f"--sigma-rel lists a width twice ({sigma_rel})")
+    targets = []
+    for width in widths:
+        try:
+            s_rel = None if width is None else float(width)
+        except ValueError:
+            raise UsageError(f"--sigma-rel takes numbers separated by commas (got {sigma_rel!r})") from None
+        spec = schedule.Spec(sigma_rel=s_rel, gamma=gamma, at_step=at_step, posthoc_gammas=[])
+        opts = engine.Options(spec=spec, include=include or [], exclude=exclude or [], dtype=dtype,
+                              allow_nonfinite=allow_nonfinite, threads=threads, series=parsed,
+                              allow_copy_only=allow_copy_only)
+        targets.append((opts, output.replace("{sigma_rel}", width) if width is not None else output))
+    _execute([], None, None, fmt, force=force, quiet=quiet, as_json=as_json, verify=verify, t0=t0, targets=targets)
 
 
 # ------------------------------------------------------------------ plan

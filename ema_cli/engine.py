@@ -16,6 +16,7 @@ a cluster later.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import threading
@@ -532,34 +533,52 @@ def _release(plan: Plan, task: Task, pool: ReaderPool) -> None:
             release(task.name)
 
 
-def run_shard(plan: Plan, shard: list[str], pool: ReaderPool, writer, *,
+@dataclass
+class Target:
+    """One output of a run: its plan (the weights), its writer, its digests."""
+
+    plan: Plan
+    writer: object
+    checksums: dict | None = None
+
+
+def run_shard(plan: Plan | list[Target], shard: list[str], pool: ReaderPool, writer=None, *,
               threads: int = 1, on_tensor: Callable[[Task], None] | None = None,
               checksums: dict | None = None) -> None:
     """Compute and write one output shard (a list of output names).  With
-    ``checksums``, record each written tensor's digest for ``--verify``."""
+    ``checksums``, record each written tensor's digest for ``--verify``.
+
+    ``plan`` may instead be a list of targets over the same inputs and tensors
+    (post-hoc EMA of several widths): each tensor is then computed for every
+    target while its input data is in memory, so the inputs are read once."""
+    targets = plan if isinstance(plan, list) else [Target(plan, writer, checksums)]
 
     def one(name: str) -> None:
         with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf are reported as errors, not warnings
-            _one(name)
+            for t in targets:
+                _one(t, name)
+        task = targets[0].plan.task(name)
+        for t in targets:
+            _release(t.plan, task, pool)
+        if on_tensor is not None:
+            on_tensor(task)
 
-    def _one(name: str) -> None:
+    def _one(target: Target, name: str) -> None:
+        plan, writer, sums = target.plan, target.writer, target.checksums
         task = plan.task(name)
         if _streams(plan, task, writer):
             import hashlib
 
-            hasher = hashlib.blake2b(digest_size=16) if checksums is not None else None
+            hasher = hashlib.blake2b(digest_size=16) if sums is not None else None
             stream_tensor(plan, task, pool, writer, hasher)
             if hasher is not None:
-                checksums[name] = hasher.hexdigest()
+                sums[name] = hasher.hexdigest()
         else:
             arr = compute_tensor(plan, task, pool)
             writer.write(name, arr)
-            if checksums is not None:
-                checksums[name] = digest(arr)
+            if sums is not None:
+                sums[name] = digest(arr)
             del arr
-        _release(plan, task, pool)
-        if on_tensor is not None:
-            on_tensor(task)
 
     if threads <= 1:
         for name in shard:
@@ -620,8 +639,23 @@ def run(plan: Plan, output: str, out_format: str | None, *, force: bool = False,
     existing directory, a name without suffix, HF shards), staged as a whole
     with the loader files of the newest input's directory.  ``out_format`` None:
     a directory in the inputs' format."""
-    pool = pool or ReaderPool()
-    t0 = time.perf_counter()
+    return run_many([plan], [output], out_format, force=force, pool=pool, on_tensor=on_tensor,
+                    timings=timings, checksums=checksums)[0]
+
+
+@dataclass
+class _Output:
+    """An output being written: where it is staged, its writer, what else goes in."""
+
+    output: str
+    format: str
+    staged: object
+    outdir: object = None
+    copies: list = field(default_factory=list)
+    writer: object = None
+
+
+def _open_output(plan: Plan, output: str, out_format: str | None, *, force: bool, pool: ReaderPool) -> _Output:
     sharded = len(plan.shards) > 1
     newest = plan.checkpoints[plan.newest].source
     outdir = formats.output_directory(output, out_format, [c.source for c in plan.checkpoints], newest,
@@ -647,34 +681,62 @@ def run(plan: Plan, output: str, out_format: str | None, *, force: bool = False,
         check_target(output, force=force, is_dir=False)
         staged = Staged(output, is_dir=False, force=force)
         write_path = staged.path
-    writer = None
+    out = _Output(output, out_format, staged, outdir, copies)
     try:
         template = pool.get(newest)
         metadata = dict(template.metadata())
-        import json
-
         recipe = plan.describe()
         if recipe is not None:  # None (rename): the values are unchanged, so is the newest input's metadata
             metadata["ema_avg"] = json.dumps(recipe, separators=(",", ":"))
-        writer = mod.Writer(write_path, plan.shard_infos(), metadata, template=template if plan.use_template else None)
-        threads = plan.options.threads or default_threads()
-        sums: dict[str, str] | None = {} if checksums else None
-        for shard in plan.shards:
-            run_shard(plan, shard, pool, writer, threads=threads, on_tensor=on_tensor, checksums=sums)
-        writer.close()
-        if outdir is not None:
-            formats.finish_directory(outdir, staged.path, copies)
-        staged.commit()
+        out.writer = mod.Writer(write_path, plan.shard_infos(), metadata,
+                                template=template if plan.use_template else None)
     except BaseException:
-        if writer is not None:
-            writer.abort()
         staged.discard()
+        raise
+    return out
+
+
+def run_many(plans: list[Plan], outputs: list[str], out_format: str | None, *, force: bool = False,
+             pool: ReaderPool | None = None, on_tensor: Callable[[Task], None] | None = None,
+             timings: dict | None = None, checksums: bool = False) -> list[Result]:
+    """Write several outputs whose plans share inputs and tensors (only the
+    weights differ) in one pass over the inputs; each is committed atomically
+    once every output is complete (a failure before that leaves none of them)."""
+    pool = pool or ReaderPool()
+    t0 = time.perf_counter()
+    first = plans[0]
+    for p in plans[1:]:
+        if p.shards != first.shards or [t.action for t in p.tasks] != [t.action for t in first.tasks]:
+            raise EmaError("internal: outputs of one pass must share their tensors")
+    opened: list[_Output] = []
+    try:
+        for plan, output in zip(plans, outputs):
+            opened.append(_open_output(plan, output, out_format, force=force, pool=pool))
+        threads = first.options.threads or default_threads()
+        targets = [Target(p, o.writer, {} if checksums else None) for p, o in zip(plans, opened)]
+        for shard in first.shards:
+            run_shard(targets, shard, pool, threads=threads, on_tensor=on_tensor)
+        for o in opened:
+            o.writer.close()
+            o.writer = None
+            if o.outdir is not None:
+                formats.finish_directory(o.outdir, o.staged.path, o.copies)
+        for o in opened:
+            o.staged.commit()
+    except BaseException:
+        for o in opened:
+            if o.writer is not None:
+                o.writer.abort()
+            o.staged.discard()
         raise
     t = dict(timings or {})
     t["write_s"] = time.perf_counter() - t0
-    nbytes = sum(dtypes.itemsize(task.out_dtype) * task.info.numel for task in plan.tasks)
-    files = getattr(staged, "final_files", None) or [output]
-    return Result(plan, output, out_format, files, t, nbytes, sums)
+    results = []
+    for plan, o, target in zip(plans, opened, targets):
+        nbytes = sum(dtypes.itemsize(task.out_dtype) * task.info.numel for task in plan.tasks)
+        files = getattr(o.staged, "final_files", None) or [o.output]
+        results.append(Result(plan, o.output, o.format, files, dict(t), nbytes, target.checksums))
+    return results
 
 
 def _refuse_input_as_output(plan: Plan, output: str, *, directory: bool = False) -> None:

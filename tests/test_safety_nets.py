@@ -197,3 +197,41 @@ def test_posthoc_takes_batchnorm_buffers_from_the_newest_snapshot(tmp_path):
     res = run_cli(tmp_path / "s0.05", "-o", tmp_path / "mean.safetensors", "--json")
     assert res.code == 0 and "statistics buffer" not in res.err
     assert json.loads(res.out)["tensors"]["averaged"] == 8  # 6 parameters + 2 buffers
+
+
+def test_posthoc_several_widths_in_one_run_equal_single_runs(tmp_path):
+    """--sigma-rel 0.05,0.075,0.10 writes one output per width, each bit-identical to its own run."""
+    from ema_cli.schedule import sigma_rel_to_gamma
+
+    rng = np.random.default_rng(3)
+    x = np.zeros(32)
+    gs = {0.05: sigma_rel_to_gamma(0.05), 0.10: sigma_rel_to_gamma(0.10)}
+    ema = {s: np.zeros(32) for s in gs}
+    for s in gs:
+        (tmp_path / f"s{s}").mkdir()
+    for t in range(1, 601):
+        x = x - 0.05 * (x - np.sin(t / 50)) + rng.standard_normal(32) * 0.05
+        for s, g in gs.items():
+            beta = (1 - 1 / t) ** (g + 1)
+            ema[s] = beta * ema[s] + (1 - beta) * x
+        if t % 100 == 0:
+            for s in gs:
+                save_st(tmp_path / f"s{s}" / f"snap-{t}.safetensors",
+                        {"w": ema[s].astype(np.float32), "bn.running_var": np.full(4, t, np.float32)})
+    src = ["--from", f"0.05={tmp_path / 's0.05'}", "--from", f"0.10={tmp_path / 's0.1'}"]
+    out = tmp_path / "out"
+    out.mkdir()
+    res = run_cli("posthoc", *src, "--sigma-rel", "0.05,0.075,0.10", "-o", out / "ema-{sigma_rel}.safetensors",
+                  "--json")
+    assert res.code == 0, res
+    doc = res.json()
+    assert [o["output"] for o in doc["outputs"]] == [str(out / f"ema-{w}.safetensors") for w in ("0.05", "0.075", "0.10")]
+    assert sorted(p.name for p in out.iterdir()) == ["ema-0.05.safetensors", "ema-0.075.safetensors", "ema-0.10.safetensors"]
+    for w in ("0.05", "0.075", "0.10"):
+        single = tmp_path / f"single-{w}.safetensors"
+        r = run_cli("posthoc", *src, "--sigma-rel", w, "-o", single)
+        assert r.code == 0, r
+        a, b = load_st(out / f"ema-{w}.safetensors")[0], load_st(single)[0]
+        assert a.keys() == b.keys() and all(a[k].tobytes() == b[k].tobytes() for k in a), w
+    assert_clean_error(run_cli("posthoc", *src, "--sigma-rel", "0.05,0.10", "-o", tmp_path / "x.safetensors"),
+                       "{sigma_rel}", code=2)
