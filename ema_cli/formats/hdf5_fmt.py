@@ -29,18 +29,22 @@ h5py is imported lazily: listing the format costs nothing for other formats.
 
 from __future__ import annotations
 
+import io
+import json
 import mmap
 import os
 import re
 import shutil
 import threading
+from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, Callable
 
 import numpy as np
 
 from ema_cli import dtypes
 from ema_cli.errors import EmaError, UsageError
-from ema_cli.formats.base import Reader, Source, TensorInfo, Writer
+from ema_cli.formats.base import BUFFER, COUNTER, OPTIMIZER, OTHER, PARAMETER, Reader, Role, Source, TensorInfo, Writer
 from ema_cli.output import Staged, check_target
 
 NAME = "hdf5"
@@ -103,48 +107,108 @@ def is_hdf5(path: Path) -> bool:
 _HEAP_MIN = 4096  # H5HG_MINSIZE: HDF5 never writes a smaller global heap collection
 
 
-def check_global_heaps(path: str) -> None:
+def check_global_heaps(path: str, base: int = 0, size: int | None = None, *, shown: str | None = None) -> None:
     """Variable-length data (strings, such as the ``dtype`` attributes of Keras 3
     bfloat16 weights) lives in global heap collections.  HDF5 parses a whole
     collection when it reads one object of it, and on a corrupt collection
     (H5HG__cache_heap_deserialize) loops forever on an object of size 0 or copies
     from past its end.  So every collection in the file (signature ``GCOL``,
-    version 1) is parsed here first, as HDF5 does, before any such data is read."""
+    version 1) is parsed here first, as HDF5 does, before any such data is read.
+
+    ``base``/``size``: the HDF5 image is bytes ``[base, base+size)`` of ``path``
+    (a member stored in a ``.keras`` zip); ``shown`` names the file in errors.
+    Byte positions in messages are relative to the image."""
+    shown = shown or path
     try:
         with open(path, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
-            if size == 0:
+            fsize = os.fstat(fh.fileno()).st_size
+            end = fsize if size is None else min(fsize, base + size)
+            if end <= base:
                 return
             with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-                ls = _length_size(mm, size)
-                hdr = (8 + ls + 7) // 8 * 8  # H5HG_SIZEOF_HDR: signature, version, reserved, size; aligned
-                objhdr = 8 + ls  # H5HG_SIZEOF_OBJHDR: index, refcount, reserved, size
-                pos = mm.find(b"GCOL\x01")
-                while pos >= 0:
-                    problem = _heap_problem(mm, pos, size, ls, hdr, objhdr)
-                    if problem:
-                        raise EmaError(f"corrupt HDF5 file: global heap at byte {pos}: {problem}", path=path)
-                    pos = mm.find(b"GCOL\x01", pos + 1)
+                problem = _scan_heaps(mm, base, end)
     except OSError as e:
-        raise EmaError(f"cannot read: {e.strerror}", path=path) from None
+        raise EmaError(f"cannot read: {e.strerror}", path=shown) from None
+    if problem:
+        raise EmaError(f"corrupt HDF5 file: {problem}", path=shown)
 
 
-def _length_size(mm, size: int) -> int:
+def check_global_heaps_stream(read, size: int, *, shown: str) -> None:
+    """check_global_heaps for an image that can only be read front to back (a
+    deflated zip member): one pass, holding at most one collection and 1 MiB."""
+    buf = bytearray()
+    start = 0  # image offset of buf[0]
+    eof = False
+
+    def fill(upto: int) -> bool:  # buf covers [start, upto): False at the end of the image
+        nonlocal eof
+        while start + len(buf) < upto and not eof:
+            chunk = read(max(1 << 20, upto - start - len(buf)))
+            if not chunk:
+                eof = True
+            buf.extend(chunk)
+        return start + len(buf) >= upto
+
+    fill(1 << 20)
+    ls = _length_size(buf, 0, len(buf))
+    hdr, objhdr = (8 + ls + 7) // 8 * 8, 8 + ls
+    pos = 0
+    while True:
+        i = buf.find(b"GCOL\x01", pos - start)
+        if i < 0:
+            if eof:
+                return
+            keep = max(pos, start + len(buf) - 4)  # a signature may straddle two reads
+            del buf[: keep - start]
+            start = pos = keep
+            fill(start + len(buf) + (1 << 20))
+            continue
+        pos = start + i
+        del buf[: pos - start]
+        start = pos
+        fill(pos + 8 + ls)
+        hsize = int.from_bytes(buf[8:8 + ls], "little") if len(buf) >= 8 + ls else 0
+        if _HEAP_MIN <= hsize <= size - pos:
+            fill(pos + hsize)
+        problem = _heap_problem(buf, 0, len(buf), ls, hdr, objhdr, total=size - pos)
+        if problem:
+            raise EmaError(f"corrupt HDF5 file: global heap at byte {pos}: {problem}", path=shown)
+        pos += 1
+
+
+def _scan_heaps(mm, base: int, end: int) -> str | None:
+    """The first global-heap problem in the HDF5 image at ``mm[base:end]``."""
+    ls = _length_size(mm, base, end)
+    hdr = (8 + ls + 7) // 8 * 8  # H5HG_SIZEOF_HDR: signature, version, reserved, size; aligned
+    objhdr = 8 + ls  # H5HG_SIZEOF_OBJHDR: index, refcount, reserved, size
+    pos = mm.find(b"GCOL\x01", base, end)
+    while pos >= 0:
+        problem = _heap_problem(mm, pos, end, ls, hdr, objhdr)
+        if problem:
+            return f"global heap at byte {pos - base}: {problem}"
+        pos = mm.find(b"GCOL\x01", pos + 1, end)
+    return None
+
+
+def _length_size(mm, base: int, end: int) -> int:
     """The superblock's "size of lengths" (8 unless it says otherwise)."""
     off = 0
-    while off + 16 <= size:
-        if mm[off:off + 8] == SIGNATURE:
-            v = mm[off + 8]
-            n = mm[off + 14] if v in (0, 1) else mm[off + 10]
+    while base + off + 16 <= end:
+        if mm[base + off:base + off + 8] == SIGNATURE:
+            v = mm[base + off + 8]
+            n = mm[base + off + 14] if v in (0, 1) else mm[base + off + 10]
             return n if n in (2, 4, 8) else 8
         off = 512 if off == 0 else off * 2
     return 8
 
 
-def _heap_problem(mm, pos: int, size: int, ls: int, hdr: int, objhdr: int) -> str | None:
+def _heap_problem(mm, pos: int, size: int, ls: int, hdr: int, objhdr: int, total: int | None = None) -> str | None:
+    """The collection at ``mm[pos:]``; ``size``: where the image ends in ``mm``
+    (``total``: bytes the image has from ``pos``, when ``mm`` holds less)."""
+    avail = (size - pos) if total is None else total
     hsize = int.from_bytes(mm[pos + 8:pos + 8 + ls], "little") if pos + 8 + ls <= size else 0
-    if hsize < _HEAP_MIN or pos + hsize > size:
-        return f"collection size {hsize} (the file has {size - pos} bytes from there)"
+    if hsize < _HEAP_MIN or hsize > avail or pos + hsize > size:
+        return f"collection size {hsize} (the file has {avail} bytes from there)"
     p = hdr
     while p < hsize:
         if p + objhdr > hsize:
@@ -289,15 +353,87 @@ def _needs_tag(name: str) -> bool:
 # --------------------------------------------------------------------------- reading
 
 
+@dataclass
+class Image:
+    """Where a reader's HDF5 bytes are: bytes ``[base, base+size)`` of ``file``.
+
+    A plain HDF5 file is the whole of its file (``base`` 0).  A member stored
+    uncompressed in a zip (``.keras``) is a contiguous range of the zip: HDF5
+    reads it through a file object restricted to that range, and contiguous
+    datasets are still mapped in place (``base`` + their offset).  ``base`` None:
+    the bytes are not in the file as they are (a deflated member), and are read
+    front to back from ``stream()`` (zipfile's decompressing, seekable reader)."""
+
+    file: str
+    base: int | None
+    size: int
+    stream: Callable[[], IO[bytes]] | None = None
+
+    @property
+    def whole_file(self) -> bool:
+        return self.base == 0 and self.stream is None and self.size == os.path.getsize(self.file)
+
+
+class _Window(io.RawIOBase):
+    """A read-only file object over bytes ``[base, base+size)`` of a file (pread:
+    no shared file position); what h5py's file-object driver reads an HDF5
+    image inside a zip through."""
+
+    def __init__(self, path: str, base: int, size: int):
+        super().__init__()
+        self._fd = os.open(path, os.O_RDONLY)
+        self._base, self._size, self._pos = base, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self._pos = pos if whence == 0 else self._pos + pos if whence == 1 else self._size + pos
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readinto(self, b) -> int:
+        n = max(0, min(len(b), self._size - self._pos))
+        got = 0
+        mv = memoryview(b)
+        while got < n:
+            k = os.preadv(self._fd, [mv[got:n]], self._base + self._pos + got)
+            if k <= 0:
+                break
+            got += k
+        self._pos += got
+        return got
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        super().close()
+
+
 class Hdf5Reader(Reader):
     format = NAME
 
-    def __init__(self, source: Source):
+    def __init__(self, source: Source, image: Image | None = None):
         super().__init__(source)
         self._heaps_checked = False
+        self._fileobj = None
+        self._layer_classes: dict[str, tuple[str, dict]] | None = None  # layer name -> (class, config)
         try:
-            self._f = _open(source.path, "r")
+            self._image = image or Image(source.path, 0, os.path.getsize(source.path))
+            if self._image.whole_file:
+                self._f = _open(source.path, "r")
+            else:
+                self._fileobj = (_Window(self._image.file, self._image.base, self._image.size)
+                                 if self._image.base is not None else self._image.stream())
+                self._f = _h5py().File(self._fileobj, "r")
         except (OSError, ValueError) as e:
+            self._close_fileobj()
             raise EmaError(f"not a readable HDF5 file: {_msg(e)}", path=source.path) from None
         try:
             attrs = self._f.attrs
@@ -313,13 +449,57 @@ class Hdf5Reader(Reader):
             self._offsets: dict[str, int | None] = {}
             self._mm = None
             self._map_lock = threading.Lock()
-            self._size = os.path.getsize(source.path)
+            self._size = self._image.size
         except EmaError:
-            self._f.close()
+            self.close()
             raise
         except (OSError, KeyError, ValueError, RuntimeError, TypeError) as e:
-            self._f.close()
+            self.close()
             raise EmaError(f"corrupt HDF5 file: {_msg(e)}", path=source.path) from None
+
+    def _close_fileobj(self) -> None:
+        if self._fileobj is not None:
+            try:
+                self._fileobj.close()
+            except Exception:  # noqa: BLE001 - best effort
+                pass
+            self._fileobj = None
+
+    # ------------------------------------------------------------- the bytes
+
+    def copy_image(self, dst: str) -> None:
+        """Write this reader's HDF5 image, byte for byte, to a new file ``dst``."""
+        img = self._image
+        if img.whole_file:
+            shutil.copyfile(img.file, dst)
+            return
+        with open(dst, "wb") as out:
+            if img.base is not None:
+                with open(img.file, "rb") as src:
+                    left, off = img.size, img.base
+                    while left > 0:
+                        n = os.copy_file_range(src.fileno(), out.fileno(), left, off) if hasattr(os, "copy_file_range") else 0
+                        if n <= 0:  # not supported here: plain reads
+                            src.seek(off)
+                            chunk = src.read(min(left, 1 << 20))
+                            if not chunk:
+                                raise EmaError("truncated while copying its HDF5 data", path=self.path)
+                            out.write(chunk)
+                            n = len(chunk)
+                        left, off = left - n, off + n
+            else:
+                with img.stream() as src:
+                    shutil.copyfileobj(src, out, 1 << 20)
+
+    def image_head(self, n: int) -> bytes:
+        """The first ``n`` bytes of the HDF5 image (a user block)."""
+        img = self._image
+        if img.base is not None:
+            with open(img.file, "rb") as fh:
+                fh.seek(img.base)
+                return fh.read(min(n, img.size))
+        with img.stream() as fh:
+            return fh.read(n)
 
     def _walk(self) -> None:
         h5py = _h5py()
@@ -369,7 +549,12 @@ class Hdf5Reader(Reader):
     def check_heaps(self) -> None:
         """check_global_heaps, once, before the first variable-length read."""
         if not self._heaps_checked:
-            check_global_heaps(self.path)
+            img = self._image
+            if img.base is not None:
+                check_global_heaps(img.file, img.base, img.size, shown=self.path)
+            else:
+                with img.stream() as fh:
+                    check_global_heaps_stream(fh.read, img.size, shown=self.path)
             self._heaps_checked = True
 
     def tensors(self) -> dict[str, TensorInfo]:
@@ -401,11 +586,15 @@ class Hdf5Reader(Reader):
             return self._offsets[name]
         with self._map_lock:  # readers are shared by threads
             ds, kind = self._ds[name]
-            off = direct_offset(ds, self._tensors[name].dtype, kind)
+            off = direct_offset(ds, self._tensors[name].dtype, kind) if self._image.base is not None else None
             if off is not None and off + self._tensors[name].nbytes > self._size:
                 off = None  # truncated: let HDF5 report it
+            if off is not None:
+                off += self._image.base  # where the image sits in its file (a .keras zip member)
+                if off + self._tensors[name].nbytes > os.path.getsize(self._image.file):
+                    off = None
             if off is not None and self._mm is None:
-                with open(self.path, "rb") as fh:
+                with open(self._image.file, "rb") as fh:
                     self._mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
             self._offsets[name] = off
         return self._offsets[name]
@@ -456,7 +645,8 @@ class Hdf5Reader(Reader):
             self._f.close()
         except Exception:  # noqa: BLE001 - closing twice or after a failed open
             pass
-        if self._mm is not None:
+        self._close_fileobj()
+        if getattr(self, "_mm", None) is not None:
             try:
                 self._mm.close()
             except BufferError:
@@ -544,7 +734,8 @@ class Hdf5Writer(Writer):
         self._fd = -1  # raw descriptor for contiguous datasets written in place
         self._direct: dict[str, int] = {}  # name -> file offset of its bytes
         self._changed: set[str] = set()  # datasets recreated with a new dtype
-        self._template = template if getattr(template, "format", None) == NAME else None
+        # an HDF5 image of its own (a file, or the model.weights.h5 of a .keras) is the layout kept
+        self._template = template if isinstance(template, Hdf5Reader) else None
         try:
             if self._template is not None:
                 self._start_from_template(self._template)
@@ -575,7 +766,7 @@ class Hdf5Writer(Writer):
                 + " (--names shadow needs safetensors or TF output)", path=self.shown)
         self._changed = {n for n, i in self._infos.items() if i.dtype != have[n].dtype}
         if not self._changed:
-            shutil.copyfile(tmpl.path, self.path)
+            tmpl.copy_image(self.path)
             # a byte copy: contiguous datasets sit at the template's offsets
             for name in self._infos:
                 ds, kind = tmpl._ds[name]
@@ -628,8 +819,7 @@ class Hdf5Writer(Writer):
         copy(root, self._f, "")
         if ub:
             self._f.close()
-            with open(tmpl.path, "rb") as fh:
-                block = fh.read(ub)
+            block = tmpl.image_head(ub)
             with open(self.path, "r+b") as fh:
                 fh.write(block)
             self._f = _open(self.path, "r+")
