@@ -629,8 +629,123 @@ class Hdf5Reader(Reader):
     def _scalar(self, name: str) -> int:
         return int(self.read(name).reshape(-1)[0])
 
-    def averaged_by_default(self, info: TensorInfo) -> bool:
-        return info.dtype in dtypes.AVERAGED_BY_DEFAULT and info.name.split("/", 1)[0] not in OPTIMIZER_GROUPS
+    # ------------------------------------------------------------- roles
+
+    def role(self, info: TensorInfo) -> Role:
+        """From the layout Keras writes.  Keras 3 ``.weights.h5``: each layer's
+        variables are ``<path>/vars/<i>``, in the layer's order (trainable, then
+        non-trainable); the group is named after the layer's class
+        (``batch_normalization``, ``batch_normalization_1``: Keras names it so
+        that a renamed layer still loads) and ``vars`` carries the layer's own
+        name as attribute ``name``, which the model config (``config.json`` of a
+        ``.keras``, ``model_config`` of a legacy ``.h5``) maps to its class and
+        options.  Legacy ``.h5``: ``model_weights/<layer>/.../<weight>`` with the
+        weight's own name.  ``optimizer/``, ``optimizer_weights/``: optimizer
+        state, its iteration counter a counter."""
+        name, parts = info.name, info.name.split("/")
+        if parts[0] in OPTIMIZER_GROUPS:
+            keras = self.legacy_keras or "layers" in self._f or "vars" in self._f
+            if self._is_iteration_counter(info):
+                return Role(COUNTER, "keras optimizer: iteration counter" if keras else f"optimizer counter ({parts[0]}/)")
+            return Role(OPTIMIZER, "keras optimizer variable" if keras else f"optimizer state ({parts[0]}/)")
+        if not dtypes.is_float(info.dtype):
+            if name in ROOT_COUNTERS and info.numel == 1 and info.dtype in _INT_TYPES:
+                return Role(COUNTER, f"step counter ({name})")
+            return Role(OTHER, f"{info.dtype}: not floating point")
+        if len(parts) >= 2 and parts[-2] == "vars" and parts[-1].isdigit() and not self.legacy_keras:
+            return self._keras3_role(info, parts)
+        if self.legacy_keras and parts[0] == "model_weights" and len(parts) >= 3:
+            return self._legacy_role(parts)
+        return super().role(info)
+
+    def _is_iteration_counter(self, info: TensorInfo) -> bool:
+        parts = info.name.split("/")
+        if info.numel != 1 or info.dtype not in _INT_TYPES:
+            return False
+        if parts[0] == "optimizer":
+            return parts[-2:] == ["vars", "0"]
+        return parts[-1].split(":")[0] in LEGACY_COUNTERS
+
+    def set_model_config(self, config) -> None:
+        """The model's config (a ``.keras``'s ``config.json``): layer classes by name."""
+        self._layer_classes = _layer_classes(config)
+
+    def _classes(self) -> dict[str, tuple[str, dict]]:
+        if self._layer_classes is None:
+            self._layer_classes = {}
+            if self.legacy_keras and "model_config" in self._f.attrs:
+                try:
+                    text = _attr_str(_attr_value(self._f, "model_config", self.check_heaps))
+                    self._layer_classes = _layer_classes(json.loads(text)) if text else {}
+                except (ValueError, TypeError, OSError, RuntimeError):
+                    self._layer_classes = {}  # no usable config: the layout alone decides
+        return self._layer_classes
+
+    def _keras3_role(self, info: TensorInfo, parts: list[str]) -> Role:
+        group = "/".join(parts[:-1])  # .../vars
+        index = int(parts[-1])
+        layer_group = parts[-3] if len(parts) >= 3 else ""  # the class-derived group name
+        cls, cfg, how = None, None, ""
+        layer_name = self._vars_name(group)
+        if layer_name is not None and layer_name in self._classes():
+            cls, cfg = self._classes()[layer_name]
+            how = ""
+        elif _KERAS_BN_GROUP.match(layer_group):
+            cls, how = "BatchNormalization", " (class from its group name)"
+        if cls == "BatchNormalization":
+            names = self._bn_var_names(group, cfg)
+            if names is not None and index < len(names):
+                what = names[index]
+                kind = BUFFER if what in _BN_BUFFERS else PARAMETER
+                return Role(kind, f"keras layer BatchNormalization{how}: {what}")
+        label = cls or (layer_group or "model")
+        return Role(PARAMETER, f"keras layer {label}: vars/{index}")
+
+    def _vars_name(self, group: str) -> str | None:
+        """The layer's own name, stored on its ``vars`` group by Keras 3."""
+        try:
+            g = self._f[group]
+            if "name" not in g.attrs:
+                return None
+            return _attr_str(_attr_value(g, "name", self.check_heaps))
+        except (KeyError, OSError, ValueError, TypeError, RuntimeError):
+            return None
+
+    def _bn_var_names(self, group: str, cfg: dict | None) -> list[str] | None:
+        """A BatchNormalization layer's variables in the order it saves them:
+        gamma (scale), beta (center), moving_mean, moving_variance, then the
+        renorm statistics.  From its config when known, else from how many
+        equally shaped variables there are (2-4 without renorm, 5-7 with: the
+        counts do not overlap); None when the group does not look like one."""
+        prefix = group + "/"
+        shapes = {int(n[len(prefix):]): i.shape for n, i in self._tensors.items()
+                  if n.startswith(prefix) and n[len(prefix):].isdigit()}
+        n = len(shapes)
+        if sorted(shapes) != list(range(n)) or len(set(shapes.values())) != 1:
+            return None
+        if cfg is not None:
+            names = (["gamma"] if cfg.get("scale", True) else []) + (["beta"] if cfg.get("center", True) else [])
+            names += ["moving_mean", "moving_variance"]
+            if cfg.get("renorm"):
+                names += ["moving_stddev", "renorm_mean", "renorm_stddev"]
+            if len(names) == n:
+                return names
+        stats = 2 if 2 <= n <= 4 else 5 if 5 <= n <= 7 else 0
+        if not stats:
+            return None
+        params = {0: [], 1: ["gamma or beta"], 2: ["gamma", "beta"]}[n - stats]
+        return params + ["moving_mean", "moving_variance", "moving_stddev", "renorm_mean", "renorm_stddev"][:stats]
+
+    def _legacy_role(self, parts: list[str]) -> Role:
+        layer = parts[1]
+        weight = parts[-1].split(":")[0]
+        cls = self._classes().get(layer, (None, None))[0]
+        if cls == "BatchNormalization":
+            kind = BUFFER if weight in _BN_BUFFERS else PARAMETER
+            return Role(kind, f"keras layer BatchNormalization: {weight}")
+        if cls is None and weight in _BN_BUFFERS:
+            return Role(BUFFER, f"name rules: statistics buffer ({weight})")
+        return Role(PARAMETER, f"keras layer {cls or layer}: {weight}")
 
     def extras(self):
         layout = "hdf5"
@@ -654,6 +769,32 @@ class Hdf5Reader(Reader):
 
 
 _INT_TYPES = frozenset({"int64", "int32", "int16", "int8", "uint64", "uint32", "uint16", "uint8"})
+_BN_BUFFERS = frozenset({"moving_mean", "moving_variance", "moving_stddev", "renorm_mean", "renorm_stddev"})
+_KERAS_BN_GROUP = re.compile(r"^batch_normalization(_\d+)?$")  # keras naming.to_snake_case + unique suffix
+
+
+def _layer_classes(config) -> dict[str, tuple[str, dict]]:
+    """Every layer in a Keras model config, by name: (class name, its config).
+    A name given to layers of different classes (nested models) is left out."""
+    out: dict[str, tuple[str, dict]] = {}
+    clash: set[str] = set()
+
+    def walk(node) -> None:
+        if isinstance(node, dict):
+            cfg = node.get("config")
+            if isinstance(node.get("class_name"), str) and isinstance(cfg, dict) and isinstance(cfg.get("name"), str):
+                nm, cls = cfg["name"], node["class_name"]
+                if nm in out and out[nm][0] != cls:
+                    clash.add(nm)
+                out.setdefault(nm, (cls, cfg))
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(config)
+    return {k: v for k, v in out.items() if k not in clash}
 
 
 def _read_strings(ds, kind: str) -> np.ndarray:
