@@ -237,9 +237,11 @@ def claim_path(path: Path) -> list[Source] | None:
 
 
 def scan_dir(path: Path) -> list[Source]:
+    from ema_cli.formats.keras_fmt import shard_index
+
     out: list[Source] = []
     for f in sorted(Path(path).iterdir()):
-        if _has_suffix(f.name) and f.is_file():
+        if _has_suffix(f.name) and f.is_file() and shard_index(f) is None:  # Keras shards: read by their index
             out.extend(claim_path(f) or [])
     return out
 
@@ -862,11 +864,12 @@ class Hdf5Writer(Writer):
     """HDF5 output: from an HDF5 template (copy and overwrite in place, or
     rebuild when dtypes change) or from scratch (any other template)."""
 
-    def __init__(self, path: str, shards: list[list[TensorInfo]], metadata: dict[str, str], template=None):
+    def __init__(self, path: str, shards: list[list[TensorInfo]], metadata: dict[str, str], template=None,
+                 *, shown: str | None = None):
         if len(shards) > 1:
             raise UsageError("HDF5 output is a single file: --max-shard-size applies to safetensors output")
         self.path = path
-        self.shown = _final_name(path)  # the output path the user named, for messages
+        self.shown = shown or _final_name(path)  # the output path the user named, for messages
         self._infos = {i.name: i for i in (shards[0] if shards else [])}
         self._pending = set(self._infos)
         self._lock = threading.Lock()
