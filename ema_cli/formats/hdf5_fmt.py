@@ -555,8 +555,11 @@ class Hdf5Reader(Reader):
             if img.base is not None:
                 check_global_heaps(img.file, img.base, img.size, shown=self.path)
             else:
-                with img.stream() as fh:
-                    check_global_heaps_stream(fh.read, img.size, shown=self.path)
+                try:
+                    with img.stream() as fh:
+                        check_global_heaps_stream(fh.read, img.size, shown=self.path)
+                except OSError as e:
+                    raise EmaError(f"cannot read: {_msg(e)}", path=self.path) from None
             self._heaps_checked = True
 
     def tensors(self) -> dict[str, TensorInfo]:

@@ -37,8 +37,10 @@ import json
 import os
 import re
 import shutil
+import io
 import struct
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +59,8 @@ CONFIG = "config.json"
 METADATA = "metadata.json"
 _SHARD_RE = re.compile(r"^(?P<base>.+)_(?P<idx>\d{5})\.weights\.h5$")
 _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")  # zip local file header (30 bytes)
+_ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, struct.error, NotImplementedError,
+               OverflowError, UnicodeDecodeError, KeyError, RuntimeError, zlib.error)  # RuntimeError: encrypted
 
 
 # --------------------------------------------------------------------------- discovery
@@ -144,7 +148,7 @@ class _Archive:
         self.path = path
         try:
             self.zip = zipfile.ZipFile(path, "r")
-        except zipfile.BadZipFile as e:
+        except _ZIP_ERRORS as e:  # zipfile raises more than BadZipFile on a corrupt directory
             raise EmaError(f"not a .keras archive (a zip file): {hdf5_fmt._msg(e)}", path=path) from None
         except OSError as e:
             raise EmaError(f"cannot open: {e.strerror}", path=path) from None
@@ -164,7 +168,10 @@ class _Archive:
                 self.config = json.loads(self.config_bytes)
             except ValueError as e:
                 raise EmaError(f"{CONFIG} is not JSON: {hdf5_fmt._msg(e)}", path=path) from None
-            self.image = self._image()
+            try:
+                self.image = self._image()
+            except (OSError, ValueError, OverflowError) as e:
+                raise EmaError(f"corrupt zip: cannot locate {WEIGHTS}: {hdf5_fmt._msg(e)}", path=path) from None
         except BaseException:
             self.zip.close()
             raise
@@ -175,7 +182,7 @@ class _Archive:
             raise EmaError(f"{name} is {info.file_size} bytes: not a Keras {name}", path=self.path)
         try:
             return self.zip.read(name)
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as e:
+        except (*_ZIP_ERRORS, OSError) as e:
             raise EmaError(f"cannot read {name}: {hdf5_fmt._msg(e)}", path=self.path) from None
 
     def _image(self) -> hdf5_fmt.Image:
@@ -185,7 +192,11 @@ class _Archive:
             # no bytes in place: HDF5 reads through zipfile's decompressing reader
             # (seekable; a backwards seek restarts decompression, so this is slow,
             # but nothing is extracted to disk and the reader's checks still apply)
-            return hdf5_fmt.Image(self.path, None, info.file_size, stream=lambda: self.zip.open(info))
+            try:
+                self.zip.open(info).close()  # an unknown method or a bad local header: refused here
+            except (*_ZIP_ERRORS, OSError) as e:
+                raise EmaError(f"cannot read {WEIGHTS}: {hdf5_fmt._msg(e)}", path=self.path) from None
+            return hdf5_fmt.Image(self.path, None, info.file_size, stream=lambda: _Stream(self.zip.open(info)))
         with open(self.path, "rb") as fh:
             fh.seek(info.header_offset)
             head = fh.read(_LOCAL_HEADER.size)
@@ -200,6 +211,45 @@ class _Archive:
 
     def close(self) -> None:
         self.zip.close()
+
+
+class _Stream(io.RawIOBase):
+    """zipfile's reader of a compressed member, whose failures (bad CRC, corrupt
+    deflate data, a short member) are OSErrors: what the HDF5 reader (and h5py's
+    file-object driver, calling back into it) reports as a read error."""
+
+    def __init__(self, member):
+        super().__init__()
+        self._m = member
+
+    def _guard(self, fn, *args):
+        try:
+            return fn(*args)
+        except _ZIP_ERRORS as e:
+            raise OSError(f"{WEIGHTS}: {hdf5_fmt._msg(e)}") from None
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        return self._guard(self._m.seek, pos, whence)
+
+    def tell(self) -> int:
+        return self._m.tell()
+
+    def readinto(self, b) -> int:
+        data = self._guard(self._m.read, len(b))
+        b[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        try:
+            self._m.close()
+        finally:
+            super().close()
 
 
 class ArchiveReader(hdf5_fmt.Hdf5Reader):
@@ -514,7 +564,7 @@ class KerasWriter(base.Writer):
                     try:
                         with src.zip.open(info) as r, zf.open(zi, "w", force_zip64=info.file_size >= (1 << 31)) as w:
                             shutil.copyfileobj(r, w, 1 << 20)
-                    except (zipfile.BadZipFile, EOFError, NotImplementedError) as e:
+                    except _ZIP_ERRORS as e:
                         raise EmaError(f"cannot copy {info.filename}: {hdf5_fmt._msg(e)}", path=src.path) from None
         os.unlink(self.path)
 
