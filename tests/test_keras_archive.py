@@ -501,3 +501,43 @@ def test_model_checkpoint_name_gives_the_epoch(checkpointed):
 
     _, files, _ = checkpointed
     assert [engine.step_from_name(f.name) for f in files] == [1, 2, 3, 4], [f.name for f in files]
+
+
+def test_bfloat16_archive_stored_and_deflated_agree(tmp_path):
+    """Keras 3 tags bf16 weights with a variable-length dtype attribute (global
+    heaps, parsed before they are read): in place (stored) and streamed
+    (deflated), the same averages, and Keras loads both."""
+    import keras
+
+    keras.utils.set_random_seed(3)
+    x, y = data(3)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, dtype="bfloat16", name="d"),
+                              keras.layers.Dense(2, name="out")])
+    model.compile(optimizer="sgd", loss=keras.losses.MeanSquaredError())
+    stored, deflated = [], []
+    for e in (1, 2):
+        model.fit(x, y, epochs=1, batch_size=16, verbose=0)
+        p = tmp_path / f"bf-{e}.keras"
+        model.save(p)
+        q = tmp_path / "z" / p.name
+        q.parent.mkdir(exist_ok=True)
+        with zipfile.ZipFile(p) as src, zipfile.ZipFile(q, "w", compression=zipfile.ZIP_DEFLATED) as dst:
+            for info in src.infolist():
+                dst.writestr(info.filename, src.read(info.filename))
+        stored.append(p)
+        deflated.append(q)
+    outs = []
+    for name, inputs in (("a", stored), ("b", deflated)):
+        out = tmp_path / f"{name}.keras"
+        res = run_cli(*inputs, "-o", out)
+        assert res.code == 0, res
+        outs.append(out)
+    with h5_member(outs[0]) as a, h5_member(outs[1]) as b:
+        assert a["layers/dense/vars/0"].attrs["dtype"] == "bfloat16"
+        for n in ("layers/dense/vars/0", "layers/dense/vars/1", "layers/dense_1/vars/0"):
+            assert a[n][()].tobytes() == b[n][()].tobytes(), n
+    ins = [weights_of(keras.models.load_model(p)) for p in stored]
+    got = weights_of(keras.models.load_model(outs[1]))
+    ref = mean64(ins)
+    for g, r in zip(got, ref):
+        assert np.abs(g.astype(np.float64) - r).max() <= np.abs(r).max() * 2**-8

@@ -170,7 +170,7 @@ def check_global_heaps_stream(read, size: int, *, shown: str) -> None:
         hsize = int.from_bytes(buf[8:8 + ls], "little") if len(buf) >= 8 + ls else 0
         if _HEAP_MIN <= hsize <= size - pos:
             fill(pos + hsize)
-        problem = _heap_problem(buf, 0, len(buf), ls, hdr, objhdr, total=size - pos)
+        problem = _heap_problem(buf, 0, len(buf), ls, hdr, objhdr, total=size - pos, shift=pos)
         if problem:
             raise EmaError(f"corrupt HDF5 file: global heap at byte {pos}: {problem}", path=shown)
         pos += 1
@@ -183,7 +183,7 @@ def _scan_heaps(mm, base: int, end: int) -> str | None:
     objhdr = 8 + ls  # H5HG_SIZEOF_OBJHDR: index, refcount, reserved, size
     pos = mm.find(b"GCOL\x01", base, end)
     while pos >= 0:
-        problem = _heap_problem(mm, pos, end, ls, hdr, objhdr)
+        problem = _heap_problem(mm, pos, end, ls, hdr, objhdr, shift=-base)
         if problem:
             return f"global heap at byte {pos - base}: {problem}"
         pos = mm.find(b"GCOL\x01", pos + 1, end)
@@ -202,9 +202,11 @@ def _length_size(mm, base: int, end: int) -> int:
     return 8
 
 
-def _heap_problem(mm, pos: int, size: int, ls: int, hdr: int, objhdr: int, total: int | None = None) -> str | None:
+def _heap_problem(mm, pos: int, size: int, ls: int, hdr: int, objhdr: int, total: int | None = None,
+                  shift: int = 0) -> str | None:
     """The collection at ``mm[pos:]``; ``size``: where the image ends in ``mm``
-    (``total``: bytes the image has from ``pos``, when ``mm`` holds less)."""
+    (``total``: bytes the image has from ``pos``, when ``mm`` holds less;
+    ``shift``: the image offset of ``mm[0]``, for messages)."""
     avail = (size - pos) if total is None else total
     hsize = int.from_bytes(mm[pos + 8:pos + 8 + ls], "little") if pos + 8 + ls <= size else 0
     if hsize < _HEAP_MIN or hsize > avail or pos + hsize > size:
@@ -217,7 +219,7 @@ def _heap_problem(mm, pos: int, size: int, ls: int, hdr: int, objhdr: int, total
         osize = int.from_bytes(mm[pos + p + 8:pos + p + 8 + ls], "little")
         need = objhdr + (osize + 7) // 8 * 8 if idx > 0 else osize
         if need < objhdr or p + need > hsize:
-            return f"object {idx} of {osize} bytes at byte {pos + p} does not fit"
+            return f"object {idx} of {osize} bytes at byte {shift + pos + p} does not fit"
         p += need
     return None
 
