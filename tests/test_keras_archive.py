@@ -367,8 +367,6 @@ def test_roles_of_batchnorm_kernels_and_optimizer(run):
 
 
 def test_roles_of_a_legacy_h5(tmp_path):
-    import keras
-
     x, y = data()
     model = build_model()
     model.fit(x, y, epochs=1, batch_size=16, verbose=0)
@@ -386,7 +384,6 @@ def test_roles_of_a_legacy_h5(tmp_path):
     assert all(t["kind"] in ("optimizer", "counter") for n, t in rows.items() if n.startswith("optimizer_weights/"))
     counters = [n for n, t in rows.items() if t["kind"] == "counter"]
     assert len(counters) == 1 and counters[0].startswith("optimizer_weights/adam") and counters[0].endswith("/iteration")
-    del keras
 
 
 # --------------------------------------------------------------------------- corrupt archives

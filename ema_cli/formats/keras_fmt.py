@@ -33,11 +33,12 @@ else one shard; the index is moved into place last.
 
 from __future__ import annotations
 
+import glob
+import io
 import json
 import os
 import re
 import shutil
-import io
 import struct
 import zipfile
 import zlib
@@ -46,8 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from ema_cli.errors import EmaError, UsageError
-from ema_cli.formats import hdf5_fmt
-from ema_cli.formats import base
+from ema_cli.formats import base, hdf5_fmt
 from ema_cli.formats.base import Role, Source, TensorInfo
 from ema_cli.output import Staged, _fsync_dir, check_target, fsync_file
 
@@ -425,7 +425,7 @@ class ShardStaging(_DirStaging):
         final = os.path.abspath(output)
         check_target(final, force=force, is_dir=False)
         parent, base = os.path.dirname(final), _out_base(final)
-        old = sorted(str(p) for p in Path(parent).glob(f"{glob_escape(base)}_[0-9][0-9][0-9][0-9][0-9].weights.h5"))
+        old = sorted(str(p) for p in Path(parent).glob(f"{glob.escape(base)}_[0-9][0-9][0-9][0-9][0-9].weights.h5"))
         if old and not force:
             raise EmaError("output exists (use --force to overwrite)", path=old[0])
         self._stale = old
@@ -454,12 +454,6 @@ class ShardStaging(_DirStaging):
                     pass
         _fsync_dir(parent)
         self.final_files = moved
-
-
-def glob_escape(s: str) -> str:
-    import glob
-
-    return glob.escape(s)
 
 
 # --------------------------------------------------------------------------- writing
@@ -545,7 +539,10 @@ class KerasWriter(base.Writer):
 
     def _zip(self) -> None:
         """The newest input's members in its order; its weights replaced by ours.
-        Stored, as Keras stores them (so the next reader maps them in place)."""
+        Stored, as Keras stores them (so the next reader maps them in place).
+        The weights were written as a file of the staging directory first (HDF5
+        writes at offsets and grows the file; a zip member is written front to
+        back with its size and CRC): one extra sequential copy of the weights."""
         src = self._template.archive
         out = os.path.join(os.path.dirname(self.path), "archive" + ARCHIVE_SUFFIX)
         size = os.path.getsize(self.path)
