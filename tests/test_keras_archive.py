@@ -441,9 +441,8 @@ def test_keras_output_needs_a_keras_template(run, tmp_path):
 
 @pytest.fixture(scope="module")
 def checkpointed(tmp_path_factory):
-    """ModelCheckpoint("weights.{epoch:02d}-{val_loss:.2f}.weights.h5"), 4 epochs;
-    the validation targets are shifted so that val_loss falls, then rises: the
-    number after the dash is not in epoch order."""
+    """ModelCheckpoint("weights.{epoch:02d}-{val_loss:.2f}.weights.h5"), 4 epochs:
+    the last number in each name is val_loss's digits, not the epoch."""
     import keras
 
     d = tmp_path_factory.mktemp("mcp")
