@@ -53,7 +53,7 @@ Json = Annotated[bool, typer.Option("--json", help="Print one JSON document on s
 Suffix = Annotated[str, typer.Option("--suffix", help="Shadow-name suffix: the shadow of x is x/SUFFIX.")]
 # output options shared by average and posthoc
 Output = Annotated[str, typer.Option("--output", "-o", help="Output path (format from its suffix).", show_default=False)]
-Format = Annotated[Optional[str], typer.Option("--format", help="Output format: safetensors, tf or hdf5.")]
+Format = Annotated[Optional[str], typer.Option("--format", help="Output format: safetensors, tf, hdf5 or keras.")]
 Dtype = Annotated[str, typer.Option("--dtype", help="keep, float32, float16, bfloat16 or float64: dtype of averaged tensors.")]
 AllowNonfinite = Annotated[bool, typer.Option("--allow-nonfinite", help="Average NaN/Inf values instead of failing.")]
 Verify = Annotated[bool, typer.Option("--verify", help="Reopen the output and check every tensor against what was computed.")]

@@ -413,7 +413,7 @@ def test_options_hdf5_output_cannot_honour(run, tmp_path):
     nothing_written(out)
     assert_clean_error(run_cli(*files, "-o", out, "--names", "shadow", "--decay", "0.9"), "not datasets of")
     nothing_written(out)
-    # a .keras archive is a zip, not HDF5: not read
+    # a .keras archive that is a corrupt zip: one line naming it
     k = tmp_path / "model.keras"
     k.write_bytes(b"PK\x03\x04" + b"\0" * 100)
     assert_clean_error(run_cli(k, "-o", out), str(k))

@@ -20,6 +20,7 @@ from ema_cli.formats.base import Reader, Source, TensorInfo, Writer
 _MODULES = {
     "safetensors": "ema_cli.formats.safetensors_fmt",
     "tf": "ema_cli.formats.tf_fmt",
+    "keras": "ema_cli.formats.keras_fmt",  # before hdf5: it claims the shard files of a .weights.json
     "hdf5": "ema_cli.formats.hdf5_fmt",
 }
 FORMAT_NAMES = tuple(_MODULES)
@@ -84,7 +85,7 @@ def resolve_inputs(args: list[str]) -> Inputs:
                     raise EmaError("no such file or directory", path=arg)
                 raise EmaError(
                     "not a checkpoint ema-avg can read (expected .safetensors, "
-                    "a TensorFlow checkpoint, or HDF5 .h5/.hdf5)",
+                    "a TensorFlow checkpoint, HDF5 .h5/.hdf5, or Keras .keras/.weights.json)",
                     path=arg,
                 )
         for s in sources:
@@ -196,7 +197,7 @@ def output_format(path: str, explicit: str | None) -> str | None:
             return m.NAME
     raise EmaError(
         "cannot tell the output format from its name: use a .safetensors, .ckpt, "
-        ".h5/.hdf5/.weights.h5 suffix, a directory (DIR/) or --format",
+        ".h5/.hdf5/.weights.h5, .keras or .weights.json suffix, a directory (DIR/) or --format",
         path=path,
     )
 

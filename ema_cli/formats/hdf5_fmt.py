@@ -29,18 +29,22 @@ h5py is imported lazily: listing the format costs nothing for other formats.
 
 from __future__ import annotations
 
+import io
+import json
 import mmap
 import os
 import re
 import shutil
 import threading
+from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, Callable
 
 import numpy as np
 
 from ema_cli import dtypes
 from ema_cli.errors import EmaError, UsageError
-from ema_cli.formats.base import Reader, Source, TensorInfo, Writer
+from ema_cli.formats.base import BUFFER, COUNTER, OPTIMIZER, OTHER, PARAMETER, Reader, Role, Source, TensorInfo, Writer
 from ema_cli.output import Staged, check_target
 
 NAME = "hdf5"
@@ -103,48 +107,110 @@ def is_hdf5(path: Path) -> bool:
 _HEAP_MIN = 4096  # H5HG_MINSIZE: HDF5 never writes a smaller global heap collection
 
 
-def check_global_heaps(path: str) -> None:
+def check_global_heaps(path: str, base: int = 0, size: int | None = None, *, shown: str | None = None) -> None:
     """Variable-length data (strings, such as the ``dtype`` attributes of Keras 3
     bfloat16 weights) lives in global heap collections.  HDF5 parses a whole
     collection when it reads one object of it, and on a corrupt collection
     (H5HG__cache_heap_deserialize) loops forever on an object of size 0 or copies
     from past its end.  So every collection in the file (signature ``GCOL``,
-    version 1) is parsed here first, as HDF5 does, before any such data is read."""
+    version 1) is parsed here first, as HDF5 does, before any such data is read.
+
+    ``base``/``size``: the HDF5 image is bytes ``[base, base+size)`` of ``path``
+    (a member stored in a ``.keras`` zip); ``shown`` names the file in errors.
+    Byte positions in messages are relative to the image."""
+    shown = shown or path
     try:
         with open(path, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
-            if size == 0:
+            fsize = os.fstat(fh.fileno()).st_size
+            end = fsize if size is None else min(fsize, base + size)
+            if end <= base:
                 return
             with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-                ls = _length_size(mm, size)
-                hdr = (8 + ls + 7) // 8 * 8  # H5HG_SIZEOF_HDR: signature, version, reserved, size; aligned
-                objhdr = 8 + ls  # H5HG_SIZEOF_OBJHDR: index, refcount, reserved, size
-                pos = mm.find(b"GCOL\x01")
-                while pos >= 0:
-                    problem = _heap_problem(mm, pos, size, ls, hdr, objhdr)
-                    if problem:
-                        raise EmaError(f"corrupt HDF5 file: global heap at byte {pos}: {problem}", path=path)
-                    pos = mm.find(b"GCOL\x01", pos + 1)
+                problem = _scan_heaps(mm, base, end)
     except OSError as e:
-        raise EmaError(f"cannot read: {e.strerror}", path=path) from None
+        raise EmaError(f"cannot read: {e.strerror}", path=shown) from None
+    if problem:
+        raise EmaError(f"corrupt HDF5 file: {problem}", path=shown)
 
 
-def _length_size(mm, size: int) -> int:
+def check_global_heaps_stream(read, size: int, *, shown: str) -> None:
+    """check_global_heaps for an image that can only be read front to back (a
+    deflated zip member): one pass, holding at most one collection and 1 MiB."""
+    buf = bytearray()
+    start = 0  # image offset of buf[0]
+    eof = False
+
+    def fill(upto: int) -> bool:  # buf covers [start, upto): False at the end of the image
+        nonlocal eof
+        while start + len(buf) < upto and not eof:
+            chunk = read(max(1 << 20, upto - start - len(buf)))
+            if not chunk:
+                eof = True
+            buf.extend(chunk)
+        return start + len(buf) >= upto
+
+    fill(1 << 20)
+    ls = _length_size(buf, 0, len(buf))
+    hdr, objhdr = (8 + ls + 7) // 8 * 8, 8 + ls
+    pos = 0
+    while True:
+        i = buf.find(b"GCOL\x01", pos - start)
+        if i < 0:
+            if eof:
+                return
+            keep = max(pos, start + len(buf) - 4)  # a signature may straddle two reads
+            del buf[: keep - start]
+            start = pos = keep
+            fill(start + len(buf) + (1 << 20))
+            continue
+        pos = start + i
+        del buf[: pos - start]
+        start = pos
+        fill(pos + 8 + ls)
+        hsize = int.from_bytes(buf[8:8 + ls], "little") if len(buf) >= 8 + ls else 0
+        if _HEAP_MIN <= hsize <= size - pos:
+            fill(pos + hsize)
+        problem = _heap_problem(buf, 0, len(buf), ls, hdr, objhdr, total=size - pos, shift=pos)
+        if problem:
+            raise EmaError(f"corrupt HDF5 file: global heap at byte {pos}: {problem}", path=shown)
+        pos += 1
+
+
+def _scan_heaps(mm, base: int, end: int) -> str | None:
+    """The first global-heap problem in the HDF5 image at ``mm[base:end]``."""
+    ls = _length_size(mm, base, end)
+    hdr = (8 + ls + 7) // 8 * 8  # H5HG_SIZEOF_HDR: signature, version, reserved, size; aligned
+    objhdr = 8 + ls  # H5HG_SIZEOF_OBJHDR: index, refcount, reserved, size
+    pos = mm.find(b"GCOL\x01", base, end)
+    while pos >= 0:
+        problem = _heap_problem(mm, pos, end, ls, hdr, objhdr, shift=-base)
+        if problem:
+            return f"global heap at byte {pos - base}: {problem}"
+        pos = mm.find(b"GCOL\x01", pos + 1, end)
+    return None
+
+
+def _length_size(mm, base: int, end: int) -> int:
     """The superblock's "size of lengths" (8 unless it says otherwise)."""
     off = 0
-    while off + 16 <= size:
-        if mm[off:off + 8] == SIGNATURE:
-            v = mm[off + 8]
-            n = mm[off + 14] if v in (0, 1) else mm[off + 10]
+    while base + off + 16 <= end:
+        if mm[base + off:base + off + 8] == SIGNATURE:
+            v = mm[base + off + 8]
+            n = mm[base + off + 14] if v in (0, 1) else mm[base + off + 10]
             return n if n in (2, 4, 8) else 8
         off = 512 if off == 0 else off * 2
     return 8
 
 
-def _heap_problem(mm, pos: int, size: int, ls: int, hdr: int, objhdr: int) -> str | None:
+def _heap_problem(mm, pos: int, size: int, ls: int, hdr: int, objhdr: int, total: int | None = None,
+                  shift: int = 0) -> str | None:
+    """The collection at ``mm[pos:]``; ``size``: where the image ends in ``mm``
+    (``total``: bytes the image has from ``pos``, when ``mm`` holds less;
+    ``shift``: the image offset of ``mm[0]``, for messages)."""
+    avail = (size - pos) if total is None else total
     hsize = int.from_bytes(mm[pos + 8:pos + 8 + ls], "little") if pos + 8 + ls <= size else 0
-    if hsize < _HEAP_MIN or pos + hsize > size:
-        return f"collection size {hsize} (the file has {size - pos} bytes from there)"
+    if hsize < _HEAP_MIN or hsize > avail or pos + hsize > size:
+        return f"collection size {hsize} (the file has {avail} bytes from there)"
     p = hdr
     while p < hsize:
         if p + objhdr > hsize:
@@ -153,7 +219,7 @@ def _heap_problem(mm, pos: int, size: int, ls: int, hdr: int, objhdr: int) -> st
         osize = int.from_bytes(mm[pos + p + 8:pos + p + 8 + ls], "little")
         need = objhdr + (osize + 7) // 8 * 8 if idx > 0 else osize
         if need < objhdr or p + need > hsize:
-            return f"object {idx} of {osize} bytes at byte {pos + p} does not fit"
+            return f"object {idx} of {osize} bytes at byte {shift + pos + p} does not fit"
         p += need
     return None
 
@@ -173,9 +239,11 @@ def claim_path(path: Path) -> list[Source] | None:
 
 
 def scan_dir(path: Path) -> list[Source]:
+    from ema_cli.formats.keras_fmt import shard_index
+
     out: list[Source] = []
     for f in sorted(Path(path).iterdir()):
-        if _has_suffix(f.name) and f.is_file():
+        if _has_suffix(f.name) and f.is_file() and shard_index(f) is None:  # Keras shards: read by their index
             out.extend(claim_path(f) or [])
     return out
 
@@ -289,15 +357,87 @@ def _needs_tag(name: str) -> bool:
 # --------------------------------------------------------------------------- reading
 
 
+@dataclass
+class Image:
+    """Where a reader's HDF5 bytes are: bytes ``[base, base+size)`` of ``file``.
+
+    A plain HDF5 file is the whole of its file (``base`` 0).  A member stored
+    uncompressed in a zip (``.keras``) is a contiguous range of the zip: HDF5
+    reads it through a file object restricted to that range, and contiguous
+    datasets are still mapped in place (``base`` + their offset).  ``base`` None:
+    the bytes are not in the file as they are (a deflated member), and are read
+    front to back from ``stream()`` (zipfile's decompressing, seekable reader)."""
+
+    file: str
+    base: int | None
+    size: int
+    stream: Callable[[], IO[bytes]] | None = None
+
+    @property
+    def whole_file(self) -> bool:
+        return self.base == 0 and self.stream is None and self.size == os.path.getsize(self.file)
+
+
+class _Window(io.RawIOBase):
+    """A read-only file object over bytes ``[base, base+size)`` of a file (pread:
+    no shared file position); what h5py's file-object driver reads an HDF5
+    image inside a zip through."""
+
+    def __init__(self, path: str, base: int, size: int):
+        super().__init__()
+        self._fd = os.open(path, os.O_RDONLY)
+        self._base, self._size, self._pos = base, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self._pos = pos if whence == 0 else self._pos + pos if whence == 1 else self._size + pos
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readinto(self, b) -> int:
+        n = max(0, min(len(b), self._size - self._pos))
+        got = 0
+        mv = memoryview(b)
+        while got < n:
+            k = os.preadv(self._fd, [mv[got:n]], self._base + self._pos + got)
+            if k <= 0:
+                break
+            got += k
+        self._pos += got
+        return got
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        super().close()
+
+
 class Hdf5Reader(Reader):
     format = NAME
 
-    def __init__(self, source: Source):
+    def __init__(self, source: Source, image: Image | None = None):
         super().__init__(source)
         self._heaps_checked = False
+        self._fileobj = None
+        self._layer_classes: dict[str, tuple[str, dict]] | None = None  # layer name -> (class, config)
         try:
-            self._f = _open(source.path, "r")
+            self._image = image or Image(source.path, 0, os.path.getsize(source.path))
+            if self._image.whole_file:
+                self._f = _open(source.path, "r")
+            else:
+                self._fileobj = (_Window(self._image.file, self._image.base, self._image.size)
+                                 if self._image.base is not None else self._image.stream())
+                self._f = _h5py().File(self._fileobj, "r")
         except (OSError, ValueError) as e:
+            self._close_fileobj()
             raise EmaError(f"not a readable HDF5 file: {_msg(e)}", path=source.path) from None
         try:
             attrs = self._f.attrs
@@ -313,13 +453,57 @@ class Hdf5Reader(Reader):
             self._offsets: dict[str, int | None] = {}
             self._mm = None
             self._map_lock = threading.Lock()
-            self._size = os.path.getsize(source.path)
+            self._size = self._image.size
         except EmaError:
-            self._f.close()
+            self.close()
             raise
         except (OSError, KeyError, ValueError, RuntimeError, TypeError) as e:
-            self._f.close()
+            self.close()
             raise EmaError(f"corrupt HDF5 file: {_msg(e)}", path=source.path) from None
+
+    def _close_fileobj(self) -> None:
+        if self._fileobj is not None:
+            try:
+                self._fileobj.close()
+            except Exception:  # noqa: BLE001 - best effort
+                pass
+            self._fileobj = None
+
+    # ------------------------------------------------------------- the bytes
+
+    def copy_image(self, dst: str) -> None:
+        """Write this reader's HDF5 image, byte for byte, to a new file ``dst``."""
+        img = self._image
+        if img.whole_file:
+            shutil.copyfile(img.file, dst)
+            return
+        with open(dst, "wb") as out:
+            if img.base is not None:
+                with open(img.file, "rb") as src:
+                    left, off = img.size, img.base
+                    while left > 0:
+                        n = os.copy_file_range(src.fileno(), out.fileno(), left, off) if hasattr(os, "copy_file_range") else 0
+                        if n <= 0:  # not supported here: plain reads
+                            src.seek(off)
+                            chunk = src.read(min(left, 1 << 20))
+                            if not chunk:
+                                raise EmaError("truncated while copying its HDF5 data", path=self.path)
+                            out.write(chunk)
+                            n = len(chunk)
+                        left, off = left - n, off + n
+            else:
+                with img.stream() as src:
+                    shutil.copyfileobj(src, out, 1 << 20)
+
+    def image_head(self, n: int) -> bytes:
+        """The first ``n`` bytes of the HDF5 image (a user block)."""
+        img = self._image
+        if img.base is not None:
+            with open(img.file, "rb") as fh:
+                fh.seek(img.base)
+                return fh.read(min(n, img.size))
+        with img.stream() as fh:
+            return fh.read(n)
 
     def _walk(self) -> None:
         h5py = _h5py()
@@ -369,7 +553,15 @@ class Hdf5Reader(Reader):
     def check_heaps(self) -> None:
         """check_global_heaps, once, before the first variable-length read."""
         if not self._heaps_checked:
-            check_global_heaps(self.path)
+            img = self._image
+            if img.base is not None:
+                check_global_heaps(img.file, img.base, img.size, shown=self.path)
+            else:
+                try:
+                    with img.stream() as fh:
+                        check_global_heaps_stream(fh.read, img.size, shown=self.path)
+                except OSError as e:
+                    raise EmaError(f"cannot read: {_msg(e)}", path=self.path) from None
             self._heaps_checked = True
 
     def tensors(self) -> dict[str, TensorInfo]:
@@ -401,11 +593,15 @@ class Hdf5Reader(Reader):
             return self._offsets[name]
         with self._map_lock:  # readers are shared by threads
             ds, kind = self._ds[name]
-            off = direct_offset(ds, self._tensors[name].dtype, kind)
+            off = direct_offset(ds, self._tensors[name].dtype, kind) if self._image.base is not None else None
             if off is not None and off + self._tensors[name].nbytes > self._size:
                 off = None  # truncated: let HDF5 report it
+            if off is not None:
+                off += self._image.base  # where the image sits in its file (a .keras zip member)
+                if off + self._tensors[name].nbytes > os.path.getsize(self._image.file):
+                    off = None
             if off is not None and self._mm is None:
-                with open(self.path, "rb") as fh:
+                with open(self._image.file, "rb") as fh:
                     self._mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
             self._offsets[name] = off
         return self._offsets[name]
@@ -440,8 +636,123 @@ class Hdf5Reader(Reader):
     def _scalar(self, name: str) -> int:
         return int(self.read(name).reshape(-1)[0])
 
-    def averaged_by_default(self, info: TensorInfo) -> bool:
-        return info.dtype in dtypes.AVERAGED_BY_DEFAULT and info.name.split("/", 1)[0] not in OPTIMIZER_GROUPS
+    # ------------------------------------------------------------- roles
+
+    def role(self, info: TensorInfo) -> Role:
+        """From the layout Keras writes.  Keras 3 ``.weights.h5``: each layer's
+        variables are ``<path>/vars/<i>``, in the layer's order (trainable, then
+        non-trainable); the group is named after the layer's class
+        (``batch_normalization``, ``batch_normalization_1``: Keras names it so
+        that a renamed layer still loads) and ``vars`` carries the layer's own
+        name as attribute ``name``, which the model config (``config.json`` of a
+        ``.keras``, ``model_config`` of a legacy ``.h5``) maps to its class and
+        options.  Legacy ``.h5``: ``model_weights/<layer>/.../<weight>`` with the
+        weight's own name.  ``optimizer/``, ``optimizer_weights/``: optimizer
+        state, its iteration counter a counter."""
+        name, parts = info.name, info.name.split("/")
+        if parts[0] in OPTIMIZER_GROUPS:
+            keras = self.legacy_keras or "layers" in self._f or "vars" in self._f
+            if self._is_iteration_counter(info):
+                return Role(COUNTER, "keras optimizer: iteration counter" if keras else f"optimizer counter ({parts[0]}/)")
+            return Role(OPTIMIZER, "keras optimizer variable" if keras else f"optimizer state ({parts[0]}/)")
+        if not dtypes.is_float(info.dtype):
+            if name in ROOT_COUNTERS and info.numel == 1 and info.dtype in _INT_TYPES:
+                return Role(COUNTER, f"step counter ({name})")
+            return Role(OTHER, f"{info.dtype}: not floating point")
+        if len(parts) >= 2 and parts[-2] == "vars" and parts[-1].isdigit() and not self.legacy_keras:
+            return self._keras3_role(info, parts)
+        if self.legacy_keras and parts[0] == "model_weights" and len(parts) >= 3:
+            return self._legacy_role(parts)
+        return super().role(info)
+
+    def _is_iteration_counter(self, info: TensorInfo) -> bool:
+        parts = info.name.split("/")
+        if info.numel != 1 or info.dtype not in _INT_TYPES:
+            return False
+        if parts[0] == "optimizer":
+            return parts[-2:] == ["vars", "0"]
+        return parts[-1].split(":")[0] in LEGACY_COUNTERS
+
+    def set_model_config(self, config) -> None:
+        """The model's config (a ``.keras``'s ``config.json``): layer classes by name."""
+        self._layer_classes = _layer_classes(config)
+
+    def _classes(self) -> dict[str, tuple[str, dict]]:
+        if self._layer_classes is None:
+            self._layer_classes = {}
+            if self.legacy_keras and "model_config" in self._f.attrs:
+                try:
+                    text = _attr_str(_attr_value(self._f, "model_config", self.check_heaps))
+                    self._layer_classes = _layer_classes(json.loads(text)) if text else {}
+                except (ValueError, TypeError, OSError, RuntimeError):
+                    self._layer_classes = {}  # no usable config: the layout alone decides
+        return self._layer_classes
+
+    def _keras3_role(self, info: TensorInfo, parts: list[str]) -> Role:
+        group = "/".join(parts[:-1])  # .../vars
+        index = int(parts[-1])
+        layer_group = parts[-3] if len(parts) >= 3 else ""  # the class-derived group name
+        cls, cfg, how = None, None, ""
+        layer_name = self._vars_name(group)
+        if layer_name is not None and layer_name in self._classes():
+            cls, cfg = self._classes()[layer_name]
+            how = ""
+        elif _KERAS_BN_GROUP.match(layer_group):
+            cls, how = "BatchNormalization", " (class from its group name)"
+        if cls == "BatchNormalization":
+            names = self._bn_var_names(group, cfg)
+            if names is not None and index < len(names):
+                what = names[index]
+                kind = BUFFER if what in _BN_BUFFERS else PARAMETER
+                return Role(kind, f"keras layer BatchNormalization{how}: {what}")
+        label = cls or (layer_group or "model")
+        return Role(PARAMETER, f"keras layer {label}: vars/{index}")
+
+    def _vars_name(self, group: str) -> str | None:
+        """The layer's own name, stored on its ``vars`` group by Keras 3."""
+        try:
+            g = self._f[group]
+            if "name" not in g.attrs:
+                return None
+            return _attr_str(_attr_value(g, "name", self.check_heaps))
+        except (KeyError, OSError, ValueError, TypeError, RuntimeError):
+            return None
+
+    def _bn_var_names(self, group: str, cfg: dict | None) -> list[str] | None:
+        """A BatchNormalization layer's variables in the order it saves them:
+        gamma (scale), beta (center), moving_mean, moving_variance, then the
+        renorm statistics.  From its config when known, else from how many
+        equally shaped variables there are (2-4 without renorm, 5-7 with: the
+        counts do not overlap); None when the group does not look like one."""
+        prefix = group + "/"
+        shapes = {int(n[len(prefix):]): i.shape for n, i in self._tensors.items()
+                  if n.startswith(prefix) and n[len(prefix):].isdigit()}
+        n = len(shapes)
+        if sorted(shapes) != list(range(n)) or len(set(shapes.values())) != 1:
+            return None
+        if cfg is not None:
+            names = (["gamma"] if cfg.get("scale", True) else []) + (["beta"] if cfg.get("center", True) else [])
+            names += ["moving_mean", "moving_variance"]
+            if cfg.get("renorm"):
+                names += ["moving_stddev", "renorm_mean", "renorm_stddev"]
+            if len(names) == n:
+                return names
+        stats = 2 if 2 <= n <= 4 else 5 if 5 <= n <= 7 else 0
+        if not stats:
+            return None
+        params = {0: [], 1: ["gamma or beta"], 2: ["gamma", "beta"]}[n - stats]
+        return params + ["moving_mean", "moving_variance", "moving_stddev", "renorm_mean", "renorm_stddev"][:stats]
+
+    def _legacy_role(self, parts: list[str]) -> Role:
+        layer = parts[1]
+        weight = parts[-1].split(":")[0]
+        cls = self._classes().get(layer, (None, None))[0]
+        if cls == "BatchNormalization":
+            kind = BUFFER if weight in _BN_BUFFERS else PARAMETER
+            return Role(kind, f"keras layer BatchNormalization: {weight}")
+        if cls is None and weight in _BN_BUFFERS:
+            return Role(BUFFER, f"name rules: statistics buffer ({weight})")
+        return Role(PARAMETER, f"keras layer {cls or layer}: {weight}")
 
     def extras(self):
         layout = "hdf5"
@@ -456,7 +767,8 @@ class Hdf5Reader(Reader):
             self._f.close()
         except Exception:  # noqa: BLE001 - closing twice or after a failed open
             pass
-        if self._mm is not None:
+        self._close_fileobj()
+        if getattr(self, "_mm", None) is not None:
             try:
                 self._mm.close()
             except BufferError:
@@ -464,6 +776,32 @@ class Hdf5Reader(Reader):
 
 
 _INT_TYPES = frozenset({"int64", "int32", "int16", "int8", "uint64", "uint32", "uint16", "uint8"})
+_BN_BUFFERS = frozenset({"moving_mean", "moving_variance", "moving_stddev", "renorm_mean", "renorm_stddev"})
+_KERAS_BN_GROUP = re.compile(r"^batch_normalization(_\d+)?$")  # keras naming.to_snake_case + unique suffix
+
+
+def _layer_classes(config) -> dict[str, tuple[str, dict]]:
+    """Every layer in a Keras model config, by name: (class name, its config).
+    A name given to layers of different classes (nested models) is left out."""
+    out: dict[str, tuple[str, dict]] = {}
+    clash: set[str] = set()
+
+    def walk(node) -> None:
+        if isinstance(node, dict):
+            cfg = node.get("config")
+            if isinstance(node.get("class_name"), str) and isinstance(cfg, dict) and isinstance(cfg.get("name"), str):
+                nm, cls = cfg["name"], node["class_name"]
+                if nm in out and out[nm][0] != cls:
+                    clash.add(nm)
+                out.setdefault(nm, (cls, cfg))
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(config)
+    return {k: v for k, v in out.items() if k not in clash}
 
 
 def _read_strings(ds, kind: str) -> np.ndarray:
@@ -531,11 +869,12 @@ class Hdf5Writer(Writer):
     """HDF5 output: from an HDF5 template (copy and overwrite in place, or
     rebuild when dtypes change) or from scratch (any other template)."""
 
-    def __init__(self, path: str, shards: list[list[TensorInfo]], metadata: dict[str, str], template=None):
+    def __init__(self, path: str, shards: list[list[TensorInfo]], metadata: dict[str, str], template=None,
+                 *, shown: str | None = None):
         if len(shards) > 1:
             raise UsageError("HDF5 output is a single file: --max-shard-size applies to safetensors output")
         self.path = path
-        self.shown = _final_name(path)  # the output path the user named, for messages
+        self.shown = shown or _final_name(path)  # the output path the user named, for messages
         self._infos = {i.name: i for i in (shards[0] if shards else [])}
         self._pending = set(self._infos)
         self._lock = threading.Lock()
@@ -544,7 +883,8 @@ class Hdf5Writer(Writer):
         self._fd = -1  # raw descriptor for contiguous datasets written in place
         self._direct: dict[str, int] = {}  # name -> file offset of its bytes
         self._changed: set[str] = set()  # datasets recreated with a new dtype
-        self._template = template if getattr(template, "format", None) == NAME else None
+        # an HDF5 image of its own (a file, or the model.weights.h5 of a .keras) is the layout kept
+        self._template = template if isinstance(template, Hdf5Reader) else None
         try:
             if self._template is not None:
                 self._start_from_template(self._template)
@@ -575,7 +915,7 @@ class Hdf5Writer(Writer):
                 + " (--names shadow needs safetensors or TF output)", path=self.shown)
         self._changed = {n for n, i in self._infos.items() if i.dtype != have[n].dtype}
         if not self._changed:
-            shutil.copyfile(tmpl.path, self.path)
+            tmpl.copy_image(self.path)
             # a byte copy: contiguous datasets sit at the template's offsets
             for name in self._infos:
                 ds, kind = tmpl._ds[name]
@@ -628,8 +968,7 @@ class Hdf5Writer(Writer):
         copy(root, self._f, "")
         if ub:
             self._f.close()
-            with open(tmpl.path, "rb") as fh:
-                block = fh.read(ub)
+            block = tmpl.image_head(ub)
             with open(self.path, "r+b") as fh:
                 fh.write(block)
             self._f = _open(self.path, "r+")
