@@ -711,10 +711,13 @@ class TFReader(Reader):
                 from ema_cli.formats import tf_objgraph
 
                 try:
-                    raw = self.read(OBJECT_GRAPH_KEY)
-                    self._graph = tf_objgraph.ObjectGraph(np.asarray(raw, dtype=object).reshape(-1)[0])
-                    self._graph_entries = self._graph.classify()
-                except (tf_objgraph.GraphError, IndexError) as e:
+                    raw = np.asarray(self.read(OBJECT_GRAPH_KEY), dtype=object)
+                    if raw.shape != ():
+                        raise tf_objgraph.GraphError(f"a tensor of shape {list(raw.shape)}, not a scalar")
+                    graph = tf_objgraph.ObjectGraph(raw[()])
+                    self._graph_entries = graph.classify()
+                    self._graph = graph
+                except tf_objgraph.GraphError as e:
                     warn(f"{self.path}: unreadable {OBJECT_GRAPH_KEY} ({e}): the name rules decide what is "
                          "averaged, and tf.train.Checkpoint.restore will fail on this checkpoint")
         return self._graph
@@ -776,6 +779,34 @@ class TFReader(Reader):
 
 
 Reader = TFReader
+
+
+# --------------------------------------------------------------------------- rename
+
+
+def rename_overrides(reader: TFReader, mapping: dict[str, str]) -> dict[str, np.ndarray]:
+    """For ``rename`` ({input name: output name}, tensors absent are dropped): the
+    values that must change with the names.  An object-based checkpoint's graph
+    points each variable at its ``checkpoint_key``; the rewritten graph
+    (:func:`tf_objgraph.rename_keys`) points at the new keys, so
+    ``tf.train.Checkpoint.restore`` of the output finds the renamed values
+    (``--to-original``: the shadow values, under the keys the graph already
+    names).  A name-based (TF1) checkpoint: nothing."""
+    if OBJECT_GRAPH_KEY not in reader.tensors() or OBJECT_GRAPH_KEY not in mapping:
+        return {}
+    from ema_cli.formats import tf_objgraph
+
+    raw = np.asarray(reader.read(OBJECT_GRAPH_KEY), dtype=object)
+    try:
+        if raw.shape != ():
+            raise tf_objgraph.GraphError(f"it is a tensor of shape {list(raw.shape)}, not a scalar")
+        new = tf_objgraph.rename_keys(raw[()], mapping, mapping.values())
+    except tf_objgraph.GraphError as e:
+        raise EmaError(f"cannot rewrite the object graph for the new names: {e}", path=reader.path,
+                       tensor=OBJECT_GRAPH_KEY) from None
+    out = np.empty((), dtype=object)
+    out[()] = new
+    return {OBJECT_GRAPH_KEY: out}
 
 
 # --------------------------------------------------------------------------- writing
