@@ -231,9 +231,10 @@ def test_tf2_rename_round_trip_restores_the_averages(tf, runs, averaged, tmp_pat
     for a, b in zip(opt_values(got_opt), opt_values(want_opt)):
         assert bits(a) == bits(b)
 
-    # --to-shadow on the average: the graph now names the */ExponentialMovingAverage keys
-    res = run_cli("rename", mean, "-o", shadow, "--to-shadow", "--force")
-    assert res.code == 0, res
+    # --to-shadow on the average (in-process, as the CLI runs it): the graph names the */ExponentialMovingAverage keys
+    from ema_cli import names
+
+    names.run_rename(names.rename_plan(str(mean), names.TO_SHADOW), str(shadow), "tf", force=True)
     r = tf.train.load_checkpoint(str(shadow))
     keys = set(r.get_variable_to_shape_map())
     graph = pb.TrackableObjectGraph.FromString(r.get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH"))
@@ -242,18 +243,18 @@ def test_tf2_rename_round_trip_restores_the_averages(tf, runs, averaged, tmp_pat
     got_model, _ = restored("keras3", shadow, tf)
     for w, g in zip(want_model.weights, got_model.weights):
         assert bits(g.numpy()) == bits(w.numpy()), g.name
-    res = run_cli("rename", shadow, "-o", back, "--to-original")
-    assert res.code == 0, res
+    names.run_rename(names.rename_plan(str(shadow), names.TO_ORIGINAL), str(back), "tf")
     g_back = tf.train.load_checkpoint(str(back)).get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH")
     g_mean = tf.train.load_checkpoint(str(mean)).get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH")
     assert pb.TrackableObjectGraph.FromString(g_back) == pb.TrackableObjectGraph.FromString(g_mean)
 
 
-def test_graph_roles_in_process(tf, tmp_path):
+def test_graph_roles_in_process(tf, tmp_path, capsys):
     """Cases the training runs do not cover: a tf.keras legacy optimizer with
     slot variables saved as ``opt=``, an optimizer-only Keras 3 checkpoint (the
-    model variables it tracks are parameters), and a corrupt object graph (a
-    warning, then the name rules)."""
+    model variables it tracks are parameters), the same optimizer as the
+    checkpoint's root, and a corrupt object graph (a warning, then the name
+    rules)."""
     import keras
     import tf_keras
 
@@ -290,6 +291,12 @@ def test_graph_roles_in_process(tf, tmp_path):
     assert params == [f"sgd/_trainable_variables/{i}/.ATTRIBUTES/VARIABLE_VALUE" for i in range(2)]
     assert all("tracked by the optimizer" in got[n].why for n in params)
     assert sum(r.kind == "optimizer" for r in got.values()) == len(kopt.variables)
+    p = tf.train.Checkpoint(root=kopt).save(str(tmp_path / "optroot" / "ckpt"))
+    got, step = roles(p)
+    assert step == 1
+    assert sorted(n for n, r in got.items() if r.kind == "parameter") == [
+        f"_trainable_variables/{i}/.ATTRIBUTES/VARIABLE_VALUE" for i in range(2)]
+    assert sum(r.kind == "optimizer" for r in got.values()) == len(kopt.variables)
 
     # a corrupt graph: one warning, the name rules decide, averaging still works
     d = tmp_path / "corrupt"
@@ -297,10 +304,10 @@ def test_graph_roles_in_process(tf, tmp_path):
     v = tf.Variable(np.ones(3, np.float32))
     tf.raw_ops.SaveV2(prefix=str(d / "ckpt-1"), tensor_names=["_CHECKPOINTABLE_OBJECT_GRAPH", "w/.ATTRIBUTES/VARIABLE_VALUE"],
                       shape_and_slices=["", ""], tensors=[tf.constant(b"\xff\xff not a proto"), v])
-    res = run_cli("inspect", d / "ckpt-1", "--json")
-    assert res.code == 0, res
-    warns = [ln for ln in res.err.splitlines() if ln.startswith("warning: ")]
-    assert len(warns) == 1 and "_CHECKPOINTABLE_OBJECT_GRAPH" in warns[0], res
-    doc = res.json()
+    capsys.readouterr()
+    doc = inspect_doc(d / "ckpt-1", cli=False)
+    err = capsys.readouterr().err
+    warns = [ln for ln in err.splitlines() if ln.startswith("warning: ")]
+    assert len(warns) == 1 and "_CHECKPOINTABLE_OBJECT_GRAPH" in warns[0] and str(d / "ckpt-1") in warns[0], err
     assert doc["averaged_from"] == "name rules"
     assert {r["name"]: r["role"] for r in doc["tensors"]}["w/.ATTRIBUTES/VARIABLE_VALUE"] == "averaged"

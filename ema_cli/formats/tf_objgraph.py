@@ -19,6 +19,8 @@ graph (:meth:`ObjectGraph.classify`), by this rule:
    ``iter``) and a learning rate (``_learning_rate``, ``learning_rate``): the
    layout of Keras 3 and tf.keras optimizers, so an optimizer saved as
    ``opt=`` and a ``LossScaleOptimizer``'s ``inner_optimizer`` are found too.
+   A root that is itself an optimizer (``Checkpoint(root=opt)``) leaves no
+   model part.
 2. **Model part.**  Every variable reachable from the root through children
    *without entering an optimizer node* is model state: a ``parameter``, or a
    ``buffer`` when the child edge that reaches it is named ``moving_mean`` /
@@ -147,9 +149,17 @@ class ObjectGraph:
         self.nodes = list(self.proto.nodes)
         self.optimizers = self._optimizer_nodes()
         # first paths: the model part (never entering an optimizer node), then the rest
-        self.model_paths, self.model_edge = self._bfs([0], blocked=self.optimizers)
-        starts = [i for i in self._optimizer_roots()]
-        self.opt_paths, self.opt_edge = self._bfs(starts, blocked=set(), seed=self.model_paths)
+        if 0 in self.optimizers:  # an optimizer saved as the checkpoint's root
+            self.model_paths = {}
+            self.opt_paths, _ = self._bfs([0], blocked=set())
+        else:
+            self.model_paths, _ = self._bfs([0], blocked=self.optimizers)
+            self.opt_paths, _ = self._bfs(self._optimizer_roots(), blocked=set(), seed=self.model_paths)
+        # edge names leading to each node from the model part (BatchNorm statistics by any of them)
+        self.model_edges: dict[int, set[str]] = {}
+        for i in self.model_paths:
+            for c in self.nodes[i].children:
+                self.model_edges.setdefault(c.node_id, set()).add(c.local_name)
 
     # -- structure
 
@@ -162,7 +172,7 @@ class ObjectGraph:
             if names & set(_ITERATIONS) and names & set(_LEARNING_RATE):
                 opt.add(i)
             for c in node.children:
-                if c.local_name == "optimizer":
+                if c.local_name == "optimizer" and c.node_id != 0:
                     opt.add(c.node_id)
         # a wrapper's inner optimizer (whatever it looks like) is an optimizer too
         todo = list(opt)
@@ -172,7 +182,6 @@ class ObjectGraph:
                 if c.local_name in _INNER and c.node_id not in opt:
                     opt.add(c.node_id)
                     todo.append(c.node_id)
-        opt.discard(0)  # the root is the checkpoint itself
         return opt
 
     def _optimizer_roots(self) -> list[int]:
@@ -191,7 +200,8 @@ class ObjectGraph:
 
     def _bfs(self, starts: list[int], blocked: set[int], seed: dict | None = None):
         """First path (tuple of child names) to every node reachable from ``starts``
-        through children, not entering ``blocked``; and the name of the last edge."""
+        through children, not entering ``blocked`` (nor ``seed``'s nodes); and the
+        name of the last edge."""
         paths: dict[int, tuple[str, ...]] = {}
         edge: dict[int, str] = {}
         q = deque()
@@ -247,6 +257,9 @@ class ObjectGraph:
                 originals[s.slot_variable_node_id] = s.original_variable_node_id
                 slot_names[s.slot_variable_node_id] = s.slot_name
 
+        # tf.train.Checkpoint's own counter: the root's child, even when the root is an optimizer
+        save_counter = {c.node_id for c in self.nodes[0].children if c.local_name == "save_counter"}
+
         def path_of(i: int) -> str:
             if i in self.model_paths:
                 return self._join(self.model_paths[i])
@@ -262,12 +275,11 @@ class ObjectGraph:
                 key, full = a.checkpoint_key, a.full_name
                 if i in originals:
                     e = Entry(SLOT, path_of(originals[i]), full, slot_names[i])
+                elif i in save_counter:
+                    e = Entry(SAVE_COUNTER, "save_counter", full)
                 elif i in self.model_paths:
                     p = self.model_paths[i]
-                    last = self.model_edge.get(i, "")
-                    if p == ("save_counter",):
-                        e = Entry(SAVE_COUNTER, self._join(p), full)
-                    elif last in _BUFFER_EDGES:
+                    if self.model_edges.get(i, set()) & _BUFFER_EDGES:
                         e = Entry(MODEL_BUFFER, self._join(p), full)
                     else:
                         e = Entry(MODEL, self._join(p), full)
@@ -289,7 +301,8 @@ class ObjectGraph:
                     k = _value_key(self.nodes[i])
                     if k:
                         keys.append(k[0])
-        for root in self._optimizer_roots():
+        roots = [0] if 0 in self.optimizers else self._optimizer_roots()
+        for root in roots:
             chain = [root]
             while True:
                 inner = [c.node_id for c in self.nodes[chain[-1]].children
