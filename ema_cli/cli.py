@@ -58,6 +58,7 @@ AllowNonfinite = Annotated[bool, typer.Option("--allow-nonfinite", help="Average
 Verify = Annotated[bool, typer.Option("--verify", help="Reopen the output and check every tensor against what was computed.")]
 Threads = Annotated[int, typer.Option("--threads", help="Worker threads (0: one per core, at most 4).")]
 Force = Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing output.")]
+AllowCopyOnly = Annotated[bool, typer.Option("--allow-copy-only", help="Accept a plan that averages no tensor (every tensor copied from the newest).")]
 
 
 def _spec(swa, decay, num_updates, zero_debias, weights, decay_per, interp, half_life, sigma_rel, gamma, tf_exact) -> schedule.Spec:
@@ -102,7 +103,7 @@ def average(
     suffix: Suffix = "ExponentialMovingAverage",
     max_shard_size: Annotated[Optional[str], typer.Option("--max-shard-size", help="Write HF-style shards of at most SIZE (e.g. 2GB) into the OUTPUT directory.")] = None,
     allow_nonfinite: AllowNonfinite = False, verify: Verify = False, threads: Threads = 0, force: Force = False,
-    quiet: Quiet = False, as_json: Json = False,
+    allow_copy_only: AllowCopyOnly = False, quiet: Quiet = False, as_json: Json = False,
 ):
     t0 = time.perf_counter()
     if names not in ("original", "shadow"):
@@ -113,6 +114,7 @@ def average(
         last_n=last_n, start_step=start_step, every=every, metrics=metrics, top_k=top_k,
         maximize=_maximize(maximize, minimize), names=names, suffix=suffix,
         max_shard_size=engine.parse_size(max_shard_size) if max_shard_size else None, threads=threads,
+        allow_copy_only=allow_copy_only,
     )
     _execute(inputs, opts, output, fmt, force=force, quiet=quiet, as_json=as_json, verify=verify, t0=t0)
 
@@ -152,7 +154,7 @@ def posthoc(
     at_step: Annotated[Optional[int], typer.Option("--at-step", help="Reconstruct the EMA at step T (default: the latest snapshot).")] = None,
     fmt: Format = None, dtype: Dtype = "keep", include: Include = None, exclude: Exclude = None,
     allow_nonfinite: AllowNonfinite = False, verify: Verify = False, threads: Threads = 0, force: Force = False,
-    quiet: Quiet = False, as_json: Json = False,
+    allow_copy_only: AllowCopyOnly = False, quiet: Quiet = False, as_json: Json = False,
 ):
     t0 = time.perf_counter()
     parsed = []
@@ -170,7 +172,8 @@ def posthoc(
         parsed.append((g, paths))
     spec = schedule.Spec(sigma_rel=sigma_rel, gamma=gamma, at_step=at_step, posthoc_gammas=[])
     opts = engine.Options(spec=spec, include=include or [], exclude=exclude or [], dtype=dtype,
-                          allow_nonfinite=allow_nonfinite, threads=threads, series=parsed)
+                          allow_nonfinite=allow_nonfinite, threads=threads, series=parsed,
+                          allow_copy_only=allow_copy_only)
     _execute([], opts, output, fmt, force=force, quiet=quiet, as_json=as_json, verify=verify, t0=t0)
 
 
@@ -186,13 +189,13 @@ def plan(
     last_n: LastN = None, start_step: StartStep = None, every: Every = None,
     metrics: Metrics = None, top_k: TopK = None, maximize: Maximize = False, minimize: Minimize = False,
     order: Order = "step", include: Include = None, exclude: Exclude = None,
-    quiet: Quiet = False, as_json: Json = False,
+    allow_copy_only: AllowCopyOnly = False, quiet: Quiet = False, as_json: Json = False,
 ):
     opts = engine.Options(
         spec=_spec(swa, decay, num_updates, zero_debias, weights, decay_per, interp, half_life, sigma_rel, gamma, tf_exact),
         order=order, include=include or [], exclude=exclude or [],
         last_n=last_n, start_step=start_step, every=every, metrics=metrics, top_k=top_k,
-        maximize=_maximize(maximize, minimize),
+        maximize=_maximize(maximize, minimize), allow_copy_only=allow_copy_only,
     )
     pool = engine.ReaderPool()
     try:

@@ -27,8 +27,9 @@ from typing import Callable
 import numpy as np
 
 from ema_cli import __version__, dtypes, formats, schedule
+from ema_cli import steps as steps_mod
 from ema_cli.errors import EmaError, UsageError
-from ema_cli.formats.base import Reader, Source, TensorInfo
+from ema_cli.formats.base import BUFFER, Reader, Source, TensorInfo
 from ema_cli.output import Staged, check_target
 
 BLOCK = 1 << 16  # elements per float64 accumulation block (512 KiB; two of them stay in L2)
@@ -58,6 +59,7 @@ class Options:
     suffix: str = "ExponentialMovingAverage"
     max_shard_size: int | None = None
     threads: int = 0  # 0: one per core, at most 4
+    allow_copy_only: bool = False  # a plan that averages no tensor is an error unless this is set
     # post-hoc EMA: snapshot series as (gamma, inputs); replaces the plain inputs
     series: list[tuple[float, list[str]]] | None = None
 
@@ -126,23 +128,9 @@ class Plan:
         }
 
 
-_NAME_SUFFIXES = re.compile(
-    r"(\.safetensors\.index\.json|\.safetensors|\.weights\.h5|\.h5|\.hdf5|\.keras|\.ckpt|"
-    r"\.index|\.meta|\.data-\d+-of-\d+)$"
-)
-
-
 def step_from_name(name: str) -> int | None:
-    """The last integer in a file or directory name (``ckpt-1200``, ``step_1200``)."""
-    base = os.path.basename(name.rstrip("/"))
-    while True:
-        stripped = _NAME_SUFFIXES.sub("", base)
-        if stripped == base:
-            break
-        base = stripped
-    base = re.sub(r"-\d{5}-of-\d{5}$", "", base)
-    nums = re.findall(r"\d+", base)
-    return int(nums[-1]) if nums else None
+    """The step a file or directory name gives (``ema_cli.steps``)."""
+    return steps_mod.step_from_name(name)
 
 
 class ReaderPool:
@@ -237,7 +225,10 @@ def _discover(inputs: list[str], opts: Options, pool: ReaderPool, warnings: list
         metas.append(r.tensors())
         step, how = r.step(), "tensor"
         if step is None:
-            step, how = step_from_name(src.name_hint or src.path), "name"
+            parsed = steps_mod.parse(src.name_hint or src.path)
+            step, how = parsed.step, "name"
+            if parsed.note:
+                warnings.append(parsed.note)
         if step is None:
             how = "order"
         cks.append(Checkpoint(src, step, how))
@@ -306,9 +297,16 @@ def make_plan(inputs: list[str], opts: Options, *, out_format: str | None = None
     # per tensor: averaged or copied, output dtype and name
     newest_reader = pool.get(cks[newest].source)
     out_mod = formats.module(out_format) if out_format else None
-    tasks, skipped = [], []
+    # signed weights (post-hoc EMA) must not mix statistics buffers: a variance could turn
+    # negative; like EDM2, they come from the newest snapshot
+    buffers_from_newest = bool(opts.series) or bool(np.any(weights < 0))
+    tasks, skipped, buffers = [], [], []
     for name, info in metas[newest].items():
         avg = _averaged(newest_reader, info, opts, inc, exc)
+        if avg and buffers_from_newest and newest_reader.role(info).kind == BUFFER \
+                and not any(r.search(name) for r in inc):
+            avg = False
+            buffers.append(name)
         out_dtype = opts.dtype if (avg and opts.dtype != "keep") else info.dtype
         if out_mod is not None and hasattr(out_mod, "can_store") and not out_mod.can_store(out_dtype):
             skipped.append(name)
@@ -320,9 +318,28 @@ def make_plan(inputs: list[str], opts: Options, *, out_format: str | None = None
         tasks = names.shadow_tasks(tasks, opts.suffix)
     if skipped:
         warnings.append(f"{len(skipped)} tensor(s) the output format cannot store were left out: {', '.join(skipped[:5])}")
+    if buffers:
+        warnings.append(f"{len(buffers)} statistics buffer(s) taken from the newest checkpoint, not averaged with "
+                        f"signed weights: {', '.join(buffers[:3])}" + (" ..." if len(buffers) > 3 else ""))
+    if not any(t.action == "average" for t in tasks) and not opts.allow_copy_only:
+        raise EmaError(_nothing_averaged(tasks, newest_reader, metas[newest]), path=cks[newest].path)
+    if len(sel) == 1 and len(cks) >= 1:
+        why = " (the windows or --top-k left one)" if len(cks) > 1 else ""
+        warnings.append(f"only one checkpoint is selected{why}: the output equals {cks[int(sel[0])].path}")
 
     shards = _shard(tasks, opts.max_shard_size)
     return Plan(cks, [int(i) for i in sel], weights, newest, tasks, skipped, shards, opts, warnings)
+
+
+def _nothing_averaged(tasks: list[Task], reader: Reader, meta: dict[str, TensorInfo]) -> str:
+    """Why a plan averages no tensor, for the error message."""
+    from collections import Counter
+
+    kinds = Counter(reader.role(meta[t.name]).kind for t in tasks if t.name in meta)
+    detail = ", ".join(f"{k}: {v}" for k, v in kinds.most_common())
+    return (f"nothing to average: all {len(tasks)} tensor(s) would be copied from the newest checkpoint "
+            f"({detail}); see 'ema-avg inspect', average some with --include REGEX, "
+            "or pass --allow-copy-only to accept a copy")
 
 
 def _shard(tasks: list[Task], max_size: int | None) -> list[list[str]]:

@@ -454,6 +454,15 @@ def diagnostics(spec: Spec, steps, weights) -> list[str]:
             known = sorted(gamma_to_sigma_rel(x) for x in set(gs.tolist()))
             out.append(f"target sigma_rel {s_rel:.4g} lies outside the stored widths "
                        f"({', '.join(f'{k:.4g}' for k in known)}): extrapolation amplifies noise")
+    if mode in ("ema", "weighted-ema") and len(steps) > 1:
+        w = np.asarray(weights, dtype=np.float64)
+        top = int(np.argmax(np.abs(w)))
+        share = float(np.abs(w[top]) / np.abs(w).sum())
+        if share > 0.5:
+            where = "first" if top == 0 else ("last" if top == len(w) - 1 else f"#{top + 1}")
+            out.append(f"the {where} checkpoint (step {int(steps[top])}) carries {share:.0%} of the weight: "
+                       f"--decay {spec.decay:g} is applied once per checkpoint; for a per-step EMA use "
+                       "--decay-per step or --half-life STEPS")
     s_abs = float(np.abs(weights).sum())
     if s_abs > 1 + 1e-9:
         out.append(f"sum of |weights| is {s_abs:.4g} (> 1: negative weights amplify noise)")

@@ -38,10 +38,12 @@ else the first of :data:`STEP_KEYS`.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import re
 import shutil
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -100,9 +102,11 @@ def import_tf(path: str | None = None):
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
         os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), _stderr_silenced():
                 warnings.simplefilter("ignore")
                 import tensorflow as tf
+
+                tf.constant(0)  # device set-up logs (cudart_stub) once, now, while silenced
         except ImportError as e:
             missing = getattr(e, "name", None)
             detail = "" if missing in (None, "tensorflow") else f" (importing it failed: {e})"
@@ -118,6 +122,27 @@ def import_tf(path: str | None = None):
             pass
         _tf = tf
     return _tf
+
+
+@contextlib.contextmanager
+def _stderr_silenced():
+    """File descriptor 2 pointed at /dev/null: the full ``tensorflow`` package logs
+    ``cudart_stub.cc ... Could not find cuda drivers`` from C++ before absl is
+    initialised, which no log level silences.  Python exceptions are unaffected."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        null = os.open(os.devnull, os.O_WRONLY)
+    except OSError:  # no usable fd 2: nothing to silence
+        yield
+        return
+    try:
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
 
 
 def _tf_message(e: BaseException) -> str:
