@@ -196,6 +196,11 @@ def test_average_restores_weights_mean_and_newest_optimizer(tf, runs, averaged, 
     if config == "keras3_model_only":
         # a compiled model carries its optimizer: Adam's moments are under model/optimizer/
         assert all(r["name"].startswith("model/optimizer/") for r in kinds["optimizer"])
+        # and the name rules (used when the graph is unreadable) no longer take them for model weights
+        from ema_cli.formats.tf_fmt import is_model_variable
+
+        assert not any(is_model_variable(r["name"]) for r in kinds["optimizer"])
+        assert all(is_model_variable(r["name"]) for r in kinds["parameter"] + kinds["buffer"])
 
 
 def test_tf2_rename_round_trip_restores_the_averages(tf, runs, averaged, tmp_path):
