@@ -782,10 +782,10 @@ class TFReader(Reader):
             if name in trainable:
                 return Role(PARAMETER, "meta collections: trainable_variables")
             if name in moving:
-                return Role(BUFFER, "meta collections: moving_average_variables (not trainable)")
+                return Role(BUFFER, "meta collections: moving_average_variables, not trainable")
             role = _name_rule_role(info)
             kind = role.kind if role.kind in (OPTIMIZER, COUNTER) else OTHER
-            return Role(kind, "meta collections: in neither trainable_variables nor moving_average_variables")
+            return Role(kind, "meta collections: in neither")
         return _name_rule_role(info)
 
     def extras(self):
