@@ -115,14 +115,8 @@ def rename(
                                  pool=pool)
         src = plan.checkpoints[0].source
         _check_output_format(output, src.format)
-        reader = pool.get(src)
-        if names.OBJECT_GRAPH_KEY in reader.tensors():
-            ui.warnings([
-                f"{src.path}: object-based (TF2) checkpoint: its object graph, copied as it is, still points "
-                "at the old keys, so tf.train.Checkpoint.restore will not find the renamed tensors "
-                "(tf.train.load_checkpoint and TF1 Savers read them by their new names)"])
-        result = engine.run(plan, output, src.format, force=force, pool=pool,
-                            timings={"plan_s": time.perf_counter() - t0})
+        result = names.run_rename(plan, output, src.format, force=force, pool=pool,
+                                  timings={"plan_s": time.perf_counter() - t0})
     finally:
         pool.close()
     result.timings["total_s"] = time.perf_counter() - t0
@@ -131,7 +125,7 @@ def rename(
         _emit_json({
             "output": output, "format": result.format, "files": result.files, "checkpoint": src.path,
             "direction": direction, "suffix": suffix, "renamed": info["renamed"], "dropped": info["dropped"],
-            "tensors": len(plan.tasks),
+            "tensors": len(plan.tasks), "rewritten": info["rewritten"],
             "names": {t.name: t.out_name for t in plan.tasks if t.name != t.out_name},
             "bytes_written": result.bytes_written,
             "timings": {k: round(v, 6) for k, v in result.timings.items()},

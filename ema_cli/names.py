@@ -12,16 +12,20 @@ Everything about names lives here:
   rules), in the checkpoint's order.
 * :func:`restore_map`: TensorFlow's ``ema.variables_to_restore()`` as names,
   offline, for any format.
-* :func:`rename_map` / :func:`rename_plan`: ``rename --to-original`` (the
-  offline ``swapping_saver``) and ``--to-shadow``, as an engine plan whose
-  tasks are all copies with new output names (written by ``engine.run``).
+* :func:`rename_map` / :func:`rename_plan` / :func:`run_rename`: ``rename
+  --to-original`` (the offline ``swapping_saver``) and ``--to-shadow``, as an
+  engine plan whose tasks are all copies with new output names, written by
+  ``engine.run``.  A tensor whose value names other tensors (the TF2 object
+  graph: each variable's ``checkpoint_key``) is rewritten at plan time by its
+  format (``tf_fmt.rename_overrides``) and handed to the writer in place of
+  the input's value, so ``tf.train.Checkpoint.restore`` finds the renamed keys.
 * :func:`shadow_tasks`: ``average --names shadow``.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -185,9 +189,12 @@ def rename_map(reader, direction: str, suffix: str = DEFAULT_SUFFIX, include=(),
 class RenamePlan(engine.Plan):
     """A plan of copies under new names.  It records no recipe: the values are
     the input's, so the output keeps the input's metadata as it is (its
-    ``ema_avg`` recipe included)."""
+    ``ema_avg`` recipe included).  ``overrides``: {input name: value} written
+    instead of the input's value (the rewritten TF2 object graph); only
+    :func:`run_rename` applies them."""
 
     rename: dict | None = None
+    overrides: dict = field(default_factory=dict)
 
     def describe(self) -> None:
         return None
@@ -195,7 +202,7 @@ class RenamePlan(engine.Plan):
 
 def rename_plan(ckpt: str, direction: str, suffix: str = DEFAULT_SUFFIX, *, include=(), exclude=(),
                 max_shard_size: int | None = None, threads: int = 0, pool=None):
-    """The plan ``engine.run`` writes for ``rename``: one checkpoint, every
+    """The plan :func:`run_rename` writes for ``rename``: one checkpoint, every
     tensor a copy (same dtype) under its new name.  The writers start fresh
     (``use_template=False``): the input's layout (a TF ``.meta`` graph, an HDF5
     file's groups) names the old tensors."""
@@ -205,17 +212,60 @@ def rename_plan(ckpt: str, direction: str, suffix: str = DEFAULT_SUFFIX, *, incl
     mapping = rename_map(r, direction, suffix, include, exclude)
     tensors = r.tensors()
     tasks = [engine.Task(n, out, tensors[n], tensors[n].dtype, "copy") for n, out in mapping.items()]
+    overrides = {}
+    if src.format == "tf":  # the TF2 object graph names the variables' keys
+        from ema_cli.formats import tf_fmt
+
+        overrides = tf_fmt.rename_overrides(r, mapping)
     step, how = r.step(), "tensor"
     if step is None:
         step, how = engine.step_from_name(src.name_hint or src.path), "name"
     ck = engine.Checkpoint(src, step, how if step is not None else "order", weight=1.0, selected=True)
     renamed = sum(1 for n, out in mapping.items() if n != out)
     info = {"direction": direction, "suffix": suffix, "source": src.path, "renamed": renamed,
-            "dropped": len(tensors) - len(mapping)}
+            "dropped": len(tensors) - len(mapping), "rewritten": sorted(overrides)}
     opts = engine.Options(suffix=suffix, include=list(include), exclude=list(exclude), threads=threads,
                           max_shard_size=max_shard_size)
     return RenamePlan([ck], [0], np.array([1.0]), 0, tasks, [], engine._shard(tasks, max_shard_size), opts, [],
-               use_template=False, rename=info)
+                      use_template=False, rename=info, overrides=overrides)
+
+
+class _Overriding:
+    """A reader whose reads of some tensors return given values instead."""
+
+    def __init__(self, reader, overrides: dict):
+        self._reader, self._overrides = reader, overrides
+
+    def read(self, name: str):
+        value = self._overrides.get(name)
+        return self._reader.read(name) if value is None else value
+
+    def __getattr__(self, attr):
+        return getattr(self._reader, attr)
+
+
+class _OverridingPool(engine.ReaderPool):
+    """The engine's reader pool, with ``overrides`` applied to one checkpoint's reads."""
+
+    def __init__(self, base: engine.ReaderPool, path: str, overrides: dict):
+        super().__init__()
+        self._base, self._path, self._overrides = base, path, overrides
+
+    def get(self, source):
+        r = self._base.get(source)
+        return _Overriding(r, self._overrides) if source.path == self._path and self._overrides else r
+
+    def close(self):
+        self._base.close()
+
+
+def run_rename(plan: RenamePlan, output: str, out_format: str, *, force: bool = False, pool=None,
+               timings: dict | None = None) -> engine.Result:
+    """``engine.run`` of a rename plan, with its overrides (the rewritten object graph)."""
+    pool = pool or engine.ReaderPool()
+    src = plan.checkpoints[plan.newest].source
+    return engine.run(plan, output, out_format, force=force, pool=_OverridingPool(pool, src.path, plan.overrides),
+                      timings=timings)
 
 
 # --------------------------------------------------------------------------- average --names shadow

@@ -15,12 +15,25 @@ Every dtype is kept and every string tensor (the TF2 object graph, Keras
 config JSON) copied byte for byte, so ``tf.train.Checkpoint.restore`` and
 ``Saver.restore`` accept the result.
 
-Which tensors are averaged by default (:func:`averaged_names`): with a TF1
-``.meta`` beside the checkpoint, exactly its ``trainable_variables`` and
-``moving_average_variables`` collections (the set TensorFlow's
-ExponentialMovingAverage maintains); otherwise every float tensor except
-optimizer state, existing moving-average shadows and bookkeeping counters
-(:func:`is_model_variable`).
+What each tensor is (``TFReader.role``, which decides what is averaged by
+default), from the most reliable source present:
+
+1. an object-based (TF2) checkpoint's ``_CHECKPOINTABLE_OBJECT_GRAPH``: the
+   rule in :mod:`ema_cli.formats.tf_objgraph` (model variables are those
+   reachable from the root without entering an optimizer node, whatever key
+   TensorFlow chose; slots and the optimizer's own variables are optimizer
+   state; ``save_counter`` a counter);
+2. a TF1 ``.meta`` beside the checkpoint (:func:`averaged_names`): its
+   ``trainable_variables`` are parameters, its ``moving_average_variables``
+   that are not trainable are buffers (both averaged: the set TensorFlow's
+   ExponentialMovingAverage maintains); every other variable is copied;
+3. otherwise the name rules (:func:`is_model_variable`): every float tensor
+   except optimizer state, existing moving-average shadows and bookkeeping
+   counters.
+
+The step (``TFReader.step``): the object graph's step counter (a root
+``global_step``/``step``, else the optimizer's iterations, whatever their keys),
+else the first of :data:`STEP_KEYS`.
 """
 
 from __future__ import annotations
@@ -40,7 +53,8 @@ import numpy as np
 from ema_cli import dtypes
 from ema_cli.notices import warn
 from ema_cli.errors import EmaError
-from ema_cli.formats.base import Reader, Source, TensorInfo, Writer, step_from_scalar
+from ema_cli.formats.base import (BUFFER, COUNTER, OPTIMIZER, OTHER, PARAMETER, Reader, Role, Source, TensorInfo,
+                                  Writer, is_buffer_name, step_from_scalar)
 from ema_cli.output import Staged, _fsync_dir, check_target, fsync_file
 
 NAME = "tf"
@@ -248,28 +262,41 @@ _OPTIMIZER_GLOBAL = re.compile(r"^beta[12]_power(_\d+)?$")
 _BOOKKEEPING = frozenset({"global_step", "save_counter", "step"})
 
 
-def is_model_variable(name: str) -> bool:
-    """The name rules used when no ``.meta`` says which variables are trained.
-
-    False for optimizer state (TF2 ``optimizer/...`` and ``.OPTIMIZER_SLOT``;
-    TF1 slots ``*/Adam``, ``*/Adam_1``, ``*/Momentum``, ``*/RMSProp*``, Keras
-    ``training/Adam/...``; ``beta1_power``/``beta2_power``), moving-average
-    shadows (``*/ExponentialMovingAverage``, ``*/SWAMovingAverage``; the
-    ``--suffix`` in use is handled by the engine), ``save_counter`` and
-    ``global_step``."""
+def _name_rule(name: str) -> tuple[str, str]:
+    """(kind, why) by the name rules; see :func:`is_model_variable`."""
     head = name.partition("/.ATTRIBUTES/")[0]
     segs = head.split("/")
-    if segs[0] == "optimizer" or ".OPTIMIZER_SLOT" in segs:
-        return False
-    if segs[-1] in _BOOKKEEPING and len(segs) == 1:
-        return False
-    if segs[-1] == "global_step":
-        return False
+    if segs[-1] in _BOOKKEEPING and len(segs) == 1 or segs[-1] == "global_step":
+        return COUNTER, "name rules: step counter"
+    if "optimizer" in segs or ".OPTIMIZER_SLOT" in segs:
+        return OPTIMIZER, "name rules: optimizer state"
     if any(_OPTIMIZER_SEGMENT.match(s) for s in segs) or _OPTIMIZER_GLOBAL.match(segs[-1]):
-        return False
+        return OPTIMIZER, "name rules: optimizer state"
     if len(segs) > 1 and segs[-1].endswith("MovingAverage"):
-        return False
-    return True
+        return OTHER, "name rules: moving-average shadow"
+    if is_buffer_name(name):
+        return BUFFER, "name rules: statistics buffer"
+    return PARAMETER, "name rules: model variable"
+
+
+def is_model_variable(name: str) -> bool:
+    """The name rules used when neither an object graph nor a ``.meta`` says
+    which variables are trained.
+
+    False for optimizer state (TF2 ``optimizer/...`` anywhere in the path, as
+    in ``model/optimizer/...``, and ``.OPTIMIZER_SLOT``; TF1 slots ``*/Adam``,
+    ``*/Adam_1``, ``*/Momentum``, ``*/RMSProp*``, Keras ``training/Adam/...``;
+    ``beta1_power``/``beta2_power``), moving-average shadows
+    (``*/ExponentialMovingAverage``, ``*/SWAMovingAverage``; the ``--suffix``
+    in use is handled by the engine), ``save_counter`` and ``global_step``."""
+    return _name_rule(name)[0] in (PARAMETER, BUFFER)
+
+
+def _name_rule_role(info: TensorInfo) -> Role:
+    kind, why = _name_rule(info.name)
+    if kind in (PARAMETER, BUFFER) and not dtypes.is_float(info.dtype):
+        return Role(OTHER, f"{info.dtype}: not floating point")
+    return Role(kind, why)
 
 
 def _variable_key(vdef) -> str:
@@ -593,6 +620,9 @@ class TFReader(Reader):
         prefix = source.path
         self._lock = threading.Lock()
         self._meta_set: set[str] | None | bool = False  # False: not read yet
+        self._colls: dict[str, set[str]] | None = None
+        self._graph = False  # False: not read yet; None: no (readable) object graph
+        self._graph_entries: dict = {}
         self._failed: tuple[str, str, str] | None = None  # the first failed read: (message, path, tensor)
         if not os.path.isfile(prefix + INDEX):
             raise EmaError("the checkpoint's .index file is missing", path=prefix + INDEX)
@@ -665,7 +695,11 @@ class TFReader(Reader):
         return arr
 
     def step(self) -> int | None:
-        for key in STEP_KEYS:
+        """The object graph's step counter (see :meth:`tf_objgraph.ObjectGraph.step_keys`:
+        whatever its key), else the first of :data:`STEP_KEYS` present."""
+        graph = self.object_graph()
+        keys = [*(graph.step_keys() if graph is not None else ()), *STEP_KEYS]
+        for key in keys:
             info = self._tensors.get(key)
             if info is not None and info.numel == 1 and info.dtype.startswith(("int", "uint")):
                 s = step_from_scalar(self.read(key))
@@ -684,21 +718,85 @@ class TFReader(Reader):
             self._meta_set = averaged_names(self.meta_file, self._tensors)
         return self._meta_set
 
-    def averaged_by_default(self, info: TensorInfo) -> bool:
-        if info.dtype not in dtypes.AVERAGED_BY_DEFAULT:
-            return False
-        chosen = self.averaged_set()
-        if chosen is not None:
-            return info.name in chosen
-        return is_model_variable(info.name)
+    def meta_collections(self) -> dict[str, set[str]]:
+        """The ``.meta``'s collections as sets (only when :meth:`averaged_set` uses them)."""
+        if self._colls is None:
+            self._colls = {}
+            if self.averaged_set() is not None:
+                self._colls = {k: set(v) for k, v in read_meta_collections(self.meta_file).items()}
+        return self._colls
+
+    def object_graph(self):
+        """The parsed TF2 object graph (:class:`tf_objgraph.ObjectGraph`), or None
+        for a name-based checkpoint.  An unreadable graph: a warning, and the name
+        rules decide."""
+        if self._graph is False:
+            self._graph = None
+            if OBJECT_GRAPH_KEY in self._tensors:
+                from ema_cli.formats import tf_objgraph
+
+                try:
+                    raw = np.asarray(self.read(OBJECT_GRAPH_KEY), dtype=object)
+                    if raw.shape != ():
+                        raise tf_objgraph.GraphError(f"a tensor of shape {list(raw.shape)}, not a scalar")
+                    graph = tf_objgraph.ObjectGraph(raw[()])
+                    self._graph_entries = graph.classify()
+                    self._graph = graph
+                except tf_objgraph.GraphError as e:
+                    warn(f"{self.path}: unreadable {OBJECT_GRAPH_KEY} ({e}): the name rules decide what is "
+                         "averaged, and tf.train.Checkpoint.restore will fail on this checkpoint")
+        return self._graph
+
+    def role(self, info: TensorInfo) -> Role:
+        """From the object graph (TF2), else the ``.meta`` collections (TF1), else
+        the name rules; see the module docstring and :mod:`tf_objgraph`."""
+        name = info.name
+        if name == OBJECT_GRAPH_KEY:
+            return Role(OTHER, "the TF2 object graph")
+        is_float = dtypes.is_float(info.dtype)
+        graph = self.object_graph()
+        if graph is not None:
+            from ema_cli.formats import tf_objgraph as og
+
+            e = self._graph_entries.get(name)
+            if e is not None:
+                why = e.describe()
+                if e.category in (og.SLOT, og.OPTIMIZER):
+                    return Role(OPTIMIZER, why)
+                if e.category == og.SAVE_COUNTER:
+                    return Role(COUNTER, why)
+                if e.category == og.ATTRIBUTE:
+                    return Role(OTHER, why)
+                if not is_float:
+                    kind = COUNTER if og.is_counter_edge(e.path) else OTHER
+                    return Role(kind, f"{why}, {info.dtype}")
+                return Role(BUFFER if e.category == og.MODEL_BUFFER else PARAMETER, why)
+            role = _name_rule_role(info)
+            return Role(role.kind, role.why.replace("name rules", "name rules (not in the object graph)", 1))
+        if self.averaged_set() is not None:
+            colls = self.meta_collections()
+            trainable = colls.get("trainable_variables", set())
+            moving = colls.get("moving_average_variables", set())
+            if not is_float:
+                return Role(OTHER, f"{info.dtype}: not floating point")
+            if name in trainable:
+                return Role(PARAMETER, "meta collections: trainable_variables")
+            if name in moving:
+                return Role(BUFFER, "meta collections: moving_average_variables, not trainable")
+            role = _name_rule_role(info)
+            kind = role.kind if role.kind in (OPTIMIZER, COUNTER) else OTHER
+            return Role(kind, "meta collections: in neither")
+        return _name_rule_role(info)
 
     def extras(self):
-        chosen = self.averaged_set() if self.meta_file else None
+        graph = self.object_graph()
+        chosen = self.averaged_set() if self.meta_file and graph is None else None
         return {
             "files": list(self.source.files),
             "object_based": OBJECT_GRAPH_KEY in self._tensors,
             "meta": self.meta_file,
-            "averaged_from": "meta collections" if chosen is not None else "name rules",
+            "averaged_from": ("object graph" if graph is not None
+                              else "meta collections" if chosen is not None else "name rules"),
         }
 
     def close(self) -> None:
@@ -706,6 +804,34 @@ class TFReader(Reader):
 
 
 Reader = TFReader
+
+
+# --------------------------------------------------------------------------- rename
+
+
+def rename_overrides(reader: TFReader, mapping: dict[str, str]) -> dict[str, np.ndarray]:
+    """For ``rename`` ({input name: output name}, tensors absent are dropped): the
+    values that must change with the names.  An object-based checkpoint's graph
+    points each variable at its ``checkpoint_key``; the rewritten graph
+    (:func:`tf_objgraph.rename_keys`) points at the new keys, so
+    ``tf.train.Checkpoint.restore`` of the output finds the renamed values
+    (``--to-original``: the shadow values, under the keys the graph already
+    names).  A name-based (TF1) checkpoint: nothing."""
+    if OBJECT_GRAPH_KEY not in reader.tensors() or OBJECT_GRAPH_KEY not in mapping:
+        return {}
+    from ema_cli.formats import tf_objgraph
+
+    raw = np.asarray(reader.read(OBJECT_GRAPH_KEY), dtype=object)
+    try:
+        if raw.shape != ():
+            raise tf_objgraph.GraphError(f"it is a tensor of shape {list(raw.shape)}, not a scalar")
+        new = tf_objgraph.rename_keys(raw[()], mapping, mapping.values())
+    except tf_objgraph.GraphError as e:
+        raise EmaError(f"cannot rewrite the object graph for the new names: {e}", path=reader.path,
+                       tensor=OBJECT_GRAPH_KEY) from None
+    out = np.empty((), dtype=object)
+    out[()] = new
+    return {OBJECT_GRAPH_KEY: out}
 
 
 # --------------------------------------------------------------------------- writing
