@@ -101,11 +101,11 @@ class UI:
     def inspect_tables(self, docs) -> None:
         for doc in docs:
             t = Table(title=f"{doc['path']}  ({doc['format']}, step {doc['step']})")
-            for col in ("tensor", "dtype", "shape", "size", "role", "why"):
+            for col in ("tensor", "dtype", "shape", "size", "role", "kind", "why"):
                 t.add_column(col, justify="right" if col == "size" else "left", overflow="fold")
             for r in doc["tensors"]:
                 t.add_row(r["name"], r["dtype"], str(r["shape"]), human_bytes(r["nbytes"]), r["role"],
-                          r.get("why", ""))
+                          r.get("kind", ""), r.get("why", ""))
             self.console.print(t)
             tot = doc["totals"]
             self.console.print(
