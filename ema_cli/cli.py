@@ -135,12 +135,7 @@ def _execute(inputs, opts, output, fmt, *, force, quiet, as_json, verify, t0, ta
         ui.warnings(list(dict.fromkeys(w for p in plans for w in p.warnings)))
         with ui.progress(plans[0]) as on_tensor:
             results = engine.run_many(plans, [out for _, out in targets], out_format, force=force, pool=pool,
-                                      on_tensor=on_tensor, timings={"plan_s": t_plan}, checksums=verify)
-        if verify:
-            from ema_cli import verify as verify_mod
-
-            for result in results:
-                result.timings["verify_s"] = verify_mod.verify(result)
+                                      on_tensor=on_tensor, timings={"plan_s": t_plan}, verify=verify)
         for result in results:
             result.timings["total_s"] = time.perf_counter() - t0
     finally:

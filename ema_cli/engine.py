@@ -633,14 +633,14 @@ class Result:
 
 def run(plan: Plan, output: str, out_format: str | None, *, force: bool = False, pool: ReaderPool | None = None,
         on_tensor: Callable[[Task], None] | None = None, timings: dict | None = None,
-        checksums: bool = False) -> Result:
+        checksums: bool = False, verify: bool = False) -> Result:
     """Write the averaged checkpoint atomically to ``output``: a file (or TF
     prefix), or a directory (``formats.output_directory``: ``-o DIR/``, an
     existing directory, a name without suffix, HF shards), staged as a whole
     with the loader files of the newest input's directory.  ``out_format`` None:
     a directory in the inputs' format."""
     return run_many([plan], [output], out_format, force=force, pool=pool, on_tensor=on_tensor,
-                    timings=timings, checksums=checksums)[0]
+                    timings=timings, checksums=checksums, verify=verify)[0]
 
 
 @dataclass
@@ -653,6 +653,7 @@ class _Output:
     outdir: object = None
     copies: list = field(default_factory=list)
     writer: object = None
+    write_path: str = ""
 
 
 def _open_output(plan: Plan, output: str, out_format: str | None, *, force: bool, pool: ReaderPool) -> _Output:
@@ -681,7 +682,7 @@ def _open_output(plan: Plan, output: str, out_format: str | None, *, force: bool
         check_target(output, force=force, is_dir=False)
         staged = Staged(output, is_dir=False, force=force)
         write_path = staged.path
-    out = _Output(output, out_format, staged, outdir, copies)
+    out = _Output(output, out_format, staged, outdir, copies, write_path=write_path)
     try:
         template = pool.get(newest)
         metadata = dict(template.metadata())
@@ -698,10 +699,12 @@ def _open_output(plan: Plan, output: str, out_format: str | None, *, force: bool
 
 def run_many(plans: list[Plan], outputs: list[str], out_format: str | None, *, force: bool = False,
              pool: ReaderPool | None = None, on_tensor: Callable[[Task], None] | None = None,
-             timings: dict | None = None, checksums: bool = False) -> list[Result]:
+             timings: dict | None = None, checksums: bool = False, verify: bool = False) -> list[Result]:
     """Write several outputs whose plans share inputs and tensors (only the
     weights differ) in one pass over the inputs; each is committed atomically
-    once every output is complete (a failure before that leaves none of them)."""
+    once every output is complete (a failure before that leaves none of them).
+    ``verify``: each staged output is reopened and checked against the digests
+    computed on the way (``ema_cli.verify``) before anything is committed."""
     pool = pool or ReaderPool()
     t0 = time.perf_counter()
     first = plans[0]
@@ -713,7 +716,7 @@ def run_many(plans: list[Plan], outputs: list[str], out_format: str | None, *, f
         for plan, output in zip(plans, outputs):
             opened.append(_open_output(plan, output, out_format, force=force, pool=pool))
         threads = first.options.threads or default_threads()
-        targets = [Target(p, o.writer, {} if checksums else None) for p, o in zip(plans, opened)]
+        targets = [Target(p, o.writer, {} if checksums or verify else None) for p, o in zip(plans, opened)]
         for shard in first.shards:
             run_shard(targets, shard, pool, threads=threads, on_tensor=on_tensor)
         for o in opened:
@@ -721,6 +724,13 @@ def run_many(plans: list[Plan], outputs: list[str], out_format: str | None, *, f
             o.writer = None
             if o.outdir is not None:
                 formats.finish_directory(o.outdir, o.staged.path, o.copies)
+        verify_s = 0.0
+        if verify:
+            from ema_cli import verify as verify_mod
+
+            for o, target in zip(opened, targets):
+                staged_out = o.staged.path if o.outdir is not None else o.write_path
+                verify_s += verify_mod.verify(target.plan, staged_out, o.format, target.checksums, output=o.output)
         for o in opened:
             o.staged.commit()
     except BaseException:
@@ -731,6 +741,8 @@ def run_many(plans: list[Plan], outputs: list[str], out_format: str | None, *, f
         raise
     t = dict(timings or {})
     t["write_s"] = time.perf_counter() - t0
+    if verify:
+        t["verify_s"] = verify_s
     results = []
     for plan, o, target in zip(plans, opened, targets):
         nbytes = sum(dtypes.itemsize(task.out_dtype) * task.info.numel for task in plan.tasks)

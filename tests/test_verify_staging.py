@@ -1,0 +1,55 @@
+"""Issue 11 item 3: --verify checks the staged output before the commit, so a failed
+check (here: a byte flipped on its way to disk, injected into the real writer in a
+subprocess) exits 1 with nothing new at the output path."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from conftest import FIXTURES, ROOT, assert_clean_error, CliResult
+
+FLIP = r"""
+import os, sys
+from ema_cli.formats import safetensors_fmt as st
+orig = st._FileWriter.close
+def close(self):
+    # a disk or driver fault: the last data byte of the file changes after it was written
+    b = os.pread(self.fd, 1, self.total - 1)
+    os.pwrite(self.fd, bytes([b[0] ^ 0xFF]), self.total - 1)
+    orig(self)
+st._FileWriter.close = close
+from ema_cli.cli import main
+sys.argv = ["ema-avg", *sys.argv[1:]]
+main()
+"""
+
+
+def run_flipped(*args) -> CliResult:
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return CliResult(subprocess.run([sys.executable, "-c", FLIP, *map(str, args)], capture_output=True, text=True,
+                                    env=env, stdin=subprocess.DEVNULL, timeout=300))
+
+
+def test_failed_verify_leaves_nothing_at_the_output(tmp_path):
+    out = tmp_path / "avg.safetensors"
+    res = run_flipped(FIXTURES / "safetensors", "-o", out, "--verify")
+    assert_clean_error(res, "verify: values differ", str(out), code=1)
+    assert os.listdir(tmp_path) == []
+    # an existing output survives a failed --force --verify untouched
+    out.write_bytes(b"previous")
+    res = run_flipped(FIXTURES / "safetensors", "-o", out, "--verify", "--force")
+    assert_clean_error(res, "verify: values differ")
+    assert out.read_bytes() == b"previous" and os.listdir(tmp_path) == ["avg.safetensors"]
+    # sharded directory output
+    d = tmp_path / "shards"
+    res = run_flipped(FIXTURES / "safetensors", "-o", d, "--max-shard-size", "200B", "--verify")
+    assert_clean_error(res, "verify: values differ")
+    assert not d.exists() and os.listdir(tmp_path) == ["avg.safetensors"]
+    # without the fault, the same command verifies and commits
+    from conftest import run_cli
+
+    res = run_cli(FIXTURES / "safetensors", "-o", d, "--max-shard-size", "200B", "--verify", "--json")
+    assert res.code == 0, res
+    assert "verify_s" in res.json()["timings"] and (d / "model.safetensors.index.json").exists()
