@@ -16,10 +16,13 @@ a cluster later.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import threading
 import time
+from collections import OrderedDict
+from contextlib import contextmanager
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Callable
@@ -133,27 +136,234 @@ def step_from_name(name: str) -> int | None:
     return steps_mod.step_from_name(name)
 
 
+_FD_LIMIT_ERRNOS = (errno.EMFILE, errno.ENFILE)
+
+
+def open_files_limit() -> int | None:
+    """The soft limit on open file descriptors (``ulimit -n``), None if unlimited or unknown."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return None
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return None if soft == resource.RLIM_INFINITY else int(soft)
+
+
+def default_max_open() -> int:
+    """How many readers a ReaderPool keeps open: a quarter of the descriptor
+    limit (a reader may hold several: HDF5, TF shards; the writer and Python
+    need some too), at most 256."""
+    limit = open_files_limit()
+    return 256 if limit is None else max(4, min(256, limit // 4))
+
+
+def fd_limit_error(path: str | None, err: BaseException | None = None) -> EmaError:
+    """The one-line error for a descriptor limit that was really hit."""
+    if isinstance(err, OSError) and err.errno == errno.ENFILE:
+        return EmaError("cannot open: the system-wide limit on open files is reached "
+                        "(fs.file-max); close other programs or raise it (sysctl fs.file-max)", path=path)
+    limit = open_files_limit()
+    now = f" is {limit}" if limit is not None else ""
+    return EmaError(f"cannot open: too many open files (this process's limit, ulimit -n{now}); "
+                    "raise it with 'ulimit -n 65536' (or ask for a higher hard limit) and run again", path=path)
+
+
+def _is_fd_limit(err: BaseException) -> bool:
+    if isinstance(err, OSError) and err.errno in _FD_LIMIT_ERRNOS:
+        return True
+    text = str(err)  # formats wrap the OSError (h5py, TensorFlow): look at the message
+    return isinstance(err, (OSError, EmaError)) and ("Too many open files" in text or "errno = 24" in text)
+
+
+class _Entry:
+    __slots__ = ("reader", "leases")
+
+    def __init__(self, reader: Reader):
+        self.reader = reader
+        self.leases = 0
+
+
 class ReaderPool:
-    """Opened readers by checkpoint path (shared by threads; readers are read-only)."""
+    """Readers by checkpoint path, opened lazily, at most ``max_open`` at a time.
 
-    def __init__(self):
-        self._readers: dict[str, Reader] = {}
+    ``lease(source)`` yields an open reader that stays open for the block; the
+    least recently used readers that no thread holds are closed when more than
+    ``max_open`` are open (2,000 inputs with ``ulimit -n 1024``; memory stays
+    bounded for formats that cache per file), and reopened when needed again.
+    ``get(source)`` returns a handle whose every call runs under its own lease
+    (a handle kept across calls never sees its reader closed under it).  When
+    opening hits the descriptor limit anyway, the unleased readers are closed
+    and the open retried once; then the error names the file and the limit."""
+
+    def __init__(self, max_open: int | None = None):
+        self.max_open = max_open or default_max_open()
+        self._open: OrderedDict[str, _Entry] = OrderedDict()
         self._lock = threading.Lock()
+        self._opening: dict[str, threading.Lock] = {}  # one opener per path at a time
 
-    def get(self, source: Source) -> Reader:
-        r = self._readers.get(source.path)
-        if r is None:
+    def get(self, source: Source) -> "PooledReader":
+        return PooledReader(self, source)
+
+    @contextmanager
+    def lease(self, source: Source):
+        entry = self._acquire(source)
+        try:
+            yield entry.reader
+        finally:
             with self._lock:
-                r = self._readers.get(source.path)
-                if r is None:
-                    r = formats.open_reader(source)
-                    self._readers[source.path] = r
-        return r
+                entry.leases -= 1
+
+    def _acquire(self, source: Source) -> _Entry:
+        path = source.path
+        with self._lock:
+            entry = self._open.get(path)
+            if entry is not None:
+                entry.leases += 1
+                self._open.move_to_end(path)
+                return entry
+            opener = self._opening.setdefault(path, threading.Lock())
+        with opener:
+            with self._lock:  # another thread may have opened it meanwhile
+                entry = self._open.get(path)
+                if entry is not None:
+                    entry.leases += 1
+                    self._open.move_to_end(path)
+                    return entry
+                self._evict(self.max_open - 1)
+            reader = self._open_reader(source)
+            with self._lock:
+                entry = self._open[path] = _Entry(reader)
+                entry.leases += 1
+                self._opening.pop(path, None)
+            return entry
+
+    def _open_reader(self, source: Source) -> Reader:
+        try:
+            return formats.open_reader(source)
+        except (OSError, EmaError) as e:
+            if not _is_fd_limit(e):
+                raise
+            first = e
+        with self._lock:  # make room: close every reader no thread holds, keep fewer from now on
+            self.max_open = max(1, min(self.max_open, len(self._open) // 2 or 1))
+            self._evict(0)
+        try:
+            return formats.open_reader(source)
+        except (OSError, EmaError) as e:
+            if _is_fd_limit(e):
+                raise fd_limit_error(getattr(e, "filename", None) or source.path, e) from None
+            raise
+        finally:
+            del first
+
+    def _evict(self, keep: int) -> None:
+        """Close least recently used, unleased readers until at most ``keep`` are open (lock held)."""
+        if len(self._open) <= keep:
+            return
+        for path in list(self._open):
+            if len(self._open) <= keep:
+                break
+            entry = self._open[path]
+            if entry.leases == 0:
+                del self._open[path]
+                entry.reader.close()
+
+    def release(self, source: Source, name: str, first: int = 0, last: int | None = None) -> None:
+        """Let an open reader drop a tensor's mapped pages (see SafetensorsReader.release);
+        a reader that is not open has nothing mapped to drop, so it is not reopened."""
+        with self._lock:
+            entry = self._open.get(source.path)
+            if entry is None:
+                return
+            entry.leases += 1
+        try:
+            release = getattr(entry.reader, "release", None)
+            if release is not None:
+                release(name, first, last)
+        finally:
+            with self._lock:
+                entry.leases -= 1
+
+    def open_count(self) -> int:
+        return len(self._open)
 
     def close(self):
-        for r in self._readers.values():
-            r.close()
-        self._readers.clear()
+        with self._lock:
+            entries = list(self._open.values())
+            self._open.clear()
+        for e in entries:
+            e.reader.close()
+
+
+class PooledReader:
+    """A checkpoint's reader as ``ReaderPool.get`` hands it out: each call
+    leases the reader from the pool (reopening it if it was closed to stay
+    under the limit), so holding a handle costs no file descriptor."""
+
+    def __init__(self, pool: ReaderPool, source: Source):
+        self._pool = pool
+        self.source = source
+
+    @property
+    def path(self) -> str:
+        return self.source.path
+
+    @property
+    def format(self) -> str:
+        return self.source.format
+
+    def tensors(self) -> dict[str, TensorInfo]:
+        with self._pool.lease(self.source) as r:
+            return r.tensors()
+
+    def read(self, name: str):
+        with self._pool.lease(self.source) as r:
+            return r.read(name)
+
+    def metadata(self) -> dict[str, str]:
+        with self._pool.lease(self.source) as r:
+            return r.metadata()
+
+    def step(self):
+        with self._pool.lease(self.source) as r:
+            return r.step()
+
+    def role(self, info: TensorInfo):
+        with self._pool.lease(self.source) as r:
+            return r.role(info)
+
+    def averaged_by_default(self, info: TensorInfo) -> bool:
+        with self._pool.lease(self.source) as r:
+            return r.averaged_by_default(info)
+
+    def extras(self):
+        with self._pool.lease(self.source) as r:
+            return r.extras()
+
+    def close(self) -> None:
+        """The pool owns the reader: ``ReaderPool.close`` closes it."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def __getattr__(self, attr: str):
+        # format-specific attributes and methods (a TF reader's meta_file, an
+        # HDF5 reader's datasets for its writer's template): methods run under
+        # a lease of their own when called
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        pool, source = self.__dict__["_pool"], self.__dict__["source"]
+        with pool.lease(source) as r:
+            value = getattr(r, attr)
+        if callable(value) and getattr(value, "__self__", None) is not None:
+            def call(*args, **kwargs):
+                with pool.lease(source) as current:
+                    return getattr(current, attr)(*args, **kwargs)
+            return call
+        return value
 
 
 def _check_agreement(cks: list[Checkpoint], metas: list[dict[str, TensorInfo]]) -> None:
@@ -491,7 +701,7 @@ def stream_tensor(plan: Plan, task: Task, pool: ReaderPool, writer, hasher=None)
     write_range, name = writer.write_range, task.out_name
     # inputs whose reader can drop consumed mapped pages before the tensor is done
     # (in steps: each call costs a TLB shootdown; the rest goes in _release)
-    releases = [r for r in (getattr(pool.get(ck.source), "release", None) for ck, _ in pairs) if r is not None]
+    releases = [ck.source for ck, _ in pairs]
     step = max(1, RELEASE_STEP // max(1, dtypes.itemsize(task.info.dtype)))
     released = 0
 
@@ -502,8 +712,8 @@ def stream_tensor(plan: Plan, task: Task, pool: ReaderPool, writer, hasher=None)
             hasher.update(part.view(np.uint8))
         end = start + part.size
         if end - released >= step and end < task.info.numel:
-            for release in releases:
-                release(task.name, released, end)
+            for src in releases:
+                pool.release(src, task.name, released, end)
             released = end
 
     if _block_sum(srcs, [w for _, w in pairs], stage, not plan.options.allow_nonfinite, emit) is not None:
@@ -516,9 +726,7 @@ def _release(plan: Plan, task: Task, pool: ReaderPool) -> None:
     cks = plan.checkpoints
     used = plan.selected if task.action == "average" else [plan.newest]
     for i in used:
-        release = getattr(pool.get(cks[i].source), "release", None)
-        if release is not None:
-            release(task.name)
+        pool.release(cks[i].source, task.name)
 
 
 def run_shard(plan: Plan, shard: list[str], pool: ReaderPool, writer, *,
