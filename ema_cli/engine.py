@@ -65,6 +65,9 @@ class Options:
     allow_copy_only: bool = False  # a plan that averages no tensor is an error unless this is set
     # post-hoc EMA: snapshot series as (gamma, inputs); replaces the plain inputs
     series: list[tuple[float, list[str]]] | None = None
+    # a sum beyond the output dtype's range (7e4 -> float16) is an error unless this is set:
+    # then it is written as the dtype's largest finite value (with its sign)
+    saturate: bool = False
 
 
 # --------------------------------------------------------------------------- plan
@@ -592,7 +595,43 @@ def _stage_buffer(dtype: np.dtype, block: int) -> np.ndarray:
     return buf[:size]
 
 
-def _block_sum(srcs, weights, out_flat: np.ndarray, check: bool, emit=None):
+class _Narrowing:
+    """How ``_block_sum`` treats sums beyond the output dtype's range."""
+
+    __slots__ = ("name", "dtype", "limit", "saturate")
+
+    def __init__(self, name: str, dtype: str, saturate: bool):
+        self.name, self.dtype, self.saturate = name, dtype, saturate
+        self.limit = dtypes.max_finite(dtype)
+
+    def fix(self, a: np.ndarray, out: np.ndarray) -> None:
+        """``out`` (rounded from the float64 block ``a``) holds inf: where ``a`` is
+        finite that is an overflow: an error, or with --saturate the largest
+        finite value of the dtype, with its sign (an inf or NaN in ``a`` itself,
+        averaged with --allow-nonfinite, stays as it is)."""
+        with np.errstate(invalid="ignore"):
+            over = np.isinf(out) & np.isfinite(a)
+        if not over.any():
+            return
+        if not self.saturate:
+            vals = a[over]
+            worst = float(vals[np.argmax(np.abs(vals))])
+            raise EmaError(f"the average reaches {worst:.3g}, beyond {self.dtype}'s largest finite value "
+                           f"{self.limit:.6g}: it would be written as inf (use a wider --dtype, or --saturate "
+                           f"to write {self.limit:.6g} instead)", tensor=self.name)
+        clipped = np.where(over, np.clip(a, -self.limit, self.limit), a)
+        dtypes.store_rounded(clipped, out)
+
+
+def _narrowing(plan: Plan, task: Task, pairs) -> _Narrowing | None:
+    """The overflow guard for this tensor, or None when its sum cannot overflow
+    the output dtype (the normal path: no extra work at all)."""
+    if not dtypes.can_overflow(task.out_dtype, [task.info.dtype], [w for _, w in pairs]):
+        return None
+    return _Narrowing(task.out_name, task.out_dtype, plan.options.saturate)
+
+
+def _block_sum(srcs, weights, out_flat: np.ndarray, check: bool, emit=None, narrow: _Narrowing | None = None):
     """out = round(sum_k w_k x_k), float64 accumulation in blocks, rounded once.
 
     Returns the start of the first block whose sum is not finite (when
@@ -637,12 +676,15 @@ def _block_sum(srcs, weights, out_flat: np.ndarray, check: bool, emit=None):
         if check and not isfinite(a, out=f).all():
             return b0
         if emit is None:
-            dtypes.store_rounded(a, out_flat[b0:b1])
+            o = out_flat[b0:b1]
         else:
             if b1 - staged > out_flat.size:
                 emit(staged, out_flat[: b0 - staged])
                 staged = b0
-            dtypes.store_rounded(a, out_flat[b0 - staged : b1 - staged])
+            o = out_flat[b0 - staged : b1 - staged]
+        dtypes.store_rounded(a, o)
+        if narrow is not None and np.isinf(o).any():
+            narrow.fix(a, o)
     if emit is not None:
         emit(staged, out_flat[: n - staged])
     return None
@@ -664,11 +706,15 @@ def compute_tensor(plan: Plan, task: Task, pool: ReaderPool) -> np.ndarray:
         sel = [cks[i] for i in plan.selected]
         arrs = [pool.get(ck.source).read(task.name) for ck in sel]
         steps = np.array([ck.step or 0 for ck in sel])
-        out[...] = schedule.tf_replay(arrs, steps, spec.decay, spec.num_updates)
-        bad = 0 if check and not np.isfinite(out).all() else None
+        replay = np.asarray(schedule.tf_replay(arrs, steps, spec.decay, spec.num_updates))
+        out[...] = replay
+        bad = 0 if check and not np.isfinite(replay).all() else None
+        narrow = _narrowing(plan, task, pairs)
+        if bad is None and narrow is not None and np.isinf(out).any():
+            narrow.fix(replay.astype(np.float64).reshape(out.shape), out)
     else:
         srcs = [np.asarray(pool.get(ck.source).read(task.name)).reshape(-1) for ck, _ in pairs]
-        bad = _block_sum(srcs, [w for _, w in pairs], out.reshape(-1), check)
+        bad = _block_sum(srcs, [w for _, w in pairs], out.reshape(-1), check, narrow=_narrowing(plan, task, pairs))
     if bad is not None:
         _raise_nonfinite(pairs, task, pool)
     return out
@@ -716,7 +762,8 @@ def stream_tensor(plan: Plan, task: Task, pool: ReaderPool, writer, hasher=None)
                 pool.release(src, task.name, released, end)
             released = end
 
-    if _block_sum(srcs, [w for _, w in pairs], stage, not plan.options.allow_nonfinite, emit) is not None:
+    if _block_sum(srcs, [w for _, w in pairs], stage, not plan.options.allow_nonfinite, emit,
+                  narrow=_narrowing(plan, task, pairs)) is not None:
         _raise_nonfinite(pairs, task, pool)
 
 
