@@ -157,7 +157,7 @@ def default_max_open() -> int:
     limit (a reader may hold several: HDF5, TF shards; the writer and Python
     need some too), at most 256."""
     limit = open_files_limit()
-    return 256 if limit is None else max(4, min(256, limit // 4))
+    return 256 if limit is None else max(1, min(256, limit // 4))
 
 
 def fd_limit_error(path: str | None, err: BaseException | None = None) -> EmaError:
@@ -246,18 +246,20 @@ class ReaderPool:
         except (OSError, EmaError) as e:
             if not _is_fd_limit(e):
                 raise
-            first = e
-        with self._lock:  # make room: close every reader no thread holds, keep fewer from now on
-            self.max_open = max(1, min(self.max_open, len(self._open) // 2 or 1))
-            self._evict(0)
+        self.make_room()
         try:
             return formats.open_reader(source)
         except (OSError, EmaError) as e:
             if _is_fd_limit(e):
                 raise fd_limit_error(getattr(e, "filename", None) or source.path, e) from None
             raise
-        finally:
-            del first
+
+    def make_room(self) -> None:
+        """The descriptor limit was hit: close every reader no thread holds, and
+        keep fewer open from now on."""
+        with self._lock:
+            self.max_open = max(1, min(self.max_open, len(self._open) // 2 or 1))
+            self._evict(0)
 
     def _evict(self, keep: int) -> None:
         """Close least recently used, unleased readers until at most ``keep`` are open (lock held)."""
@@ -301,11 +303,30 @@ class ReaderPool:
 class PooledReader:
     """A checkpoint's reader as ``ReaderPool.get`` hands it out: each call
     leases the reader from the pool (reopening it if it was closed to stay
-    under the limit), so holding a handle costs no file descriptor."""
+    under the limit), so holding a handle costs no file descriptor.  A call
+    that hits the descriptor limit (a format opening a file lazily) makes room
+    in the pool and runs once more before the limit is reported."""
 
     def __init__(self, pool: ReaderPool, source: Source):
         self._pool = pool
         self.source = source
+
+    def _call(self, fn):
+        pool, source = self.__dict__["_pool"], self.__dict__["source"]
+        try:
+            with pool.lease(source) as r:
+                return fn(r)
+        except (OSError, EmaError) as e:
+            if not _is_fd_limit(e):
+                raise
+        pool.make_room()
+        try:
+            with pool.lease(source) as r:
+                return fn(r)
+        except (OSError, EmaError) as e:
+            if _is_fd_limit(e):
+                raise fd_limit_error(source.path, e) from None
+            raise
 
     @property
     def path(self) -> str:
@@ -316,32 +337,25 @@ class PooledReader:
         return self.source.format
 
     def tensors(self) -> dict[str, TensorInfo]:
-        with self._pool.lease(self.source) as r:
-            return r.tensors()
+        return self._call(lambda r: r.tensors())
 
     def read(self, name: str):
-        with self._pool.lease(self.source) as r:
-            return r.read(name)
+        return self._call(lambda r: r.read(name))
 
     def metadata(self) -> dict[str, str]:
-        with self._pool.lease(self.source) as r:
-            return r.metadata()
+        return self._call(lambda r: r.metadata())
 
     def step(self):
-        with self._pool.lease(self.source) as r:
-            return r.step()
+        return self._call(lambda r: r.step())
 
     def role(self, info: TensorInfo):
-        with self._pool.lease(self.source) as r:
-            return r.role(info)
+        return self._call(lambda r: r.role(info))
 
     def averaged_by_default(self, info: TensorInfo) -> bool:
-        with self._pool.lease(self.source) as r:
-            return r.averaged_by_default(info)
+        return self._call(lambda r: r.averaged_by_default(info))
 
     def extras(self):
-        with self._pool.lease(self.source) as r:
-            return r.extras()
+        return self._call(lambda r: r.extras())
 
     def close(self) -> None:
         """The pool owns the reader: ``ReaderPool.close`` closes it."""
@@ -356,15 +370,12 @@ class PooledReader:
         # format-specific attributes and methods (a TF reader's meta_file, an
         # HDF5 reader's datasets for its writer's template): methods run under
         # a lease of their own when called
-        if attr.startswith("__"):
+        if attr.startswith("__") or attr in ("_pool", "source"):
             raise AttributeError(attr)
-        pool, source = self.__dict__["_pool"], self.__dict__["source"]
-        with pool.lease(source) as r:
-            value = getattr(r, attr)
+        value = self._call(lambda r: getattr(r, attr))
         if callable(value) and getattr(value, "__self__", None) is not None:
             def call(*args, **kwargs):
-                with pool.lease(source) as current:
-                    return getattr(current, attr)(*args, **kwargs)
+                return self._call(lambda r: getattr(r, attr)(*args, **kwargs))
             return call
         return value
 

@@ -508,6 +508,27 @@ def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
             fn(fd, start, end - start, 2)  # SYNC_FILE_RANGE_WRITE (ctypes releases the GIL)
 
 
+_STAGING = re.compile(r"^\.(?P<name>.+)\.ema-avg-\d+-[0-9a-f]+\.tmp$")
+
+
+def shown_path(path: str) -> str:
+    """The output path the user named behind a staging path (output.Staged's
+    hidden ``.NAME.ema-avg-PID-XXXX.tmp`` file or directory, anywhere in the
+    path: a shard inside a staged directory is shown inside the output
+    directory), for error messages."""
+    head, parts = path, []
+    while True:
+        head, base = os.path.split(head)
+        if not base:
+            break
+        m = _STAGING.match(base)
+        parts.append(m.group("name") if m else base)
+        if not head or head == os.sep:
+            break
+    parts.reverse()
+    return os.path.join(head, *parts) if head else os.path.join(*parts)
+
+
 class _FileWriter:
     """Writes one safetensors file: the header first (every name, dtype and shape
     is known before any tensor is computed), then each tensor at its offset."""
@@ -529,10 +550,20 @@ class _FileWriter:
         self.data_start = 8 + len(raw)
         self.total = self.data_start + pos
         self.path = path
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.shown = shown_path(path)  # the output the user named, for messages
         try:
-            _reserve(self.fd, self.total, path)
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        except OSError as e:
+            if e.errno in _FD_LIMIT_ERRNOS:
+                e.filename = self.shown
+                raise  # the CLI explains the limit (engine.fd_limit_error)
+            raise EmaError(f"cannot create: {e.strerror}", path=self.shown) from None
+        try:
+            _reserve(self.fd, self.total, self.shown)
             _pwrite_all(self.fd, memoryview(struct.pack("<Q", len(raw)) + raw), 0)
+        except OSError as e:
+            os.close(self.fd)
+            raise EmaError(f"cannot write: {e.strerror}", path=self.shown) from None
         except BaseException:
             os.close(self.fd)
             raise
@@ -549,7 +580,7 @@ class _FileWriter:
             _pwrite_all(self.fd, memoryview(arr.reshape(-1).view(np.uint8)), self.data_start + pos)
             _start_writeback(self.fd, self.data_start + pos, info.nbytes)
         except OSError as e:
-            raise EmaError(f"cannot write: {e.strerror}", path=self.path, tensor=name) from None
+            raise EmaError(f"cannot write: {e.strerror}", path=self.shown, tensor=name) from None
         self.pending.discard(name)
 
     def write_range(self, name: str, start: int, flat: np.ndarray) -> None:
@@ -565,17 +596,17 @@ class _FileWriter:
             _pwrite_all(self.fd, memoryview(flat.view(np.uint8)), where)
             _start_writeback(self.fd, where, flat.nbytes)
         except OSError as e:
-            raise EmaError(f"cannot write: {e.strerror}", path=self.path, tensor=name) from None
+            raise EmaError(f"cannot write: {e.strerror}", path=self.shown, tensor=name) from None
         if start + flat.size == info.numel:
             self.pending.discard(name)
 
     def close(self) -> None:
         if self.pending:
-            raise EmaError(f"internal: {len(self.pending)} tensors never written", path=self.path)
+            raise EmaError(f"internal: {len(self.pending)} tensors never written", path=self.shown)
         try:
             os.fsync(self.fd)
         except OSError as e:
-            raise EmaError(f"cannot write: {e.strerror}", path=self.path) from None
+            raise EmaError(f"cannot write: {e.strerror}", path=self.shown) from None
         finally:
             os.close(self.fd)
             self.fd = -1
@@ -617,7 +648,10 @@ class SafetensorsWriter(Writer):
             if not self.sharded:
                 self._files.append(_FileWriter(path, shards[0] if shards else [], metadata))
             else:
-                os.makedirs(path, exist_ok=True)
+                try:
+                    os.makedirs(path, exist_ok=True)
+                except OSError as e:
+                    raise EmaError(f"cannot create: {e.strerror}", path=shown_path(path)) from None
                 names = shard_file_names(len(shards))
                 for fname, infos in zip(names, shards):
                     self._files.append(_FileWriter(os.path.join(path, fname), infos, metadata))
@@ -649,11 +683,14 @@ class SafetensorsWriter(Writer):
                     weight_map[name] = fname
             doc = {"metadata": {"total_size": total, **self._metadata}, "weight_map": dict(sorted(weight_map.items()))}
             ipath = os.path.join(self.path, "model" + INDEX_SUFFIX)
-            with open(ipath, "w") as fh:
-                json.dump(doc, fh, indent=2)
-                fh.write("\n")
-                fh.flush()
-                os.fsync(fh.fileno())
+            try:
+                with open(ipath, "w") as fh:
+                    json.dump(doc, fh, indent=2)
+                    fh.write("\n")
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            except OSError as e:
+                raise EmaError(f"cannot write: {e.strerror}", path=shown_path(ipath)) from None
 
     def abort(self) -> None:
         for fw in self._files:
