@@ -39,6 +39,8 @@ BLOCK = 1 << 16  # elements per float64 accumulation block (512 KiB; two of them
 CHUNK = 1 << 20  # bytes of rounded output a thread stages before handing them to a streaming writer
 STREAM_MIN = 1 << 20  # averaged tensors of at least this many bytes are streamed to writers with write_range
 RELEASE_STEP = 16 << 20  # while streaming, consumed input pages are unmapped every this many bytes per input
+SMALL = 4096  # tensors of at most this many elements are summed in one go
+RELEASE_MIN = 1 << 19  # tensors smaller than this are not released (a reader drops whole pages of >= 512 KiB)
 
 
 # --------------------------------------------------------------------------- options
@@ -213,8 +215,11 @@ class ReaderPool:
         try:
             yield entry.reader
         finally:
-            with self._lock:
-                entry.leases -= 1
+            self._unlease(entry)
+
+    def _unlease(self, entry: _Entry) -> None:
+        with self._lock:
+            entry.leases -= 1
 
     def _acquire(self, source: Source) -> _Entry:
         path = source.path
@@ -253,6 +258,27 @@ class ReaderPool:
             if _is_fd_limit(e):
                 raise fd_limit_error(getattr(e, "filename", None) or source.path, e) from None
             raise
+
+    def call(self, source: Source, method: str, *args):
+        """``reader.method(*args)`` under a lease (no context manager: this runs
+        once per tensor and input); a descriptor limit hit inside the call makes
+        room and the call runs once more before the limit is reported."""
+        for attempt in (0, 1):
+            entry = self._acquire(source)
+            try:
+                return getattr(entry.reader, method)(*args)
+            except (OSError, EmaError) as e:
+                if not _is_fd_limit(e):
+                    raise
+                if attempt:
+                    raise fd_limit_error(source.path, e) from None
+            finally:
+                self._unlease(entry)
+            self.make_room()
+
+    def read(self, source: Source, name: str):
+        """One tensor of one checkpoint (``reader.read`` under a lease)."""
+        return self.call(source, "read", name)
 
     def make_room(self) -> None:
         """The descriptor limit was hit: close every reader no thread holds, and
@@ -311,22 +337,8 @@ class PooledReader:
         self._pool = pool
         self.source = source
 
-    def _call(self, fn):
-        pool, source = self.__dict__["_pool"], self.__dict__["source"]
-        try:
-            with pool.lease(source) as r:
-                return fn(r)
-        except (OSError, EmaError) as e:
-            if not _is_fd_limit(e):
-                raise
-        pool.make_room()
-        try:
-            with pool.lease(source) as r:
-                return fn(r)
-        except (OSError, EmaError) as e:
-            if _is_fd_limit(e):
-                raise fd_limit_error(source.path, e) from None
-            raise
+    def _call(self, method: str, *args):
+        return self.__dict__["_pool"].call(self.__dict__["source"], method, *args)
 
     @property
     def path(self) -> str:
@@ -337,25 +349,25 @@ class PooledReader:
         return self.source.format
 
     def tensors(self) -> dict[str, TensorInfo]:
-        return self._call(lambda r: r.tensors())
+        return self._call("tensors")
 
     def read(self, name: str):
-        return self._call(lambda r: r.read(name))
+        return self._call("read", name)
 
     def metadata(self) -> dict[str, str]:
-        return self._call(lambda r: r.metadata())
+        return self._call("metadata")
 
     def step(self):
-        return self._call(lambda r: r.step())
+        return self._call("step")
 
     def role(self, info: TensorInfo):
-        return self._call(lambda r: r.role(info))
+        return self._call("role", info)
 
     def averaged_by_default(self, info: TensorInfo) -> bool:
-        return self._call(lambda r: r.averaged_by_default(info))
+        return self._call("averaged_by_default", info)
 
     def extras(self):
-        return self._call(lambda r: r.extras())
+        return self._call("extras")
 
     def close(self) -> None:
         """The pool owns the reader: ``ReaderPool.close`` closes it."""
@@ -372,20 +384,25 @@ class PooledReader:
         # a lease of their own when called
         if attr.startswith("__") or attr in ("_pool", "source"):
             raise AttributeError(attr)
-        value = self._call(lambda r: getattr(r, attr))
+        value = self._call("__getattribute__", attr)
         if callable(value) and getattr(value, "__self__", None) is not None:
-            def call(*args, **kwargs):
-                return self._call(lambda r: getattr(r, attr)(*args, **kwargs))
+            def call(*args):
+                return self._call(attr, *args)
             return call
         return value
 
 
 def _check_agreement(cks: list[Checkpoint], metas: list[dict[str, TensorInfo]]) -> None:
+    """Names, shapes and dtypes agree across all inputs.  One comparison of the
+    whole dicts per input (C speed, linear); the details are only looked for
+    when that finds a difference."""
     ref, ref_path = metas[0], cks[0].path
     for ck, meta in zip(cks[1:], metas[1:]):
-        missing = [n for n in ref if n not in meta]
-        extra = [n for n in meta if n not in ref]
-        if missing or extra:
+        if meta is ref or meta == ref:
+            continue
+        if meta.keys() != ref.keys():
+            missing = [n for n in ref if n not in meta]
+            extra = [n for n in meta if n not in ref]
             parts = []
             if missing:
                 parts.append(f"lacks {len(missing)} tensor(s) of {ref_path}: {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
@@ -395,9 +412,17 @@ def _check_agreement(cks: list[Checkpoint], metas: list[dict[str, TensorInfo]]) 
         for name, info in ref.items():
             other = meta[name]
             if other.shape != info.shape:
-                raise EmaError(f"shape {list(other.shape)} but {list(info.shape)} in {ref_path}", path=ck.path, tensor=name)
+                raise EmaError(f"shape {_shape_text(other.shape)} but {_shape_text(info.shape)} in {ref_path}",
+                               path=ck.path, tensor=name)
             if other.dtype != info.dtype:
                 raise EmaError(f"dtype {other.dtype} but {info.dtype} in {ref_path}", path=ck.path, tensor=name)
+
+
+def _shape_text(shape: tuple[int, ...]) -> str:
+    """A shape for an error message, shortened when it has many dimensions."""
+    if len(shape) <= 16:
+        return str(list(shape))
+    return f"[{', '.join(map(str, shape[:8]))}, ... ({len(shape)} dimensions)]"
 
 
 def _averaged(reader: Reader, info: TensorInfo, opts: Options, inc, exc) -> bool:
@@ -637,7 +662,12 @@ class _Narrowing:
 def _narrowing(plan: Plan, task: Task, pairs) -> _Narrowing | None:
     """The overflow guard for this tensor, or None when its sum cannot overflow
     the output dtype (the normal path: no extra work at all)."""
-    if not dtypes.can_overflow(task.out_dtype, [task.info.dtype], [w for _, w in pairs]):
+    key = (task.out_dtype, task.info.dtype)
+    cache = plan.__dict__.setdefault("_can_overflow", {})
+    hit = cache.get(key)
+    if hit is None:
+        hit = cache[key] = dtypes.can_overflow(task.out_dtype, [task.info.dtype], plan.weights)
+    if not hit:
         return None
     return _Narrowing(task.out_name, task.out_dtype, plan.options.saturate)
 
@@ -659,6 +689,18 @@ def _block_sum(srcs, weights, out_flat: np.ndarray, check: bool, emit=None, narr
     and is faster (no buffered casting loop)."""
     n = srcs[0].size
     if n == 0:
+        return None
+    if n <= SMALL and emit is None:
+        # one block, no scratch buffers: the same operations, fewer calls
+        # (``multiply(x, w, dtype=float64)`` converts x exactly, then multiplies in float64)
+        a = np.multiply(srcs[0], weights[0], dtype=np.float64)
+        for x, w in zip(srcs[1:], weights[1:]):
+            a += np.multiply(x, w, dtype=np.float64)
+        if check and not np.isfinite(a).all():
+            return 0
+        dtypes.store_rounded(a, out_flat)
+        if narrow is not None and np.isinf(out_flat).any():
+            narrow.fix(a, out_flat)
         return None
     block = min(n, BLOCK)
     staged = 0  # with emit: output index of out_flat[0]
@@ -705,7 +747,7 @@ def compute_tensor(plan: Plan, task: Task, pool: ReaderPool) -> np.ndarray:
     """The output value of one tensor: a pure function of the plan."""
     cks = plan.checkpoints
     if task.action == "copy":
-        arr = pool.get(cks[plan.newest].source).read(task.name)
+        arr = pool.read(cks[plan.newest].source, task.name)
         if task.out_dtype != task.info.dtype:
             arr = dtypes.cast_rounded(arr, task.out_dtype)
         return arr
@@ -715,7 +757,7 @@ def compute_tensor(plan: Plan, task: Task, pool: ReaderPool) -> np.ndarray:
     spec = plan.options.spec
     if spec.tf_exact:
         sel = [cks[i] for i in plan.selected]
-        arrs = [pool.get(ck.source).read(task.name) for ck in sel]
+        arrs = [pool.read(ck.source, task.name) for ck in sel]
         steps = np.array([ck.step or 0 for ck in sel])
         replay = np.asarray(schedule.tf_replay(arrs, steps, spec.decay, spec.num_updates))
         out[...] = replay
@@ -724,7 +766,7 @@ def compute_tensor(plan: Plan, task: Task, pool: ReaderPool) -> np.ndarray:
         if bad is None and narrow is not None and np.isinf(out).any():
             narrow.fix(replay.astype(np.float64).reshape(out.shape), out)
     else:
-        srcs = [np.asarray(pool.get(ck.source).read(task.name)).reshape(-1) for ck, _ in pairs]
+        srcs = [np.asarray(pool.read(ck.source, task.name)).reshape(-1) for ck, _ in pairs]
         bad = _block_sum(srcs, [w for _, w in pairs], out.reshape(-1), check, narrow=_narrowing(plan, task, pairs))
     if bad is not None:
         _raise_nonfinite(pairs, task, pool)
@@ -733,7 +775,7 @@ def compute_tensor(plan: Plan, task: Task, pool: ReaderPool) -> np.ndarray:
 
 def _raise_nonfinite(pairs, task: Task, pool: ReaderPool):
     for ck, w in pairs:
-        if not np.isfinite(pool.get(ck.source).read(task.name)).all():
+        if not np.isfinite(pool.read(ck.source, task.name)).all():
             raise EmaError(f"has NaN or Inf values (weight {w:.6g}); use --allow-nonfinite to average anyway",
                            path=ck.path, tensor=task.name)
     raise EmaError("the weighted sum is not finite (overflow)", tensor=task.name)
@@ -753,7 +795,7 @@ def stream_tensor(plan: Plan, task: Task, pool: ReaderPool, writer, hasher=None)
     output bytes in order (the same digest as ``digest`` of the whole tensor)."""
     cks = plan.checkpoints
     pairs = [(cks[i], w) for i, w in zip(plan.selected, plan.weights) if w != 0.0]
-    srcs = [np.asarray(pool.get(ck.source).read(task.name)).reshape(-1) for ck, _ in pairs]
+    srcs = [np.asarray(pool.read(ck.source, task.name)).reshape(-1) for ck, _ in pairs]
     stage = _stage_buffer(dtypes.to_numpy(task.out_dtype), min(task.info.numel, BLOCK))
     write_range, name = writer.write_range, task.out_name
     # inputs whose reader can drop consumed mapped pages before the tensor is done
@@ -781,6 +823,8 @@ def stream_tensor(plan: Plan, task: Task, pool: ReaderPool, writer, hasher=None)
 def _release(plan: Plan, task: Task, pool: ReaderPool) -> None:
     """Tell the readers that support it that this tensor is done (safetensors
     drops its memory-mapped pages from the process: resident memory stays small)."""
+    if task.info.nbytes < RELEASE_MIN:
+        return  # (readers leave ranges this small alone)
     cks = plan.checkpoints
     used = plan.selected if task.action == "average" else [plan.newest]
     for i in used:
