@@ -258,6 +258,9 @@ def _command_names() -> set[str]:
     return set(getattr(cmd, "commands", {}))
 
 
+Terminated = _entry.Terminated  # SIGTERM's exception (defined with the handlers, in ema_cli._entry)
+
+
 def raise_open_files_limit() -> None:
     """Raise the soft limit on open files to the hard limit: averaging thousands
     of checkpoints (or shards) needs more than the usual 1024.  The reader pool
