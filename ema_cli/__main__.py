@@ -1,4 +1,4 @@
-from ema_cli.cli import main
+from ema_cli._entry import main
 
 if __name__ == "__main__":
     main()

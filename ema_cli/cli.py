@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import os
@@ -11,7 +12,7 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from ema_cli import __version__, engine, render, schedule
+from ema_cli import __version__, _entry, engine, render, schedule
 from ema_cli.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, EmaError, UsageError
 
 app = typer.Typer(
@@ -60,6 +61,7 @@ Verify = Annotated[bool, typer.Option("--verify", help="Reopen the output and ch
 Threads = Annotated[int, typer.Option("--threads", help="Worker threads (0: one per core, at most 4).")]
 Force = Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing output.")]
 AllowCopyOnly = Annotated[bool, typer.Option("--allow-copy-only", help="Accept a plan that averages no tensor (every tensor copied from the newest).")]
+Saturate = Annotated[bool, typer.Option("--saturate", help="Write averages beyond the output dtype's range as its largest finite value (default: an error).")]
 
 
 def _spec(swa, decay, num_updates, zero_debias, weights, decay_per, interp, half_life, sigma_rel, gamma, tf_exact) -> schedule.Spec:
@@ -105,6 +107,7 @@ def average(
     max_shard_size: Annotated[Optional[str], typer.Option("--max-shard-size", help="Write HF-style shards of at most SIZE (e.g. 2GB) into the OUTPUT directory.")] = None,
     allow_nonfinite: AllowNonfinite = False, verify: Verify = False, threads: Threads = 0, force: Force = False,
     allow_copy_only: AllowCopyOnly = False, quiet: Quiet = False, as_json: Json = False,
+    saturate: Saturate = False,
 ):
     t0 = time.perf_counter()
     if names not in ("original", "shadow"):
@@ -115,7 +118,7 @@ def average(
         last_n=last_n, start_step=start_step, every=every, metrics=metrics, metric=metric, top_k=top_k,
         maximize=_maximize(maximize, minimize), names=names, suffix=suffix,
         max_shard_size=engine.parse_size(max_shard_size) if max_shard_size else None, threads=threads,
-        allow_copy_only=allow_copy_only,
+        allow_copy_only=allow_copy_only, saturate=saturate,
     )
     _execute(inputs, opts, output, fmt, force=force, quiet=quiet, as_json=as_json, verify=verify, t0=t0)
 
@@ -160,6 +163,7 @@ def posthoc(
     fmt: Format = None, dtype: Dtype = "keep", include: Include = None, exclude: Exclude = None,
     allow_nonfinite: AllowNonfinite = False, verify: Verify = False, threads: Threads = 0, force: Force = False,
     allow_copy_only: AllowCopyOnly = False, quiet: Quiet = False, as_json: Json = False,
+    saturate: Saturate = False,
 ):
     t0 = time.perf_counter()
     parsed = []
@@ -191,7 +195,7 @@ def posthoc(
         spec = schedule.Spec(sigma_rel=s_rel, gamma=gamma, at_step=at_step, posthoc_gammas=[])
         opts = engine.Options(spec=spec, include=include or [], exclude=exclude or [], dtype=dtype,
                               allow_nonfinite=allow_nonfinite, threads=threads, series=parsed,
-                              allow_copy_only=allow_copy_only)
+                              allow_copy_only=allow_copy_only, saturate=saturate)
         targets.append((opts, output.replace("{sigma_rel}", width) if width is not None else output))
     _execute([], None, None, fmt, force=force, quiet=quiet, as_json=as_json, verify=verify, t0=t0, targets=targets)
 
@@ -273,20 +277,37 @@ def _command_names() -> set[str]:
     return set(getattr(cmd, "commands", {}))
 
 
-class Terminated(BaseException):
-    """SIGTERM: unwinds like Ctrl-C, so staging files are removed."""
+Terminated = _entry.Terminated  # SIGTERM's exception (defined with the handlers, in ema_cli._entry)
 
 
-def _on_sigterm(signum, frame):
-    raise Terminated()
+def raise_open_files_limit() -> None:
+    """Raise the soft limit on open files to the hard limit: averaging thousands
+    of checkpoints (or shards) needs more than the usual 1024.  The reader pool
+    (engine.ReaderPool) keeps the number of open readers under a quarter of
+    whatever limit is in force."""
+    try:
+        import resource
+    except ImportError:
+        return
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (OSError, ValueError):
+        return
+    if soft == resource.RLIM_INFINITY or (hard != resource.RLIM_INFINITY and soft >= hard):
+        return
+    for want in ([hard] if hard != resource.RLIM_INFINITY else []) + [1 << 20, 1 << 16]:
+        if want <= soft:
+            break
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            return
+        except (OSError, ValueError):
+            continue
 
 
 def main(argv: list[str] | None = None) -> None:
-    import signal
-
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    # Ctrl-C raises KeyboardInterrupt even when started with SIGINT ignored (nohup, job control)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    _entry.install_signal_handlers()  # (again: main may be called directly, not through ema_cli._entry)
+    raise_open_files_limit()
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in ("--version", "-V"):
         print(f"ema-avg {__version__}")
@@ -322,15 +343,18 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         code = EXIT_INTERRUPTED
-    except Terminated:
+    except _entry.Terminated:
         print("error: terminated", file=sys.stderr)
-        code = 128 + 15
+        code = _entry.EXIT_TERMINATED
     except MemoryError:
         print("error: out of memory", file=sys.stderr)
         code = EXIT_ERROR
     except OSError as e:
-        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
-        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        if e.errno in (errno.EMFILE, errno.ENFILE):
+            print(f"error: {engine.fd_limit_error(getattr(e, 'filename', None), e)}", file=sys.stderr)
+        else:
+            where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+            print(f"error: {where}{e.strerror or e}", file=sys.stderr)
         code = EXIT_ERROR
     except Exception as e:  # a bug: still one line, unless debugging
         if os.environ.get("EMA_AVG_DEBUG"):

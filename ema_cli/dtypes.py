@@ -114,3 +114,21 @@ def cast_rounded(src: np.ndarray, dtype_name: str) -> np.ndarray:
     out = np.empty(np.shape(src), dtype=to_numpy(dtype_name))
     store_rounded(np.asarray(src, dtype=np.float64), out)
     return out
+
+
+def max_finite(name: str) -> float:
+    """The largest finite value of a floating dtype (float16: 65504)."""
+    return float(ml_dtypes.finfo(to_numpy(name)).max)
+
+
+def can_overflow(out_name: str, in_names, weights) -> bool:
+    """Whether rounding a weighted sum of ``in_names`` tensors to ``out_name`` can
+    give inf from finite inputs: the output's range is narrower than an input's
+    (float32 -> float16, float32 -> bfloat16, bfloat16 -> float16), or the
+    weights can amplify (sum of |w| above 1: post-hoc EMA, negative weights)."""
+    if out_name == "float64":
+        return False
+    top = max_finite(out_name)
+    if any(is_float(n) and max_finite(n) > top for n in in_names):
+        return True
+    return float(np.abs(np.asarray(weights, dtype=np.float64)).sum()) > 1.0 + 1e-9

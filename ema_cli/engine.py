@@ -16,11 +16,14 @@ a cluster later.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import threading
 import time
+from collections import OrderedDict
+from contextlib import contextmanager
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Callable
@@ -38,6 +41,8 @@ BLOCK = 1 << 16  # elements per float64 accumulation block (512 KiB; two of them
 CHUNK = 1 << 20  # bytes of rounded output a thread stages before handing them to a streaming writer
 STREAM_MIN = 1 << 20  # averaged tensors of at least this many bytes are streamed to writers with write_range
 RELEASE_STEP = 16 << 20  # while streaming, consumed input pages are unmapped every this many bytes per input
+SMALL = 4096  # tensors of at most this many elements are summed in one go
+RELEASE_MIN = 1 << 19  # tensors smaller than this are not released (a reader drops whole pages of >= 512 KiB)
 
 
 # --------------------------------------------------------------------------- options
@@ -65,6 +70,9 @@ class Options:
     allow_copy_only: bool = False  # a plan that averages no tensor is an error unless this is set
     # post-hoc EMA: snapshot series as (gamma, inputs); replaces the plain inputs
     series: list[tuple[float, list[str]]] | None = None
+    # a sum beyond the output dtype's range (7e4 -> float16) is an error unless this is set:
+    # then it is written as the dtype's largest finite value (with its sign)
+    saturate: bool = False
 
 
 # --------------------------------------------------------------------------- plan
@@ -144,35 +152,268 @@ def step_from_name(name: str) -> int | None:
     return steps_mod.step_from_name(name)
 
 
+_FD_LIMIT_ERRNOS = (errno.EMFILE, errno.ENFILE)
+
+
+def open_files_limit() -> int | None:
+    """The soft limit on open file descriptors (``ulimit -n``), None if unlimited or unknown."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return None
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return None if soft == resource.RLIM_INFINITY else int(soft)
+
+
+def default_max_open() -> int:
+    """How many readers a ReaderPool keeps open: a quarter of the descriptor
+    limit (a reader may hold several: HDF5, TF shards; the writer and Python
+    need some too), at most 256."""
+    limit = open_files_limit()
+    return 256 if limit is None else max(1, min(256, limit // 4))
+
+
+def fd_limit_error(path: str | None, err: BaseException | None = None) -> EmaError:
+    """The one-line error for a descriptor limit that was really hit."""
+    if isinstance(err, OSError) and err.errno == errno.ENFILE:
+        return EmaError("cannot open: the system-wide limit on open files is reached "
+                        "(fs.file-max); close other programs or raise it (sysctl fs.file-max)", path=path)
+    limit = open_files_limit()
+    now = f" is {limit}" if limit is not None else ""
+    return EmaError(f"cannot open: too many open files (this process's limit, ulimit -n{now}); "
+                    "raise it with 'ulimit -n 65536' (or ask for a higher hard limit) and run again", path=path)
+
+
+def _is_fd_limit(err: BaseException) -> bool:
+    if isinstance(err, OSError) and err.errno in _FD_LIMIT_ERRNOS:
+        return True
+    text = str(err)  # formats wrap the OSError (h5py, TensorFlow): look at the message
+    return isinstance(err, (OSError, EmaError)) and ("Too many open files" in text or "errno = 24" in text)
+
+
+class _Entry:
+    __slots__ = ("reader", "leases")
+
+    def __init__(self, reader: Reader):
+        self.reader = reader
+        self.leases = 0
+
+
 class ReaderPool:
-    """Opened readers by checkpoint path (shared by threads; readers are read-only)."""
+    """Readers by checkpoint path, opened lazily, at most ``max_open`` at a time.
 
-    def __init__(self):
-        self._readers: dict[str, Reader] = {}
+    ``lease(source)`` yields an open reader that stays open for the block; the
+    least recently used readers that no thread holds are closed when more than
+    ``max_open`` are open (2,000 inputs with ``ulimit -n 1024``; memory stays
+    bounded for formats that cache per file), and reopened when needed again.
+    ``get(source)`` returns a handle whose every call runs under its own lease
+    (a handle kept across calls never sees its reader closed under it).  When
+    opening hits the descriptor limit anyway, the unleased readers are closed
+    and the open retried once; then the error names the file and the limit."""
+
+    def __init__(self, max_open: int | None = None):
+        self.max_open = max_open or default_max_open()
+        self._open: OrderedDict[str, _Entry] = OrderedDict()
         self._lock = threading.Lock()
+        self._opening: dict[str, threading.Lock] = {}  # one opener per path at a time
 
-    def get(self, source: Source) -> Reader:
-        r = self._readers.get(source.path)
-        if r is None:
+    def get(self, source: Source) -> "PooledReader":
+        return PooledReader(self, source)
+
+    @contextmanager
+    def lease(self, source: Source):
+        entry = self._acquire(source)
+        try:
+            yield entry.reader
+        finally:
+            self._unlease(entry)
+
+    def _unlease(self, entry: _Entry) -> None:
+        with self._lock:
+            entry.leases -= 1
+
+    def _acquire(self, source: Source) -> _Entry:
+        path = source.path
+        with self._lock:
+            entry = self._open.get(path)
+            if entry is not None:
+                entry.leases += 1
+                self._open.move_to_end(path)
+                return entry
+            opener = self._opening.setdefault(path, threading.Lock())
+        with opener:
+            with self._lock:  # another thread may have opened it meanwhile
+                entry = self._open.get(path)
+                if entry is not None:
+                    entry.leases += 1
+                    self._open.move_to_end(path)
+                    return entry
+                self._evict(self.max_open - 1)
+            reader = self._open_reader(source)
             with self._lock:
-                r = self._readers.get(source.path)
-                if r is None:
-                    r = formats.open_reader(source)
-                    self._readers[source.path] = r
-        return r
+                entry = self._open[path] = _Entry(reader)
+                entry.leases += 1
+                self._opening.pop(path, None)
+            return entry
+
+    def _open_reader(self, source: Source) -> Reader:
+        try:
+            return formats.open_reader(source)
+        except (OSError, EmaError) as e:
+            if not _is_fd_limit(e):
+                raise
+        self.make_room()
+        try:
+            return formats.open_reader(source)
+        except (OSError, EmaError) as e:
+            if _is_fd_limit(e):
+                raise fd_limit_error(getattr(e, "filename", None) or source.path, e) from None
+            raise
+
+    def call(self, source: Source, method: str, *args):
+        """``reader.method(*args)`` under a lease (no context manager: this runs
+        once per tensor and input); a descriptor limit hit inside the call makes
+        room and the call runs once more before the limit is reported."""
+        for attempt in (0, 1):
+            entry = self._acquire(source)
+            try:
+                return getattr(entry.reader, method)(*args)
+            except (OSError, EmaError) as e:
+                if not _is_fd_limit(e):
+                    raise
+                if attempt:
+                    raise fd_limit_error(source.path, e) from None
+            finally:
+                self._unlease(entry)
+            self.make_room()
+
+    def read(self, source: Source, name: str):
+        """One tensor of one checkpoint (``reader.read`` under a lease)."""
+        return self.call(source, "read", name)
+
+    def make_room(self) -> None:
+        """The descriptor limit was hit: close every reader no thread holds, and
+        keep fewer open from now on."""
+        with self._lock:
+            self.max_open = max(1, min(self.max_open, len(self._open) // 2 or 1))
+            self._evict(0)
+
+    def _evict(self, keep: int) -> None:
+        """Close least recently used, unleased readers until at most ``keep`` are open (lock held)."""
+        if len(self._open) <= keep:
+            return
+        for path in list(self._open):
+            if len(self._open) <= keep:
+                break
+            entry = self._open[path]
+            if entry.leases == 0:
+                del self._open[path]
+                entry.reader.close()
+
+    def release(self, source: Source, name: str, first: int = 0, last: int | None = None) -> None:
+        """Let an open reader drop a tensor's mapped pages (see SafetensorsReader.release);
+        a reader that is not open has nothing mapped to drop, so it is not reopened."""
+        with self._lock:
+            entry = self._open.get(source.path)
+            if entry is None:
+                return
+            entry.leases += 1
+        try:
+            release = getattr(entry.reader, "release", None)
+            if release is not None:
+                release(name, first, last)
+        finally:
+            with self._lock:
+                entry.leases -= 1
+
+    def open_count(self) -> int:
+        return len(self._open)
 
     def close(self):
-        for r in self._readers.values():
-            r.close()
-        self._readers.clear()
+        with self._lock:
+            entries = list(self._open.values())
+            self._open.clear()
+        for e in entries:
+            e.reader.close()
+
+
+class PooledReader:
+    """A checkpoint's reader as ``ReaderPool.get`` hands it out: each call
+    leases the reader from the pool (reopening it if it was closed to stay
+    under the limit), so holding a handle costs no file descriptor.  A call
+    that hits the descriptor limit (a format opening a file lazily) makes room
+    in the pool and runs once more before the limit is reported."""
+
+    def __init__(self, pool: ReaderPool, source: Source):
+        self._pool = pool
+        self.source = source
+
+    def _call(self, method: str, *args):
+        return self.__dict__["_pool"].call(self.__dict__["source"], method, *args)
+
+    @property
+    def path(self) -> str:
+        return self.source.path
+
+    @property
+    def format(self) -> str:
+        return self.source.format
+
+    def tensors(self) -> dict[str, TensorInfo]:
+        return self._call("tensors")
+
+    def read(self, name: str):
+        return self._call("read", name)
+
+    def metadata(self) -> dict[str, str]:
+        return self._call("metadata")
+
+    def step(self):
+        return self._call("step")
+
+    def role(self, info: TensorInfo):
+        return self._call("role", info)
+
+    def averaged_by_default(self, info: TensorInfo) -> bool:
+        return self._call("averaged_by_default", info)
+
+    def extras(self):
+        return self._call("extras")
+
+    def close(self) -> None:
+        """The pool owns the reader: ``ReaderPool.close`` closes it."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def __getattr__(self, attr: str):
+        # format-specific attributes and methods (a TF reader's meta_file, an
+        # HDF5 reader's datasets for its writer's template): methods run under
+        # a lease of their own when called
+        if attr.startswith("__") or attr in ("_pool", "source"):
+            raise AttributeError(attr)
+        value = self._call("__getattribute__", attr)
+        if callable(value) and getattr(value, "__self__", None) is not None:
+            def call(*args):
+                return self._call(attr, *args)
+            return call
+        return value
 
 
 def _check_agreement(cks: list[Checkpoint], metas: list[dict[str, TensorInfo]]) -> None:
+    """Names, shapes and dtypes agree across all inputs.  One comparison of the
+    whole dicts per input (C speed, linear); the details are only looked for
+    when that finds a difference."""
     ref, ref_path = metas[0], cks[0].path
     for ck, meta in zip(cks[1:], metas[1:]):
-        missing = [n for n in ref if n not in meta]
-        extra = [n for n in meta if n not in ref]
-        if missing or extra:
+        if meta is ref or meta == ref:
+            continue
+        if meta.keys() != ref.keys():
+            missing = [n for n in ref if n not in meta]
+            extra = [n for n in meta if n not in ref]
             parts = []
             if missing:
                 parts.append(f"lacks {len(missing)} tensor(s) of {ref_path}: {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
@@ -182,9 +423,17 @@ def _check_agreement(cks: list[Checkpoint], metas: list[dict[str, TensorInfo]]) 
         for name, info in ref.items():
             other = meta[name]
             if other.shape != info.shape:
-                raise EmaError(f"shape {list(other.shape)} but {list(info.shape)} in {ref_path}", path=ck.path, tensor=name)
+                raise EmaError(f"shape {_shape_text(other.shape)} but {_shape_text(info.shape)} in {ref_path}",
+                               path=ck.path, tensor=name)
             if other.dtype != info.dtype:
                 raise EmaError(f"dtype {other.dtype} but {info.dtype} in {ref_path}", path=ck.path, tensor=name)
+
+
+def _shape_text(shape: tuple[int, ...]) -> str:
+    """A shape for an error message, shortened when it has many dimensions."""
+    if len(shape) <= 16:
+        return str(list(shape))
+    return f"[{', '.join(map(str, shape[:8]))}, ... ({len(shape)} dimensions)]"
 
 
 def _averaged(reader: Reader, info: TensorInfo, opts: Options, inc, exc) -> bool:
@@ -394,7 +643,48 @@ def _stage_buffer(dtype: np.dtype, block: int) -> np.ndarray:
     return buf[:size]
 
 
-def _block_sum(srcs, weights, out_flat: np.ndarray, check: bool, emit=None):
+class _Narrowing:
+    """How ``_block_sum`` treats sums beyond the output dtype's range."""
+
+    __slots__ = ("name", "dtype", "limit", "saturate")
+
+    def __init__(self, name: str, dtype: str, saturate: bool):
+        self.name, self.dtype, self.saturate = name, dtype, saturate
+        self.limit = dtypes.max_finite(dtype)
+
+    def fix(self, a: np.ndarray, out: np.ndarray) -> None:
+        """``out`` (rounded from the float64 block ``a``) holds inf: where ``a`` is
+        finite that is an overflow: an error, or with --saturate the largest
+        finite value of the dtype, with its sign (an inf or NaN in ``a`` itself,
+        averaged with --allow-nonfinite, stays as it is)."""
+        with np.errstate(invalid="ignore"):
+            over = np.isinf(out) & np.isfinite(a)
+        if not over.any():
+            return
+        if not self.saturate:
+            vals = a[over]
+            worst = float(vals[np.argmax(np.abs(vals))])
+            raise EmaError(f"the average reaches {worst:.3g}, beyond {self.dtype}'s largest finite value "
+                           f"{self.limit:.6g}: it would be written as inf (use a wider --dtype, or --saturate "
+                           f"to write {self.limit:.6g} instead)", tensor=self.name)
+        clipped = np.where(over, np.clip(a, -self.limit, self.limit), a)
+        dtypes.store_rounded(clipped, out)
+
+
+def _narrowing(plan: Plan, task: Task, pairs) -> _Narrowing | None:
+    """The overflow guard for this tensor, or None when its sum cannot overflow
+    the output dtype (the normal path: no extra work at all)."""
+    key = (task.out_dtype, task.info.dtype)
+    cache = plan.__dict__.setdefault("_can_overflow", {})
+    hit = cache.get(key)
+    if hit is None:
+        hit = cache[key] = dtypes.can_overflow(task.out_dtype, [task.info.dtype], plan.weights)
+    if not hit:
+        return None
+    return _Narrowing(task.out_name, task.out_dtype, plan.options.saturate)
+
+
+def _block_sum(srcs, weights, out_flat: np.ndarray, check: bool, emit=None, narrow: _Narrowing | None = None):
     """out = round(sum_k w_k x_k), float64 accumulation in blocks, rounded once.
 
     Returns the start of the first block whose sum is not finite (when
@@ -411,6 +701,18 @@ def _block_sum(srcs, weights, out_flat: np.ndarray, check: bool, emit=None):
     and is faster (no buffered casting loop)."""
     n = srcs[0].size
     if n == 0:
+        return None
+    if n <= SMALL and emit is None:
+        # one block, no scratch buffers: the same operations, fewer calls
+        # (``multiply(x, w, dtype=float64)`` converts x exactly, then multiplies in float64)
+        a = np.multiply(srcs[0], weights[0], dtype=np.float64)
+        for x, w in zip(srcs[1:], weights[1:]):
+            a += np.multiply(x, w, dtype=np.float64)
+        if check and not np.isfinite(a).all():
+            return 0
+        dtypes.store_rounded(a, out_flat)
+        if narrow is not None and np.isinf(out_flat).any():
+            narrow.fix(a, out_flat)
         return None
     block = min(n, BLOCK)
     staged = 0  # with emit: output index of out_flat[0]
@@ -439,12 +741,15 @@ def _block_sum(srcs, weights, out_flat: np.ndarray, check: bool, emit=None):
         if check and not isfinite(a, out=f).all():
             return b0
         if emit is None:
-            dtypes.store_rounded(a, out_flat[b0:b1])
+            o = out_flat[b0:b1]
         else:
             if b1 - staged > out_flat.size:
                 emit(staged, out_flat[: b0 - staged])
                 staged = b0
-            dtypes.store_rounded(a, out_flat[b0 - staged : b1 - staged])
+            o = out_flat[b0 - staged : b1 - staged]
+        dtypes.store_rounded(a, o)
+        if narrow is not None and np.isinf(o).any():
+            narrow.fix(a, o)
     if emit is not None:
         emit(staged, out_flat[: n - staged])
     return None
@@ -454,7 +759,7 @@ def compute_tensor(plan: Plan, task: Task, pool: ReaderPool) -> np.ndarray:
     """The output value of one tensor: a pure function of the plan."""
     cks = plan.checkpoints
     if task.action == "copy":
-        arr = pool.get(cks[plan.newest].source).read(task.name)
+        arr = pool.read(cks[plan.newest].source, task.name)
         if task.out_dtype != task.info.dtype:
             arr = dtypes.cast_rounded(arr, task.out_dtype)
         return arr
@@ -464,13 +769,17 @@ def compute_tensor(plan: Plan, task: Task, pool: ReaderPool) -> np.ndarray:
     spec = plan.options.spec
     if spec.tf_exact:
         sel = [cks[i] for i in plan.selected]
-        arrs = [pool.get(ck.source).read(task.name) for ck in sel]
+        arrs = [pool.read(ck.source, task.name) for ck in sel]
         steps = np.array([ck.step or 0 for ck in sel])
-        out[...] = schedule.tf_replay(arrs, steps, spec.decay, spec.num_updates)
-        bad = 0 if check and not np.isfinite(out).all() else None
+        replay = np.asarray(schedule.tf_replay(arrs, steps, spec.decay, spec.num_updates))
+        out[...] = replay
+        bad = 0 if check and not np.isfinite(replay).all() else None
+        narrow = _narrowing(plan, task, pairs)
+        if bad is None and narrow is not None and np.isinf(out).any():
+            narrow.fix(replay.astype(np.float64).reshape(out.shape), out)
     else:
-        srcs = [np.asarray(pool.get(ck.source).read(task.name)).reshape(-1) for ck, _ in pairs]
-        bad = _block_sum(srcs, [w for _, w in pairs], out.reshape(-1), check)
+        srcs = [np.asarray(pool.read(ck.source, task.name)).reshape(-1) for ck, _ in pairs]
+        bad = _block_sum(srcs, [w for _, w in pairs], out.reshape(-1), check, narrow=_narrowing(plan, task, pairs))
     if bad is not None:
         _raise_nonfinite(pairs, task, pool)
     return out
@@ -478,7 +787,7 @@ def compute_tensor(plan: Plan, task: Task, pool: ReaderPool) -> np.ndarray:
 
 def _raise_nonfinite(pairs, task: Task, pool: ReaderPool):
     for ck, w in pairs:
-        if not np.isfinite(pool.get(ck.source).read(task.name)).all():
+        if not np.isfinite(pool.read(ck.source, task.name)).all():
             raise EmaError(f"has NaN or Inf values (weight {w:.6g}); use --allow-nonfinite to average anyway",
                            path=ck.path, tensor=task.name)
     raise EmaError("the weighted sum is not finite (overflow)", tensor=task.name)
@@ -498,12 +807,12 @@ def stream_tensor(plan: Plan, task: Task, pool: ReaderPool, writer, hasher=None)
     output bytes in order (the same digest as ``digest`` of the whole tensor)."""
     cks = plan.checkpoints
     pairs = [(cks[i], w) for i, w in zip(plan.selected, plan.weights) if w != 0.0]
-    srcs = [np.asarray(pool.get(ck.source).read(task.name)).reshape(-1) for ck, _ in pairs]
+    srcs = [np.asarray(pool.read(ck.source, task.name)).reshape(-1) for ck, _ in pairs]
     stage = _stage_buffer(dtypes.to_numpy(task.out_dtype), min(task.info.numel, BLOCK))
     write_range, name = writer.write_range, task.out_name
     # inputs whose reader can drop consumed mapped pages before the tensor is done
     # (in steps: each call costs a TLB shootdown; the rest goes in _release)
-    releases = [r for r in (getattr(pool.get(ck.source), "release", None) for ck, _ in pairs) if r is not None]
+    releases = [ck.source for ck, _ in pairs]
     step = max(1, RELEASE_STEP // max(1, dtypes.itemsize(task.info.dtype)))
     released = 0
 
@@ -514,23 +823,24 @@ def stream_tensor(plan: Plan, task: Task, pool: ReaderPool, writer, hasher=None)
             hasher.update(part.view(np.uint8))
         end = start + part.size
         if end - released >= step and end < task.info.numel:
-            for release in releases:
-                release(task.name, released, end)
+            for src in releases:
+                pool.release(src, task.name, released, end)
             released = end
 
-    if _block_sum(srcs, [w for _, w in pairs], stage, not plan.options.allow_nonfinite, emit) is not None:
+    if _block_sum(srcs, [w for _, w in pairs], stage, not plan.options.allow_nonfinite, emit,
+                  narrow=_narrowing(plan, task, pairs)) is not None:
         _raise_nonfinite(pairs, task, pool)
 
 
 def _release(plan: Plan, task: Task, pool: ReaderPool) -> None:
     """Tell the readers that support it that this tensor is done (safetensors
     drops its memory-mapped pages from the process: resident memory stays small)."""
+    if task.info.nbytes < RELEASE_MIN:
+        return  # (readers leave ranges this small alone)
     cks = plan.checkpoints
     used = plan.selected if task.action == "average" else [plan.newest]
     for i in used:
-        release = getattr(pool.get(cks[i].source), "release", None)
-        if release is not None:
-            release(task.name)
+        pool.release(cks[i].source, task.name)
 
 
 @dataclass

@@ -72,13 +72,35 @@ def tf_decays(steps: np.ndarray, decay: float, num_updates: bool) -> np.ndarray:
 
 
 def normalise(w: np.ndarray, what: str = "weights") -> np.ndarray:
+    """``w / sum(w)``, for any finite weights: they are scaled by the largest
+    |w| first, so huge weights (``1e308,1e308``) do not overflow the sum and
+    tiny ones (``1e-320``) do not lose precision; no numpy warning is printed."""
     w = np.asarray(w, dtype=np.float64)
-    s = w.sum()
-    if not np.isfinite(s) or not np.all(np.isfinite(w)):
+    if w.size == 0:
+        raise UsageError(f"{what}: none given")
+    if not np.all(np.isfinite(w)):
         raise UsageError(f"{what} are not finite")
-    if s == 0:
+    top = float(np.max(np.abs(w)))
+    if top == 0:
         raise UsageError(f"{what} sum to zero")
-    return w / s
+    with np.errstate(all="raise"):
+        try:
+            scaled = w / top
+            s = scaled.sum()
+            if s == 0:
+                raise UsageError(f"{what} sum to zero")
+            out = scaled / s
+        except FloatingPointError:
+            # only underflow of relatively negligible weights can get here: recompute quietly
+            with np.errstate(all="ignore"):
+                scaled = w / top
+                s = scaled.sum()
+                out = scaled / s if s != 0 else None
+            if out is None or not np.all(np.isfinite(out)):
+                raise UsageError(f"{what} cannot be normalised (their sum cancels out)") from None
+    if not np.all(np.isfinite(out)):
+        raise UsageError(f"{what} cannot be normalised (their sum cancels out)")
+    return out
 
 
 # --------------------------------------------------------------------------- per checkpoint

@@ -12,7 +12,9 @@ against ``safe_open`` in the tests.
 
 from __future__ import annotations
 
+import errno
 import json
+import math
 import mmap
 import os
 import re
@@ -41,6 +43,7 @@ _CODES = {
     "BOOL": "bool", "C64": "complex64",
 }
 _NAMES = {v: k for k, v in _CODES.items()}
+_ITEMSIZE = {v: dtypes.itemsize(v) for v in _CODES.values()}
 _SHARD_RE = re.compile(r"-\d{5}-of-\d{5}\.safetensors$")
 
 
@@ -166,14 +169,105 @@ def loader_files(directory: str, checkpoint_files) -> tuple[list[str], list[str]
 # --------------------------------------------------------------------------- reading
 
 
+MAX_DIMS = 64  # numpy's limit on the number of dimensions
+_FD_LIMIT_ERRNOS = (errno.EMFILE, errno.ENFILE)
+
+
+class _Map:
+    """A read-only shared mapping of a whole file that holds no file descriptor.
+
+    ``mmap.mmap`` keeps a duplicate of the descriptor open for as long as the
+    map lives (until Python 3.13's ``trackfd=False``), so every mapped file
+    would cost one descriptor: 2,000 inputs, or 200 checkpoints of 10 shards,
+    hit ``ulimit -n 1024``.  On Linux the map is made with libc's ``mmap``
+    directly and the descriptor is closed right away (the mapping stays
+    valid).  ``view`` is a read-only buffer over the file; the mapping is
+    removed when the last numpy view of it is gone (``close`` only drops this
+    object's reference), so a view outliving ``close`` stays valid."""
+
+    _libc = None  # ctypes libc with mmap/munmap/madvise, False when unavailable
+
+    def __init__(self, fd: int, size: int):
+        self.addr = None
+        self._mm = None
+        libc = self._load()
+        if libc:
+            import ctypes
+
+            addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+            if addr in (None, ctypes.c_void_p(-1).value):
+                err = ctypes.get_errno()
+                raise OSError(err, os.strerror(err))
+
+            class _Mapped(ctypes.c_char * size):
+                def __del__(self, _munmap=libc.munmap, _addressof=ctypes.addressof, _sizeof=ctypes.sizeof):
+                    _munmap(_addressof(self), _sizeof(self))
+
+            self.addr = addr
+            self.view = memoryview(_Mapped.from_address(addr)).cast("B").toreadonly()
+        elif sys.version_info >= (3, 13):
+            self._mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ, trackfd=False)
+            self.view = self._mm
+        else:  # holds a descriptor (non-Linux, Python < 3.13)
+            self._mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+            self.view = self._mm
+
+    @classmethod
+    def _load(cls):
+        if cls._libc is None:
+            cls._libc = False
+            if sys.platform.startswith("linux"):
+                try:
+                    import ctypes
+
+                    libc = ctypes.CDLL(None, use_errno=True)
+                    libc.mmap.restype = ctypes.c_void_p
+                    libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                                          ctypes.c_int, ctypes.c_int64)
+                    libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+                    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+                    cls._libc = libc
+                except (OSError, AttributeError):
+                    pass
+        return cls._libc
+
+    def advise(self, advice: int, start: int, length: int) -> None:
+        """madvise over [start, start + length) (page-aligned start); a hint."""
+        if self.view is None:
+            return
+        if self.addr is not None:
+            self._libc.madvise(self.addr + start, length, advice)
+        elif self._mm is not None:
+            try:
+                self._mm.madvise(advice, start, length)
+            except (OSError, ValueError):
+                pass
+
+    def close(self) -> None:
+        self.view = None  # the mapping goes with the last view (libc path)
+        if self._mm is not None:
+            try:
+                self._mm.close()
+            except BufferError:
+                pass  # views still alive; the map is released with them
+            self._mm = None
+
+
 class _File:
-    """One .safetensors file: validated header and a read-only mmap of its data."""
+    """One .safetensors file: validated header and a read-only map of its data.
+
+    ``infos``: name -> TensorInfo in data order; ``begin``: name -> offset of
+    the tensor in the data section.  The file descriptor is closed as soon as
+    the file is mapped."""
 
     def __init__(self, path: str):
         self.path = path
         try:
             fd = os.open(path, os.O_RDONLY)
         except OSError as e:
+            if e.errno in _FD_LIMIT_ERRNOS:
+                e.filename = path
+                raise  # the reader pool makes room and retries, or explains the limit
             raise EmaError(f"cannot open: {e.strerror}", path=path) from None
         try:
             size = os.fstat(fd).st_size
@@ -190,18 +284,30 @@ class _File:
             raw = os.pread(fd, n, 8)
             self.data_start = 8 + n
             self.data_len = size - self.data_start
-            self.header, self.meta = _parse_header(raw, self.data_len, path)
-            # mmap the whole file; a zero-length data section cannot be mapped
-            self.mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if size else None
-            if self.mm is not None and hasattr(mmap, "MADV_SEQUENTIAL"):
-                self.mm.madvise(mmap.MADV_SEQUENTIAL)
+            self.infos, self.begin, self.meta = _parse_header(raw, self.data_len, path)
+            del raw
+            self.map = _Map(fd, size)
+            if hasattr(mmap, "MADV_SEQUENTIAL"):
+                self.map.advise(mmap.MADV_SEQUENTIAL, 0, size)
+        except OSError as e:
+            if e.errno in _FD_LIMIT_ERRNOS:
+                e.filename = path
+                raise
+            raise EmaError(f"cannot read: {e.strerror}", path=path) from None
         finally:
             os.close(fd)
 
+    @property
+    def header(self) -> dict[str, TensorInfo]:
+        return self.infos
+
     def read(self, name: str) -> np.ndarray:
-        info, (begin, _end) = self.header[name]
+        info = self.infos[name]
         dt = dtypes.to_numpy(info.dtype)
-        arr = np.frombuffer(self.mm, dtype=dt, count=info.numel, offset=self.data_start + begin)
+        view = self.map.view
+        if view is None:
+            raise EmaError("internal: read after close", path=self.path, tensor=name)
+        arr = np.frombuffer(view, dtype=dt, count=info.numel, offset=self.data_start + self.begin[name])
         return arr.reshape(info.shape)
 
     def release(self, name: str, first: int = 0, last: int | None = None) -> None:
@@ -211,32 +317,44 @@ class _File:
         then stays small whatever the file or tensor size, and closing does not
         have to unmap gigabytes at the end.  Whole pages inside the range only;
         ranges under 512 KiB are left alone."""
-        if self.mm is None or not hasattr(mmap, "MADV_DONTNEED"):
+        if not hasattr(mmap, "MADV_DONTNEED"):
             return
-        info, (begin, end) = self.header[name]
+        info = self.infos[name]
+        begin = self.begin[name]
+        end = begin + info.nbytes
         if last is not None:
             item = dtypes.itemsize(info.dtype)
             begin, end = begin + first * item, begin + min(last, info.numel) * item
         start = -(-(self.data_start + begin) // mmap.PAGESIZE) * mmap.PAGESIZE
         stop = (self.data_start + end) // mmap.PAGESIZE * mmap.PAGESIZE
         if stop - start >= 1 << 19:
-            try:
-                self.mm.madvise(mmap.MADV_DONTNEED, start, stop - start)
-            except (OSError, ValueError):
-                pass  # a hint
+            self.map.advise(mmap.MADV_DONTNEED, start, stop - start)
 
     def close(self):
-        if self.mm is not None:
-            try:
-                self.mm.close()
-            except BufferError:
-                pass  # views still alive; the map is released with them
+        self.map.close()
+
+
+def _bad_header(message: str, path: str, name: str | None = None) -> EmaError:
+    return EmaError(message, path=path, tensor=name)
+
+
+def _short(value, limit: int = 80) -> str:
+    """A value from a header, for an error message: at most ``limit`` characters."""
+    text = repr(value) if not isinstance(value, list) or len(value) <= 16 else \
+        f"[{', '.join(map(repr, value[:8]))}, ... ({len(value)} items)]"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _parse_header(raw: bytes, data_len: int, path: str):
+    """The validated header: ``(infos, begin, metadata)``.  Linear in the header
+    (one pass over the entries, then one O(n log n) sort by offset for the
+    overlap check); per tensor, only its TensorInfo and its offset are kept,
+    and each parsed JSON entry is freed as soon as it is converted."""
     try:
         doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except RecursionError:
+        raise EmaError("garbage header: the JSON header is nested too deeply", path=path) from None
+    except (UnicodeDecodeError, ValueError):
         raise EmaError("garbage header: not a safetensors JSON header", path=path) from None
     if not isinstance(doc, dict):
         raise EmaError("garbage header: the JSON header is not an object", path=path)
@@ -246,48 +364,83 @@ def _parse_header(raw: bytes, data_len: int, path: str):
         isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
     ):
         raise EmaError("__metadata__ must map strings to strings", path=path)
-    header: dict[str, tuple[TensorInfo, tuple[int, int]]] = {}
-    for name, e in doc.items():
-        if not isinstance(e, dict):
-            raise EmaError("header entry is not an object", path=path, tensor=name)
+    codes, itemsize, prod = _CODES, _ITEMSIZE, math.prod
+    names: list[str] = []
+    infos_l: list[TensorInfo] = []
+    begins: list[int] = []
+    ends: list[int] = []
+    # popitem frees each parsed entry as it is converted (last first; the
+    # order is restored below), so the parsed JSON and the infos are not both
+    # held whole
+    while doc:
+        name, e = doc.popitem()
+        if type(e) is not dict:
+            raise _bad_header("header entry is not an object", path, name)
         code, shape, offs = e.get("dtype"), e.get("shape"), e.get("data_offsets")
-        if not isinstance(code, str) or code not in _CODES:
-            raise EmaError(f"unknown dtype {code!r}", path=path, tensor=name)
-        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
-            raise EmaError(f"invalid shape {shape!r}", path=path, tensor=name)
-        if not (
-            isinstance(offs, list) and len(offs) == 2 and all(type(o) is int and o >= 0 for o in offs)
-        ):
-            raise EmaError(f"invalid data_offsets {offs!r}", path=path, tensor=name)
-        info = TensorInfo(name, _CODES[code], tuple(shape))
+        dt = codes.get(code) if type(code) is str else None
+        if dt is None:
+            raise _bad_header(f"unknown dtype {_short(code)}", path, name)
+        if type(shape) is not list:
+            raise _bad_header(f"invalid shape {_short(shape)}", path, name)
+        if len(shape) > MAX_DIMS:
+            raise _bad_header(f"shape has {len(shape)} dimensions (at most {MAX_DIMS} are supported)", path, name)
+        for d in shape:
+            if type(d) is not int or d < 0:
+                raise _bad_header(f"invalid shape {_short(shape)}", path, name)
+        if not (type(offs) is list and len(offs) == 2 and type(offs[0]) is int and type(offs[1]) is int
+                and offs[0] >= 0 and offs[1] >= 0):
+            raise _bad_header(f"invalid data_offsets {_short(offs)}", path, name)
         begin, end = offs
-        if end < begin or end - begin != info.nbytes:
-            raise EmaError(
-                f"data_offsets {offs} do not hold {info.nbytes} bytes for shape {shape} {code}",
-                path=path, tensor=name,
-            )
+        numel = prod(shape)
+        nbytes = numel * itemsize[dt]
+        if end - begin != nbytes:
+            raise _bad_header(
+                f"data_offsets {_short(offs)} do not hold {nbytes} bytes for shape {_short(shape)} {code}", path, name)
         if end > data_len:
-            raise EmaError(
-                f"truncated: data ends at byte {data_len} but the tensor needs bytes {begin}..{end}",
-                path=path, tensor=name,
-            )
-        header[name] = (info, (begin, end))
-    # tensors must not overlap (they may leave no holes either, as safetensors demands)
-    pos, prev = 0, None
-    for name, (_info, (begin, end)) in sorted(header.items(), key=lambda kv: kv[1][1]):
-        if begin < pos:
-            raise EmaError(f"data overlaps tensor {prev!r}", path=path, tensor=name)
-        if begin > pos:
-            raise EmaError(f"hole in the data before byte {begin}", path=path, tensor=name)
-        pos, prev = end, name
+            raise _bad_header(
+                f"truncated: data ends at byte {data_len} but the tensor needs bytes {begin}..{end}", path, name)
+        if numel == 0 and prod(d for d in shape if d) * itemsize[dt] >= 1 << 63:
+            # empty, but numpy cannot even describe it
+            raise _bad_header(f"shape {_short(shape)} is too large", path, name)
+        names.append(name)
+        infos_l.append(TensorInfo(name, dt, tuple(shape)))
+        begins.append(begin)
+        ends.append(end)
+    del doc
+    names.reverse()
+    infos_l.reverse()
+    begins.reverse()
+    ends.reverse()
+    n = len(names)
+    # tensors must not overlap (they may leave no holes either, as safetensors demands):
+    # sorted by start (ties in header order), each must start where the previous ended
+    b = np.array(begins, dtype=np.int64)
+    e_ = np.array(ends, dtype=np.int64)
+    del ends
+    order = np.lexsort((e_, b))  # stable: by start, then end, then header order
+    sb, se = b[order], e_[order]
+    if n:
+        prev_end = np.concatenate(([0], se[:-1]))
+        bad = np.flatnonzero(sb != prev_end)
+        if bad.size:
+            i = int(bad[0])
+            name = names[int(order[i])]
+            if sb[i] < prev_end[i]:
+                raise EmaError(f"data overlaps tensor {names[int(order[i - 1])]!r}", path=path, tensor=name)
+            raise EmaError(f"hole in the data before byte {int(sb[i])}", path=path, tensor=name)
+    pos = int(se[-1]) if n else 0
     if pos != data_len:
         raise EmaError(
             f"{data_len - pos} bytes of data after the last tensor (corrupt or not safetensors)",
             path=path,
         )
     # in data order, which is the order the writer laid them out
-    ordered = dict(sorted(header.items(), key=lambda kv: kv[1][1][0]))
-    return ordered, meta
+    idx = order.tolist()
+    infos = {names[i]: infos_l[i] for i in idx}
+    begin_of = {names[i]: begins[i] for i in idx}
+    if len(infos) != n:  # (JSON objects may repeat a key; json keeps the last, so this cannot happen)
+        raise EmaError("duplicate tensor names in the header", path=path)
+    return infos, begin_of, meta
 
 
 class SafetensorsReader(Reader):
@@ -296,43 +449,58 @@ class SafetensorsReader(Reader):
     def __init__(self, source: Source):
         super().__init__(source)
         self._files: dict[str, _File] = {}
-        self._where: dict[str, _File] = {}
+        self._where: dict[str, _File] | None = None  # sharded: tensor -> its shard
         self._meta: dict[str, str] = {}
         p = Path(source.path)
-        if source.path.endswith(INDEX_SUFFIX):
-            doc = _load_index(p)
-            for fname in dict.fromkeys(doc["weight_map"].values()):
-                fpath = str(p.parent / fname)
-                if not os.path.exists(fpath):
-                    raise EmaError(f"shard {fname} listed in the index is missing", path=source.path)
-                self._files[fname] = _File(fpath)
-            for tname, fname in doc["weight_map"].items():
-                f = self._files[fname]
-                if tname not in f.header:
-                    raise EmaError(f"index places tensor in {fname}, which lacks it", path=source.path, tensor=tname)
-                self._where[tname] = f
-            for f in self._files.values():
-                for tname in f.header:
-                    if self._where.get(tname) is not f:
-                        raise EmaError(f"{Path(f.path).name} holds a tensor the index does not list", path=source.path, tensor=tname)
-            first = next(iter(self._files.values()), None)
-            self._meta = dict(first.meta) if first else {}
-        else:
-            f = _File(source.path)
-            self._files[source.path] = f
-            self._where = {t: f for t in f.header}
-            self._meta = dict(f.meta)
-        self._tensors = {t: f.header[t][0] for t, f in self._where.items()}
+        try:
+            if source.path.endswith(INDEX_SUFFIX):
+                self._open_sharded(p)
+            else:
+                f = _File(source.path)
+                self._files[source.path] = f
+                self._single = f
+                self._tensors = f.infos  # shared, not copied
+                self._meta = dict(f.meta)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open_sharded(self, p: Path) -> None:
+        doc = _load_index(p)
+        for fname in dict.fromkeys(doc["weight_map"].values()):
+            fpath = str(p.parent / fname)
+            if not os.path.exists(fpath):
+                raise EmaError(f"shard {fname} listed in the index is missing", path=self.source.path)
+            self._files[fname] = _File(fpath)
+        where: dict[str, _File] = {}
+        for tname, fname in doc["weight_map"].items():
+            f = self._files[fname]
+            if tname not in f.infos:
+                raise EmaError(f"index places tensor in {fname}, which lacks it", path=self.source.path, tensor=tname)
+            where[tname] = f
+        for f in self._files.values():
+            for tname in f.infos:
+                if where.get(tname) is not f:
+                    raise EmaError(f"{Path(f.path).name} holds a tensor the index does not list",
+                                   path=self.source.path, tensor=tname)
+        self._where = where
+        self._single = None
+        self._tensors = {t: f.infos[t] for t, f in where.items()}
+        first = next(iter(self._files.values()), None)
+        self._meta = dict(first.meta) if first else {}
+
+    def _file(self, name: str) -> _File:
+        return self._single if self._where is None else self._where[name]
 
     def tensors(self) -> dict[str, TensorInfo]:
         return self._tensors
 
     def read(self, name: str) -> np.ndarray:
-        return self._where[name].read(name)
+        return self._file(name).read(name)
 
     def release(self, name: str, first: int = 0, last: int | None = None) -> None:
         """The engine is done with this tensor or part of it (see ``_File.release``)."""
-        self._where[name].release(name, first, last)
+        self._file(name).release(name, first, last)
 
     def metadata(self) -> dict[str, str]:
         return dict(self._meta)
@@ -399,6 +567,27 @@ def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
             fn(fd, start, end - start, 2)  # SYNC_FILE_RANGE_WRITE (ctypes releases the GIL)
 
 
+_STAGING = re.compile(r"^\.(?P<name>.+)\.ema-avg-\d+-[0-9a-f]+\.tmp$")
+
+
+def shown_path(path: str) -> str:
+    """The output path the user named behind a staging path (output.Staged's
+    hidden ``.NAME.ema-avg-PID-XXXX.tmp`` file or directory, anywhere in the
+    path: a shard inside a staged directory is shown inside the output
+    directory), for error messages."""
+    head, parts = path, []
+    while True:
+        head, base = os.path.split(head)
+        if not base:
+            break
+        m = _STAGING.match(base)
+        parts.append(m.group("name") if m else base)
+        if not head or head == os.sep:
+            break
+    parts.reverse()
+    return os.path.join(head, *parts) if head else os.path.join(*parts)
+
+
 class _FileWriter:
     """Writes one safetensors file: the header first (every name, dtype and shape
     is known before any tensor is computed), then each tensor at its offset."""
@@ -420,10 +609,20 @@ class _FileWriter:
         self.data_start = 8 + len(raw)
         self.total = self.data_start + pos
         self.path = path
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.shown = shown_path(path)  # the output the user named, for messages
         try:
-            _reserve(self.fd, self.total, path)
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        except OSError as e:
+            if e.errno in _FD_LIMIT_ERRNOS:
+                e.filename = self.shown
+                raise  # the CLI explains the limit (engine.fd_limit_error)
+            raise EmaError(f"cannot create: {e.strerror}", path=self.shown) from None
+        try:
+            _reserve(self.fd, self.total, self.shown)
             _pwrite_all(self.fd, memoryview(struct.pack("<Q", len(raw)) + raw), 0)
+        except OSError as e:
+            os.close(self.fd)
+            raise EmaError(f"cannot write: {e.strerror}", path=self.shown) from None
         except BaseException:
             os.close(self.fd)
             raise
@@ -440,7 +639,7 @@ class _FileWriter:
             _pwrite_all(self.fd, memoryview(arr.reshape(-1).view(np.uint8)), self.data_start + pos)
             _start_writeback(self.fd, self.data_start + pos, info.nbytes)
         except OSError as e:
-            raise EmaError(f"cannot write: {e.strerror}", path=self.path, tensor=name) from None
+            raise EmaError(f"cannot write: {e.strerror}", path=self.shown, tensor=name) from None
         self.pending.discard(name)
 
     def write_range(self, name: str, start: int, flat: np.ndarray) -> None:
@@ -456,17 +655,17 @@ class _FileWriter:
             _pwrite_all(self.fd, memoryview(flat.view(np.uint8)), where)
             _start_writeback(self.fd, where, flat.nbytes)
         except OSError as e:
-            raise EmaError(f"cannot write: {e.strerror}", path=self.path, tensor=name) from None
+            raise EmaError(f"cannot write: {e.strerror}", path=self.shown, tensor=name) from None
         if start + flat.size == info.numel:
             self.pending.discard(name)
 
     def close(self) -> None:
         if self.pending:
-            raise EmaError(f"internal: {len(self.pending)} tensors never written", path=self.path)
+            raise EmaError(f"internal: {len(self.pending)} tensors never written", path=self.shown)
         try:
             os.fsync(self.fd)
         except OSError as e:
-            raise EmaError(f"cannot write: {e.strerror}", path=self.path) from None
+            raise EmaError(f"cannot write: {e.strerror}", path=self.shown) from None
         finally:
             os.close(self.fd)
             self.fd = -1
@@ -508,7 +707,10 @@ class SafetensorsWriter(Writer):
             if not self.sharded:
                 self._files.append(_FileWriter(path, shards[0] if shards else [], metadata))
             else:
-                os.makedirs(path, exist_ok=True)
+                try:
+                    os.makedirs(path, exist_ok=True)
+                except OSError as e:
+                    raise EmaError(f"cannot create: {e.strerror}", path=shown_path(path)) from None
                 names = shard_file_names(len(shards))
                 for fname, infos in zip(names, shards):
                     self._files.append(_FileWriter(os.path.join(path, fname), infos, metadata))
@@ -540,11 +742,14 @@ class SafetensorsWriter(Writer):
                     weight_map[name] = fname
             doc = {"metadata": {"total_size": total, **self._metadata}, "weight_map": dict(sorted(weight_map.items()))}
             ipath = os.path.join(self.path, "model" + INDEX_SUFFIX)
-            with open(ipath, "w") as fh:
-                json.dump(doc, fh, indent=2)
-                fh.write("\n")
-                fh.flush()
-                os.fsync(fh.fileno())
+            try:
+                with open(ipath, "w") as fh:
+                    json.dump(doc, fh, indent=2)
+                    fh.write("\n")
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            except OSError as e:
+                raise EmaError(f"cannot write: {e.strerror}", path=shown_path(ipath)) from None
 
     def abort(self) -> None:
         for fw in self._files:
