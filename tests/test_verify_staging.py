@@ -53,3 +53,24 @@ def test_failed_verify_leaves_nothing_at_the_output(tmp_path):
     res = run_cli(FIXTURES / "safetensors", "-o", d, "--max-shard-size", "200B", "--verify", "--json")
     assert res.code == 0, res
     assert "verify_s" in res.json()["timings"] and (d / "model.safetensors.index.json").exists()
+
+
+def test_output_header_stays_within_safetensors_limit(tmp_path):
+    """Issue 11 item 4: inputs whose header is just under safetensors' 100 MB limit
+    (a huge __metadata__ value, kept in the output) plus the recipe would exceed it:
+    the recipe is trimmed or left out with a warning, and safetensors opens the output."""
+    import numpy as np
+    from safetensors import safe_open
+
+    from conftest import save_st, run_cli
+
+    big = "x" * 99_999_800  # the input header: just under the limit
+    for k in (1, 2):
+        save_st(tmp_path / f"ckpt-{k}.safetensors", {"w": np.full(4, k, np.float32)}, metadata={"notes": big})
+    out = tmp_path / "avg.safetensors"
+    res = run_cli(tmp_path / "ckpt-1.safetensors", tmp_path / "ckpt-2.safetensors", "-o", out)
+    assert res.code == 0, res
+    assert "recipe" in res.err and "limit" in res.err
+    with safe_open(str(out), framework="numpy") as f:
+        assert f.metadata()["notes"] == big
+        assert f.get_tensor("w").tolist() == [1.5] * 4

@@ -26,6 +26,7 @@ import numpy as np
 
 from ema_cli import dtypes
 from ema_cli.errors import EmaError
+from ema_cli.notices import warn
 from ema_cli.formats.base import Reader, Source, TensorInfo, Writer, step_from_scalar
 
 NAME = "safetensors"
@@ -588,6 +589,43 @@ def shown_path(path: str) -> str:
     return os.path.join(head, *parts) if head else os.path.join(*parts)
 
 
+RECIPE_KEY = "ema_avg"  # the engine's recipe in the metadata
+
+
+def _fit_header(header: dict, shown: str) -> bytes:
+    """The header's bytes (padded to 8), within the limit every safetensors reader
+    enforces: when the recipe in the metadata pushes it over, the recipe loses its
+    per-checkpoint list, then goes, each with a warning; a header that is over
+    without it is an error (no reader could open the file)."""
+    def encode() -> bytes:
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        return raw + b" " * (-len(raw) % 8)
+
+    raw = encode()
+    meta = header.get("__metadata__") or {}
+    if len(raw) > MAX_HEADER_SIZE and RECIPE_KEY in meta:
+        try:
+            recipe = json.loads(meta[RECIPE_KEY])
+            n = len(recipe.pop("checkpoints", []))
+            recipe["checkpoints_left_out"] = n
+            meta[RECIPE_KEY] = json.dumps(recipe, separators=(",", ":"))
+        except (ValueError, AttributeError):
+            del meta[RECIPE_KEY]
+        raw = encode()
+        if len(raw) > MAX_HEADER_SIZE:
+            meta.pop(RECIPE_KEY, None)
+            raw = encode()
+            warn(f"{shown}: the recipe ({RECIPE_KEY} metadata) was left out: with it the header would exceed "
+                 f"safetensors' limit of {MAX_HEADER_SIZE} bytes (use --json for the recipe)")
+        else:
+            warn(f"{shown}: the recipe ({RECIPE_KEY} metadata) lists no checkpoints: with them the header would "
+                 f"exceed safetensors' limit of {MAX_HEADER_SIZE} bytes (use --json for them)")
+    if len(raw) > MAX_HEADER_SIZE:
+        raise EmaError(f"the output's header would be {len(raw)} bytes, over safetensors' limit of "
+                       f"{MAX_HEADER_SIZE}: no reader could open it (split it with --max-shard-size)", path=shown)
+    return raw
+
+
 class _FileWriter:
     """Writes one safetensors file: the header first (every name, dtype and shape
     is known before any tensor is computed), then each tensor at its offset."""
@@ -595,7 +633,7 @@ class _FileWriter:
     def __init__(self, path: str, infos: list[TensorInfo], metadata: dict[str, str]):
         # largest item size first keeps every tensor aligned (as safetensors does)
         order = sorted(infos, key=lambda i: -dtypes.itemsize(i.dtype))
-        header: dict = {"__metadata__": metadata} if metadata else {}
+        header: dict = {"__metadata__": dict(metadata)} if metadata else {}
         self.offsets: dict[str, tuple[int, TensorInfo]] = {}
         pos = 0
         for info in order:
@@ -604,12 +642,11 @@ class _FileWriter:
             header[info.name] = {"dtype": _NAMES[info.dtype], "shape": list(info.shape), "data_offsets": [pos, pos + info.nbytes]}
             self.offsets[info.name] = (pos, info)
             pos += info.nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
-        self.data_start = 8 + len(raw)
-        self.total = self.data_start + pos
         self.path = path
         self.shown = shown_path(path)  # the output the user named, for messages
+        raw = _fit_header(header, self.shown)
+        self.data_start = 8 + len(raw)
+        self.total = self.data_start + pos
         try:
             self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         except OSError as e:
