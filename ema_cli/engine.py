@@ -577,6 +577,8 @@ def make_plan(inputs: list[str], opts: Options, *, out_format: str | None = None
         from ema_cli import names
 
         tasks = names.shadow_tasks(tasks, opts.suffix)
+    for t in tasks:  # names no output format can store: refused before any work
+        _check_out_name(t.out_name, cks[newest].path)
     if skipped:
         warnings.append(f"{len(skipped)} tensor(s) the output format cannot store were left out: {', '.join(skipped[:5])}")
     if buffers:
@@ -590,6 +592,15 @@ def make_plan(inputs: list[str], opts: Options, *, out_format: str | None = None
 
     shards = _shard(tasks, opts.max_shard_size)
     return Plan(cks, [int(i) for i in sel], weights, newest, tasks, skipped, shards, opts, warnings)
+
+
+def _check_out_name(name: str, path: str) -> None:
+    if not name:
+        raise EmaError("a tensor has an empty name, which no output format can store", path=path, tensor=name)
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise EmaError("the tensor's name is not valid Unicode (a lone surrogate)", path=path, tensor=name) from None
 
 
 def _nothing_averaged(tasks: list[Task], reader: Reader, meta: dict[str, TensorInfo]) -> str:

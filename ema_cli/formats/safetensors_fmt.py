@@ -346,6 +346,9 @@ def _short(value, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
 def _parse_header(raw: bytes, data_len: int, path: str):
     """The validated header: ``(infos, begin, metadata)``.  Linear in the header
     (one pass over the entries, then one O(n log n) sort by offset for the
@@ -359,6 +362,12 @@ def _parse_header(raw: bytes, data_len: int, path: str):
         raise EmaError("garbage header: not a safetensors JSON header", path=path) from None
     if not isinstance(doc, dict):
         raise EmaError("garbage header: the JSON header is not an object", path=path)
+    if _SURROGATE_ESCAPE.search(raw):  # rare: only then look for a lone surrogate (not UTF-8: the library refuses it)
+        for key in doc:
+            try:
+                key.encode("utf-8")
+            except UnicodeEncodeError:
+                raise _bad_header("the name is not valid Unicode (a lone surrogate)", path, key) from None
     meta = doc.pop("__metadata__", None)
     meta = {} if meta is None else meta
     if not isinstance(meta, dict) or not all(
