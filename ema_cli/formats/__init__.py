@@ -20,6 +20,7 @@ _MODULES = {
     "safetensors": "ema_cli.formats.safetensors_fmt",
     "tf": "ema_cli.formats.tf_fmt",
     "hdf5": "ema_cli.formats.hdf5_fmt",
+    "torch": "ema_cli.formats.torch_fmt",
 }
 FORMAT_NAMES = tuple(_MODULES)
 
@@ -75,7 +76,7 @@ def resolve_inputs(args: list[str]) -> list[Source]:
                     raise EmaError("no such file or directory", path=arg)
                 raise EmaError(
                     "not a checkpoint ema-avg can read (expected .safetensors, "
-                    "a TensorFlow checkpoint, or HDF5 .h5/.hdf5)",
+                    "a TensorFlow checkpoint, HDF5 .h5/.hdf5, or PyTorch .pt/.pth/.bin/.ckpt)",
                     path=arg,
                 )
         for s in sources:
