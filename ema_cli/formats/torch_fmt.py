@@ -267,8 +267,9 @@ def _refusal(e: Exception) -> str:
     text = str(e)
     m = re.search(r"Unsupported global: GLOBAL (\S+)", text)
     if m:
-        return (f"needs full unpickling: it holds a {m.group(1)} object, which torch.load(weights_only=True) "
-                "refuses; ema-avg never runs code from a checkpoint (save model.state_dict() instead)")
+        return (f"needs full unpickling: it refers to {m.group(1)} (a class or function), which "
+                "torch.load(weights_only=True) refuses to load; ema-avg never runs code from a checkpoint "
+                "(save model.state_dict() instead)")
     m = re.search(r"WeightsUnpickler error: ([^\n]+)", text)
     detail = m.group(1).strip() if m else " ".join(text.split())[:200]
     return f"needs full unpickling or is corrupt (torch.load(weights_only=True) refused it: {detail})"
