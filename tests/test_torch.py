@@ -433,5 +433,5 @@ def test_pt_to_safetensors_and_back(tmp_path):
 
 def test_pt_output_is_refused_when_sharded(tmp_path):
     fairseq_run(tmp_path / "run", n=2)
-    res = run_cli(tmp_path / "run", "-o", tmp_path / "avg.pt", "--max-shard-size", "1KB")
+    res = run_cli(tmp_path / "run", "-o", tmp_path / "avg.pt", "--max-shard-size", "200B")
     assert_clean_error(res, "single file")
