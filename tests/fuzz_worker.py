@@ -196,14 +196,16 @@ class STRef:
 
 
 class TorchRef:
-    """The state dict's tensors as torch.load(weights_only=True, mmap=True) reads them:
+    """The state dict's tensors as torch.load(weights_only=True) reads them:
     under the first of state_dict/model/module/model_state_dict that is a dict, else
     the top level; nested dicts flattened with '.'."""
 
     def __init__(self, path: str):
         import torch
 
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        with open(path, "rb") as fh:
+            is_zip = fh.read(4) == b"PK\x03\x04"  # legacy (non-zip) files cannot be mapped
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
         sd = obj
         if isinstance(obj, dict):
             for k in ("state_dict", "model", "module", "model_state_dict"):
