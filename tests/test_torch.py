@@ -181,9 +181,11 @@ def test_lightning_ema_in_step_order(tmp_path):
               "hparams_name": "kwargs", "hyper_parameters": {"lr": 0.1}}
         torch.save(ck, d / f"epoch={e}-step={step}-val_loss={losses[e]:.2f}.ckpt")
         sds.append({k: v.detach().clone() for k, v in ck["state_dict"].items()})
+    torch.save(ck, d / "last.ckpt")  # ModelCheckpoint(save_last=True): a copy of the newest
     out = tmp_path / "ema.pt"
     res = run_cli(d, "--decay", "0.6", "--dtype", "float64", "-o", out)
     assert res.code == 0, res
+    assert "skipped last.ckpt" in res.err
     got = load(out)
     newest = load(d / "epoch=3-step=20-val_loss=0.10.ckpt")
     assert tuple(got) == LIGHTNING_KEYS and tuple(newest) == LIGHTNING_KEYS

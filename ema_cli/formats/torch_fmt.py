@@ -59,6 +59,8 @@ STATE_KEYS = ("state_dict", "model", "module", "model_state_dict")
 STEP_KEYS = ("global_step", "step", "num_updates", "iteration", "epoch")
 #: files the HF Trainer writes beside the model in checkpoint-N/: training state, never a checkpoint
 TRAINING_STATE_RE = re.compile(r"^(optimizer\.pt|scheduler\.pt|scaler\.pt|training_args\.bin|rng_state.*\.pth)$")
+#: copies of another checkpoint that trainers keep beside them (Lightning save_last, fairseq)
+COPY_RE = re.compile(r"^(last(-v\d+)?\.ckpt|checkpoint_last\.pt|checkpoint_best\.pt)$")
 _SHARD_RE = re.compile(r"-\d{5}-of-\d{5}\.bin$")
 _ZIP_MAGIC = b"PK\x03\x04"
 # torch.save's legacy format starts with the pickled magic number 0x1950a86a20f9469cfc6c (LONG1)
@@ -227,14 +229,25 @@ def scan_dir(path: Path) -> list[Source]:
     path = Path(path)
     out = [_sharded_source(i) for i in sorted(path.glob("*" + INDEX_SUFFIX)) if i.is_file()]
     listed = {f for s in out for f in s.files}
+    copies: list[str] = []
     for f in sorted(path.iterdir()):
         if str(f) in listed or not f.is_file() or f.name.startswith(".") or not _input_suffix(f.name):
             continue
         if TRAINING_STATE_RE.match(f.name):
             continue
+        if COPY_RE.match(f.name):
+            copies.append(f.name)
+            continue
         if _signature(f) is None:
             continue
         out.extend(claim_path(f) or [])
+    if copies and out:
+        from ema_cli.notices import warn
+
+        warn(f"{path}: skipped {', '.join(copies)}: a trainer's copy of another checkpoint "
+             "(name it explicitly to use it)")
+    elif copies:
+        out.extend(s for c in copies for s in (claim_path(path / c) or []))
     return out
 
 
