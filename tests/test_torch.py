@@ -408,7 +408,8 @@ def test_pt_to_safetensors_and_back(tmp_path):
     st = tmp_path / "avg.safetensors"
     res = run_cli(tmp_path / "run", "-o", st)
     assert res.code == 0, res
-    tensors, _meta = load_st(st)
+    tensors, meta = load_st(st)
+    assert meta["format"] == "pt"  # transformers refuses safetensors metadata without it
     assert set(tensors) == set(sds[0])  # every name, tied ones included (one copy each)
     for name in sds[0]:
         if sds[0][name].is_floating_point():

@@ -506,6 +506,11 @@ class TorchReader(Reader):
         tied = f" (tied to {self.tied[info.name]})" if info.name in self.tied else ""
         return Role(PARAMETER, "state dict: floating point" + tied)
 
+    def metadata(self) -> dict[str, str]:
+        """``format: pt``, as ``save_pretrained`` tags PyTorch tensors in safetensors
+        (transformers refuses a safetensors file whose metadata lacks it)."""
+        return {"format": "pt"}
+
     def step(self) -> int | None:
         top = self.obj if isinstance(self.obj, dict) else {}
         for k in STEP_KEYS:
@@ -591,7 +596,7 @@ def make_staging(output: str, *, sharded: bool, force: bool) -> Staged:
     if sharded:
         raise UsageError("PyTorch output is a single file: --max-shard-size applies to safetensors output")
     check_target(output, force=force, is_dir=False)
-    return Staged(output)
+    return Staged(output, force=force)
 
 
 class TorchWriter(Writer):
