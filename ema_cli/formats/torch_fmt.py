@@ -162,6 +162,13 @@ def is_output(path: str) -> bool:
     return path.endswith(OUTPUT_SUFFIXES) and not path.endswith(INDEX_SUFFIX)
 
 
+def is_output_given_inputs(path: str, input_formats) -> bool:
+    """The ``.ckpt`` rule for the registry: ``.ckpt`` is a TensorFlow prefix,
+    except when every input is a PyTorch file (Lightning, NeMo), where the
+    output follows the inputs.  ``--format`` decides before this is asked."""
+    return is_output(path) or (path.endswith(".ckpt") and set(input_formats) == {NAME})
+
+
 def _hint(path: Path) -> str:
     stem = path.name
     for s in INPUT_SUFFIXES:
