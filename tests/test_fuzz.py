@@ -859,7 +859,6 @@ def torch_pair(tmp_path_factory):
     import torch
 
     d = tmp_path_factory.mktemp("fuzz-torch")
-    names = []
     for k in (1, 2):
         g = torch.Generator().manual_seed(k)
         emb = torch.randn(5, 4, generator=g)
@@ -871,7 +870,6 @@ def torch_pair(tmp_path_factory):
                                          "param_groups": [{"lr": 0.1, "params": [0]}]}}
         torch.save(ckpt, d / f"checkpoint_{k}.pt")
         torch.save(ckpt, d / f"legacy_{k}.pt", _use_new_zipfile_serialization=False)
-        names.append(k)
     return d
 
 

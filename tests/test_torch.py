@@ -438,3 +438,14 @@ def test_pt_output_is_refused_when_sharded(tmp_path):
     fairseq_run(tmp_path / "run", n=2)
     res = run_cli(tmp_path / "run", "-o", tmp_path / "avg.pt", "--max-shard-size", "200B")
     assert_clean_error(res, "single file")
+
+
+def test_output_routing_rules():
+    from ema_cli import formats
+    from ema_cli.formats import torch_fmt
+
+    assert formats.output_format("avg.pt", None) == "torch" and formats.output_format("x/avg.bin", None) == "torch"
+    assert formats.output_format("avg.ckpt", None) == "tf"  # a TF prefix unless the inputs say otherwise
+    assert not torch_fmt.is_output("pytorch_model.bin.index.json")
+    assert torch_fmt.is_output_given_inputs("epoch=1-step=9.ckpt", {"torch"})
+    assert not torch_fmt.is_output_given_inputs("avg.ckpt", {"torch", "tf"})
