@@ -54,12 +54,13 @@ Json = Annotated[bool, typer.Option("--json", help="Print one JSON document on s
 Suffix = Annotated[str, typer.Option("--suffix", help="Shadow-name suffix: the shadow of x is x/SUFFIX.")]
 # output options shared by average and posthoc
 Output = Annotated[str, typer.Option("--output", "-o", help="Output path (format from its suffix).", show_default=False)]
-Format = Annotated[Optional[str], typer.Option("--format", help="Output format: safetensors, tf, hdf5 or keras.")]
+Format = Annotated[Optional[str], typer.Option("--format", help="Output format: safetensors, tf, hdf5, keras or torch.")]
 Dtype = Annotated[str, typer.Option("--dtype", help="keep, float32, float16, bfloat16 or float64: dtype of averaged tensors.")]
 AllowNonfinite = Annotated[bool, typer.Option("--allow-nonfinite", help="Average NaN/Inf values instead of failing.")]
 Verify = Annotated[bool, typer.Option("--verify", help="Reopen the output and check every tensor against what was computed.")]
 Threads = Annotated[int, typer.Option("--threads", help="Worker threads (0: one per core, at most 4).")]
 Force = Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing output.")]
+StateKey = Annotated[Optional[str], typer.Option("--state-key", metavar="KEY[.KEY...]", help="PyTorch: the key holding the state dict (e.g. state_dict_ema); default: state_dict, model, module, model_state_dict or the top level.")]
 AllowCopyOnly = Annotated[bool, typer.Option("--allow-copy-only", help="Accept a plan that averages no tensor (every tensor copied from the newest).")]
 Saturate = Annotated[bool, typer.Option("--saturate", help="Write averages beyond the output dtype's range as its largest finite value (default: an error).")]
 
@@ -107,7 +108,7 @@ def average(
     max_shard_size: Annotated[Optional[str], typer.Option("--max-shard-size", help="Write HF-style shards of at most SIZE (e.g. 2GB) into the OUTPUT directory.")] = None,
     allow_nonfinite: AllowNonfinite = False, verify: Verify = False, threads: Threads = 0, force: Force = False,
     allow_copy_only: AllowCopyOnly = False, quiet: Quiet = False, as_json: Json = False,
-    saturate: Saturate = False,
+    saturate: Saturate = False, state_key: StateKey = None,
 ):
     t0 = time.perf_counter()
     if names not in ("original", "shadow"):
@@ -118,7 +119,7 @@ def average(
         last_n=last_n, start_step=start_step, every=every, metrics=metrics, metric=metric, top_k=top_k,
         maximize=_maximize(maximize, minimize), names=names, suffix=suffix,
         max_shard_size=engine.parse_size(max_shard_size) if max_shard_size else None, threads=threads,
-        allow_copy_only=allow_copy_only, saturate=saturate,
+        allow_copy_only=allow_copy_only, saturate=saturate, state_key=state_key,
     )
     _execute(inputs, opts, output, fmt, force=force, quiet=quiet, as_json=as_json, verify=verify, t0=t0)
 
@@ -129,7 +130,12 @@ def _execute(inputs, opts, output, fmt, *, force, quiet, as_json, verify, t0, ta
     ``targets``: ``[(opts, output), ...]`` written in one pass over the inputs
     (post-hoc EMA of several widths) instead of ``opts`` and ``output``."""
     targets = targets or [(opts, output)]
-    out_format = engine.formats.output_format(targets[0][1], fmt)
+    first_opts, first_out = targets[0]
+    in_formats = ()
+    if fmt is None and first_out.endswith(".ckpt"):  # a TF prefix, or a Lightning file when the inputs are
+        paths = inputs or [p for _, ps in first_opts.series for p in ps]
+        in_formats = {s.format for s in engine.formats.resolve_inputs(paths, engine.reader_options(first_opts))}
+    out_format = engine.formats.output_format(first_out, fmt, in_formats)
     pool = engine.ReaderPool()
     ui = render.UI(quiet=quiet)
     try:
@@ -163,7 +169,7 @@ def posthoc(
     fmt: Format = None, dtype: Dtype = "keep", include: Include = None, exclude: Exclude = None,
     allow_nonfinite: AllowNonfinite = False, verify: Verify = False, threads: Threads = 0, force: Force = False,
     allow_copy_only: AllowCopyOnly = False, quiet: Quiet = False, as_json: Json = False,
-    saturate: Saturate = False,
+    saturate: Saturate = False, state_key: StateKey = None,
 ):
     t0 = time.perf_counter()
     parsed = []
@@ -195,7 +201,7 @@ def posthoc(
         spec = schedule.Spec(sigma_rel=s_rel, gamma=gamma, at_step=at_step, posthoc_gammas=[])
         opts = engine.Options(spec=spec, include=include or [], exclude=exclude or [], dtype=dtype,
                               allow_nonfinite=allow_nonfinite, threads=threads, series=parsed,
-                              allow_copy_only=allow_copy_only, saturate=saturate)
+                              allow_copy_only=allow_copy_only, saturate=saturate, state_key=state_key)
         targets.append((opts, output.replace("{sigma_rel}", width) if width is not None else output))
     _execute([], None, None, fmt, force=force, quiet=quiet, as_json=as_json, verify=verify, t0=t0, targets=targets)
 
@@ -212,13 +218,13 @@ def plan(
     last_n: LastN = None, start_step: StartStep = None, every: Every = None,
     metrics: Metrics = None, metric: Metric = None, top_k: TopK = None, maximize: Maximize = False, minimize: Minimize = False,
     order: Order = "step", include: Include = None, exclude: Exclude = None,
-    allow_copy_only: AllowCopyOnly = False, quiet: Quiet = False, as_json: Json = False,
+    allow_copy_only: AllowCopyOnly = False, state_key: StateKey = None, quiet: Quiet = False, as_json: Json = False,
 ):
     opts = engine.Options(
         spec=_spec(swa, decay, num_updates, zero_debias, weights, decay_per, interp, half_life, sigma_rel, gamma, tf_exact),
         order=order, include=include or [], exclude=exclude or [],
         last_n=last_n, start_step=start_step, every=every, metrics=metrics, metric=metric, top_k=top_k,
-        maximize=_maximize(maximize, minimize), allow_copy_only=allow_copy_only,
+        maximize=_maximize(maximize, minimize), allow_copy_only=allow_copy_only, state_key=state_key,
     )
     ui = render.UI(quiet=quiet)  # first: warnings while planning honour --quiet
     pool = engine.ReaderPool()
@@ -242,11 +248,12 @@ def inspect(
     inputs: Inputs,
     include: Include = None, exclude: Exclude = None,
     suffix: Suffix = "ExponentialMovingAverage",
-    as_json: Json = False, quiet: Quiet = False,
+    state_key: StateKey = None, as_json: Json = False, quiet: Quiet = False,
 ):
     from ema_cli import inspect as inspect_mod
 
-    docs = inspect_mod.inspect(inputs, include=include or [], exclude=exclude or [], suffix=suffix)
+    docs = inspect_mod.inspect(inputs, include=include or [], exclude=exclude or [], suffix=suffix,
+                               options=(("state_key", state_key),) if state_key else ())
     if as_json:
         _emit_json(docs if len(docs) != 1 else docs[0])
     ui = render.UI(quiet=quiet)

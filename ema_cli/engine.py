@@ -68,6 +68,7 @@ class Options:
     max_shard_size: int | None = None
     threads: int = 0  # 0: one per core, at most 4
     allow_copy_only: bool = False  # a plan that averages no tensor is an error unless this is set
+    state_key: str | None = None  # PyTorch: the key holding the state dict (--state-key)
     # post-hoc EMA: snapshot series as (gamma, inputs); replaces the plain inputs
     series: list[tuple[float, list[str]]] | None = None
     # a sum beyond the output dtype's range (7e4 -> float16) is an error unless this is set:
@@ -475,9 +476,14 @@ def parse_size(text: str) -> int:
     return size
 
 
+def reader_options(opts: Options) -> tuple[tuple[str, str], ...]:
+    """Options for the readers, carried by each Source (picklable)."""
+    return (("state_key", opts.state_key),) if opts.state_key else ()
+
+
 def _discover(inputs: list[str], opts: Options, pool: ReaderPool, warnings: list[str]):
     """Open the inputs, find each one's step, order them and refuse duplicate steps."""
-    sources = formats.resolve_inputs(inputs)
+    sources = formats.resolve_inputs(inputs, reader_options(opts))
     warnings += sources.warnings  # what a directory's scan left out
     cks: list[Checkpoint] = []
     metas: list[dict[str, TensorInfo]] = []
@@ -581,6 +587,12 @@ def make_plan(inputs: list[str], opts: Options, *, out_format: str | None = None
         _check_out_name(t.out_name, cks[newest].path)
     if skipped:
         warnings.append(f"{len(skipped)} tensor(s) the output format cannot store were left out: {', '.join(skipped[:5])}")
+    outside = newest_reader.extras().get("outside_state_dict") if out_format != cks[newest].source.format else None
+    if outside and out_format is not None:
+        shown = list(outside)[:5]
+        warnings.append(f"{cks[newest].path}: what the file holds besides its state dict ({', '.join(map(str, shown))}"
+                        + (" ..." if len(outside) > 5 else "") + f") is not written to {out_format} output "
+                        "(only PyTorch output keeps it)")
     if buffers:
         warnings.append(f"{len(buffers)} statistics buffer(s) taken from the newest checkpoint, not averaged with "
                         f"signed weights: {', '.join(buffers[:3])}" + (" ..." if len(buffers) > 3 else ""))

@@ -7,7 +7,8 @@ from collections import Counter
 from ema_cli import engine, formats, names, notices
 
 
-def inspect(inputs: list[str], *, include: list[str], exclude: list[str], suffix: str) -> list[dict]:
+def inspect(inputs: list[str], *, include: list[str], exclude: list[str], suffix: str,
+            options: tuple[tuple[str, str], ...] = ()) -> list[dict]:
     """One document per checkpoint.  Roles: ``shadow`` (named ``x/SUFFIX``),
     ``averaged`` (the averaged set ``average`` uses: for TF1 with a ``.meta``, its
     collections), ``copied`` (from the newest checkpoint)."""
@@ -15,7 +16,7 @@ def inspect(inputs: list[str], *, include: list[str], exclude: list[str], suffix
     engine._compile(include, "--include")
     engine._compile(exclude, "--exclude")
     docs = []
-    sources = formats.resolve_inputs(inputs)
+    sources = formats.resolve_inputs(inputs, options)
     for w in sources.warnings:
         notices.warn(w)
     for src in sources:
@@ -42,7 +43,7 @@ def inspect(inputs: list[str], *, include: list[str], exclude: list[str], suffix
             docs.append({
                 "path": src.path, "format": src.format, "step": step, "step_from": step_from if step is not None else None,
                 "suffix": suffix, "averaged_from": names.averaged_from(r),
-                "files": list(src.files), "metadata": r.metadata(), "tensors": rows,
+                "files": list(src.files), "metadata": r.metadata(), "structure": r.extras(), "tensors": rows,
                 "totals": {"tensors": len(rows), "bytes": sum(x["nbytes"] for x in rows),
                            "roles": dict(Counter(x["role"] for x in rows))},
             })

@@ -195,6 +195,49 @@ class STRef:
         pass
 
 
+class TorchRef:
+    """The state dict's tensors as torch.load(weights_only=True) reads them:
+    under the first of state_dict/model/module/model_state_dict that is a dict, else
+    the top level; nested dicts flattened with '.'."""
+
+    def __init__(self, path: str):
+        import torch
+
+        with open(path, "rb") as fh:
+            is_zip = fh.read(4) == b"PK\x03\x04"  # legacy (non-zip) files cannot be mapped
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+        sd = obj
+        if isinstance(obj, dict):
+            for k in ("state_dict", "model", "module", "model_state_dict"):
+                if isinstance(obj.get(k), dict):
+                    sd = obj[k]
+                    break
+        self.t = {}
+
+        def walk(d, prefix):
+            for k, v in d.items():
+                if isinstance(v, torch.Tensor):
+                    self.t[prefix + str(k)] = v
+                elif isinstance(v, dict):
+                    walk(v, prefix + str(k) + ".")
+
+        walk(sd if isinstance(sd, dict) else {}, "")
+
+    def names(self):
+        return set(self.t)
+
+    def get(self, name):
+        import torch
+
+        v = self.t[name]
+        if v.dtype == torch.bfloat16:
+            return v.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return v.numpy()
+
+    def close(self):
+        self.t = {}
+
+
 def rounded_mean(a: np.ndarray, b: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """(a + b) / 2 in float64, rounded once to ``dtype`` (round-to-odd through
     float32 for bfloat16, so no double rounding)."""
@@ -235,7 +278,7 @@ def _short(e: BaseException) -> str:
 def check(req: dict) -> dict:
     family, inputs, newest = req["family"], req["inputs"], req["newest"]
     roles = req["roles"]
-    Ref = H5Ref if family == "hdf5" else TFRef
+    Ref = {"hdf5": H5Ref, "torch": TorchRef}.get(family, TFRef)
     fmt = req["out_format"]
     opened = []
     try:
@@ -246,7 +289,7 @@ def check(req: dict) -> dict:
             return {"ok": False, "why": f"ema-avg succeeded but the real library cannot open an input: {_short(e)}"}
         xn = x1 if os.path.abspath(newest) == os.path.abspath(inputs[0]) else x2
         try:
-            out = {"safetensors": STRef, "hdf5": H5Ref, "tf": TFRef}[fmt](req["output"])
+            out = {"safetensors": STRef, "hdf5": H5Ref, "tf": TFRef, "torch": TorchRef}[fmt](req["output"])
             opened.append(out)
         except Exception as e:  # noqa: BLE001
             return {"ok": False, "why": f"the output is not readable: {_short(e)}"}
@@ -314,6 +357,7 @@ def main() -> None:
 
     import_tf()
     import h5py  # noqa: F401
+    import torch  # noqa: F401
     import ema_cli.cli  # noqa: F401
 
     proto.write(json.dumps({"ready": os.getpid()}) + "\n")

@@ -851,6 +851,86 @@ def test_tf_index_mutations(worker, cases_dir, data):
     _tf_case(worker, cases_dir, data, family, pair, victim, mutate, log)
 
 
+# --------------------------------------------------------------------------- PyTorch
+#
+# torch.load's zip reader is C++ (miniz in PyTorchStreamReader) and its restricted
+# unpickler reads data.pkl: both see mutated bytes, in the worker.
+
+
+@pytest.fixture(scope="module")
+def torch_pair(tmp_path_factory):
+    """Two fairseq-like checkpoints (zip) written by real torch: a tied
+    embedding, bf16 and fp16 tensors, an int counter, optimizer state; and a
+    legacy (non-zip) pair."""
+    import torch
+
+    d = tmp_path_factory.mktemp("fuzz-torch")
+    for k in (1, 2):
+        g = torch.Generator().manual_seed(k)
+        emb = torch.randn(5, 4, generator=g)
+        sd = {"embed.weight": emb, "out.weight": emb, "bn.running_var": torch.rand(4, generator=g),
+              "h.weight": torch.randn(3, 4, generator=g).to(torch.bfloat16),
+              "h.bias": torch.randn(3, generator=g).half(), "bn.num_batches_tracked": torch.tensor(10 * k)}
+        ckpt = {"model": sd, "args": None, "extra_state": {"num_updates": 10 * k},
+                "last_optimizer_state": {"state": {0: {"exp_avg": torch.randn(5, 4, generator=g)}},
+                                         "param_groups": [{"lr": 0.1, "params": [0]}]}}
+        torch.save(ckpt, d / f"checkpoint_{k}.pt")
+        torch.save(ckpt, d / f"legacy_{k}.pt", _use_new_zipfile_serialization=False)
+    return d
+
+
+def torch_anchors(raw: bytes) -> list[int]:
+    """Local headers, record data, the central directory and its end record."""
+    import zipfile
+
+    anchors = {0}
+    try:
+        with zipfile.ZipFile(io.BytesIO(raw)) as z:
+            for i in z.infolist():
+                anchors.add(i.header_offset)
+                anchors.add(i.header_offset + 30 + len(i.filename.encode()) + len(i.extra))
+    except zipfile.BadZipFile:
+        pass
+    for sig in (b"PK\x01\x02", b"PK\x05\x06", b"PK\x06\x06", b"PK\x06\x07"):
+        start = raw.find(sig)
+        while start >= 0:
+            anchors.add(start)
+            start = raw.find(sig, start + 1)
+    return sorted(a for a in anchors if a < len(raw))
+
+
+@FUZZ_WORKER
+@given(st.data())
+def test_torch_byte_mutations(worker, cases_dir, torch_pair, data):
+    """torch.save files (zip or legacy pickle), one of two mutated; averaged to
+    safetensors or .pt, or inspected / planned."""
+    kind = data.draw(st.sampled_from(["checkpoint", "checkpoint", "checkpoint", "legacy"]), label="kind")
+    pair = [torch_pair / f"{kind}_1.pt", torch_pair / f"{kind}_2.pt"]
+    victim = data.draw(st.integers(0, 1), label="mutated input")
+    raw = pair[victim].read_bytes()
+    buf = bytearray(raw)
+    log: list[str] = []
+    anchors = torch_anchors(raw) if kind == "checkpoint" else [0, 2, 12, len(raw) // 2]
+    mutate_bytes(data, buf, anchors, log)
+    command = data.draw(st.sampled_from(["average"] * 8 + ["inspect", "plan"]), label="command")
+    out_format = data.draw(st.sampled_from(["safetensors", "torch"]), label="output")
+    case = Path(tempfile.mkdtemp(dir=cases_dir, prefix=f"torch-{kind}-"))
+    inputs = []
+    for k, p in enumerate(pair):
+        dst = case / p.name
+        dst.write_bytes(bytes(buf) if k == victim else p.read_bytes())
+        inputs.append(str(dst))
+    (case / "out").mkdir()
+    what = (f"torch case {case}: {pair[victim].name} mutated: {'; '.join(log)} -> "
+            f"{command if command != 'average' else out_format}")
+    if command != "average":
+        run_other_command(worker, command, inputs, case / "out", what)
+    else:
+        run_worker_case(worker, "torch", inputs, case / "out",
+                        "avg.safetensors" if out_format == "safetensors" else "avg.pt", out_format, what)
+    shutil.rmtree(case)
+
+
 # --------------------------------------------------------------------------- regressions
 #
 # Inputs the fuzzers above found to crash (abort), hang or poison the process,

@@ -6,6 +6,7 @@ Format modules are imported here; none of them imports a heavy library
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import importlib
 import os
@@ -22,6 +23,7 @@ _MODULES = {
     "tf": "ema_cli.formats.tf_fmt",
     "keras": "ema_cli.formats.keras_fmt",  # before hdf5: it claims the shard files of a .weights.json
     "hdf5": "ema_cli.formats.hdf5_fmt",
+    "torch": "ema_cli.formats.torch_fmt",
 }
 FORMAT_NAMES = tuple(_MODULES)
 
@@ -52,13 +54,14 @@ class Inputs(list):
         self.warnings: list[str] = list(warnings)
 
 
-def resolve_inputs(args: list[str]) -> Inputs:
+def resolve_inputs(args: list[str], options: tuple[tuple[str, str], ...] = ()) -> Inputs:
     """Turn command-line inputs (files, prefixes, directories) into checkpoints.
 
     Each checkpoint appears once, in the order first named, however many of its
     files were given (shards, ``.index``/``.data``/``.meta`` files).  A directory
     means the checkpoints in it, or those of its checkpoint sub-directories (see
-    ``_scan_directory``); what was left out is in the result's ``warnings``."""
+    ``_scan_directory``); what was left out is in the result's ``warnings``.
+    ``options`` (reader options such as ``state_key``) are attached to every source."""
     found: dict[str, Source] = {}
     warnings: list[str] = []
     expanded: list[str] = []
@@ -85,13 +88,15 @@ def resolve_inputs(args: list[str]) -> Inputs:
                     raise EmaError("no such file or directory", path=arg)
                 raise EmaError(
                     "not a checkpoint ema-avg can read (expected .safetensors, "
-                    "a TensorFlow checkpoint, HDF5 .h5/.hdf5, or Keras .keras/.weights.json)",
+                    "a TensorFlow checkpoint, HDF5 .h5/.hdf5, Keras .keras/.weights.json, or PyTorch .pt/.pth/.bin/.ckpt)",
                     path=arg,
                 )
         for s in sources:
             found.setdefault(s.path, s)
     if not found:
         raise EmaError("no input checkpoints")
+    if options:
+        found = {k: dataclasses.replace(s, options=tuple(options)) for k, s in found.items()}
     return Inputs(found.values(), warnings)
 
 
@@ -183,21 +188,27 @@ def is_directory_output(path: str, fmt: str | None = None) -> bool:
     return os.path.splitext(os.path.basename(path))[1] == "" and fmt != "tf"
 
 
-def output_format(path: str, explicit: str | None) -> str | None:
+def output_format(path: str, explicit: str | None, input_formats=()) -> str | None:
     """The output's format: ``--format``, else the suffix.  None for a directory
     output without ``--format``: it takes the inputs' format, which
-    ``output_directory`` decides once the inputs are known (``engine.run``)."""
+    ``output_directory`` decides once the inputs are known (``engine.run``).
+    A suffix two formats use (``.ckpt``: a TensorFlow prefix, a Lightning file)
+    follows ``input_formats`` when they are all of the format that asks for it."""
     if explicit:
         module(explicit)
         return explicit
     if is_directory_output(path):
         return None
     for m in _available():
+        follows = getattr(m, "is_output_given_inputs", None)  # declared by formats that share a suffix
+        if follows is not None and follows(path, input_formats):
+            return m.NAME
+    for m in _available():
         if m.is_output(path):
             return m.NAME
     raise EmaError(
         "cannot tell the output format from its name: use a .safetensors, .ckpt, "
-        ".h5/.hdf5/.weights.h5, .keras or .weights.json suffix, a directory (DIR/) or --format",
+        ".h5/.hdf5/.weights.h5, .keras, .weights.json or .pt/.pth/.bin suffix, a directory (DIR/) or --format",
         path=path,
     )
 

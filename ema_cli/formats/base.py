@@ -83,6 +83,9 @@ class Source:
     path: str  # the checkpoint's identity: a file, an index file, or a TF prefix
     files: tuple[str, ...] = field(default=())  # every file that belongs to it
     name_hint: str = ""  # the name its step number is parsed from
+    # reader options given on the command line, as (key, value) pairs: picklable, so a
+    # reader opened anywhere reads the checkpoint the same way (``state_key``: PyTorch)
+    options: tuple[tuple[str, str], ...] = field(default=())
 
     @property
     def label(self) -> str:
