@@ -56,6 +56,7 @@ ROOT_COUNTERS = ("global_step", "step", "iteration", "iterations")
 DTYPE_ATTR = "dtype"  # Keras 3: opaque 2-byte data + dtype="bfloat16"
 SPARSE_MIN_BYTES = 64 << 20  # datasets over this size must store ...
 SPARSE_RATIO = 16  # ... at least 1/16 of their declared bytes (see Hdf5Reader._check_stored)
+SPILL_MIN = 64 << 20  # chunked datasets of this size are read through a mapped temporary file
 ROW_BUFFER = 16 << 20  # Hdf5Writer.write_range buffers at most this many bytes per chunked dataset
 
 
@@ -583,6 +584,8 @@ class Hdf5Reader(Reader):
             if off is not None:  # contiguous: a read-only view of the mapped file
                 return np.frombuffer(self._mm, dtype=dt, count=info.numel, offset=off).reshape(info.shape)
             self._check_stored(name, ds, info)
+            if ds.chunks is not None and info.nbytes >= SPILL_MIN:
+                return self._read_spilled(ds, kind, info)
             out = np.empty(info.shape, dtype=dt)
             if out.size:
                 # opaque and enum data are read as stored; everything else is
@@ -591,6 +594,35 @@ class Hdf5Reader(Reader):
             return out
         except (OSError, ValueError, TypeError, RuntimeError) as e:
             raise EmaError(f"cannot read: {_msg(e)}", path=self.path, tensor=name) from None
+
+    def _read_spilled(self, ds, kind: str, info: TensorInfo) -> np.ndarray:
+        """A large chunked (compressed) dataset, decoded slab by slab into an
+        unlinked temporary file that is mapped: the tensor's pages are file
+        pages (written back and dropped by the kernel, and by ``release``), not
+        anonymous memory, and the file's space is freed with the array.  Costs
+        disk space in the temporary directory ($TMPDIR) for each such tensor
+        being averaged."""
+        import tempfile
+
+        dt = dtypes.to_numpy(info.dtype)
+        try:
+            with tempfile.TemporaryFile(prefix="ema-avg-h5-") as tmp:
+                os.ftruncate(tmp.fileno(), info.nbytes)
+                mm = mmap.mmap(tmp.fileno(), info.nbytes, access=mmap.ACCESS_WRITE)
+        except OSError as e:
+            raise EmaError(f"cannot stage a {info.nbytes}-byte chunked dataset in the temporary "
+                           f"directory: {e.strerror} (set TMPDIR)", path=self.path, tensor=info.name) from None
+        out = np.frombuffer(mm, dtype=dt, count=info.numel).reshape(info.shape)
+        dest = out.view(ds.dtype) if kind in ("opaque", "enum") else out
+        for sel in _read_slabs(ds, info.shape):
+            ds.read_direct(dest, source_sel=sel, dest_sel=sel)
+        if hasattr(mmap, "MADV_DONTNEED"):
+            try:  # written: let the kernel write the pages back and take them from this process
+                mm.madvise(mmap.MADV_DONTNEED)
+            except (OSError, ValueError):
+                pass
+        out.flags.writeable = False
+        return out
 
     def _check_stored(self, name: str, ds, info: TensorInfo) -> None:
         """Refuse a dataset that declares far more data than the file stores.
@@ -847,6 +879,20 @@ def _layer_classes(config) -> dict[str, tuple[str, dict]]:
 
     walk(config)
     return {k: v for k, v in out.items() if k not in clash}
+
+
+def _read_slabs(ds, shape: tuple[int, ...]):
+    """Selections that read a chunked dataset with each chunk decoded once:
+    slabs of whole chunk rows (``chunks[0]`` rows of the first dimension, up to
+    ROW_BUFFER bytes together), or chunk by chunk when one row of chunks is larger."""
+    c0 = int(ds.chunks[0])
+    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * ds.dtype.itemsize
+    per = max(1, ROW_BUFFER // max(1, c0 * row_bytes)) * c0
+    if c0 * row_bytes > ROW_BUFFER:
+        yield from ds.iter_chunks()
+        return
+    for r in range(0, shape[0], per):
+        yield np.s_[r:min(r + per, shape[0])]
 
 
 def _read_strings(ds, kind: str) -> np.ndarray:
@@ -1206,7 +1252,7 @@ class Hdf5Writer(Writer):
             # a chunked or converted dataset that already holds these values
             # (a copied tensor): leave its stored (compressed) bytes alone
             old = self._template.read(name)
-            if old.dtype == buf.dtype and old.tobytes() == buf.tobytes():
+            if old.dtype == buf.dtype and old.shape == buf.shape and _same_bytes(old, buf):
                 return
         if ds.dtype.kind == "V" or _h5py().check_enum_dtype(ds.dtype) is not None:
             buf = buf.view(ds.dtype)  # opaque (bf16, f8) and enum data are written as stored
@@ -1276,6 +1322,14 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     while len(data):
         n = os.pwrite(fd, data[: 1 << 30], offset)
         data, offset = data[n:], offset + n
+
+
+def _same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
+    """Byte equality of two C-contiguous arrays, 1 MiB at a time (no whole copies)."""
+    x = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+    y = np.ascontiguousarray(b).reshape(-1).view(np.uint8)
+    step = 1 << 20
+    return x.size == y.size and all(x[i:i + step].tobytes() == y[i:i + step].tobytes() for i in range(0, x.size, step))
 
 
 def _utf8(vals: list[bytes]) -> bool:
