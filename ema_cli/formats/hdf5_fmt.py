@@ -607,7 +607,11 @@ class Hdf5Reader(Reader):
         dt = dtypes.to_numpy(info.dtype)
         try:
             with tempfile.TemporaryFile(prefix="ema-avg-h5-") as tmp:
-                os.ftruncate(tmp.fileno(), info.nbytes)
+                # reserved, not sparse: a full disk fails here, not as SIGBUS on a mapped write
+                if hasattr(os, "posix_fallocate"):
+                    os.posix_fallocate(tmp.fileno(), 0, info.nbytes)
+                else:
+                    os.ftruncate(tmp.fileno(), info.nbytes)
                 mm = mmap.mmap(tmp.fileno(), info.nbytes, access=mmap.ACCESS_WRITE)
         except OSError as e:
             raise EmaError(f"cannot stage a {info.nbytes}-byte chunked dataset in the temporary "
