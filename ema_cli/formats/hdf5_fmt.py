@@ -24,6 +24,11 @@ creation properties; the changed datasets get the new type), so the output
 holds no dead space.  From any other template, one dataset per tensor is
 created at its name's path, plus root attributes for the metadata (``ema_avg``).
 
+Memory: contiguous datasets are mapped in place; chunked ones of SPILL_MIN
+bytes or more are decoded into a mapped temporary file; a dataset that declares
+far more bytes than the file stores is refused (``Hdf5Reader._check_stored``).
+Large tensors are written range by range (``Hdf5Writer.write_range``).
+
 h5py is imported lazily: listing the format costs nothing for other formats.
 """
 
@@ -598,8 +603,8 @@ class Hdf5Reader(Reader):
     def _read_spilled(self, ds, kind: str, info: TensorInfo) -> np.ndarray:
         """A large chunked (compressed) dataset, decoded slab by slab into an
         unlinked temporary file that is mapped: the tensor's pages are file
-        pages (written back and dropped by the kernel, and by ``release``), not
-        anonymous memory, and the file's space is freed with the array.  Costs
+        pages (written back and reclaimed by the kernel), not anonymous memory,
+        and the file's space is freed with the array.  Costs
         disk space in the temporary directory ($TMPDIR) for each such tensor
         being averaged."""
         import tempfile
@@ -631,11 +636,11 @@ class Hdf5Reader(Reader):
     def _check_stored(self, name: str, ds, info: TensorInfo) -> None:
         """Refuse a dataset that declares far more data than the file stores.
 
-        Data that is not mapped in place is read whole into memory.  A chunked
-        dataset whose chunks were never written (they read as the fill value)
-        or that compresses a long run of one value can declare gigabytes in a
-        file of a few kilobytes: reading it would take the declared size in
-        memory for data the file does not hold.  Over SPARSE_MIN_BYTES, a
+        Data that is not mapped in place is decoded whole, into memory or a
+        temporary file (``_read_spilled``).  A chunked dataset whose chunks were
+        never written (they read as the fill value) or that compresses a long
+        run of one value can declare gigabytes in a file of a few kilobytes:
+        reading it would take the declared size for data the file does not hold.  Over SPARSE_MIN_BYTES, a
         dataset must store at least 1/SPARSE_RATIO of its declared bytes
         (weights compress by a few percent, not by 16x)."""
         declared = info.numel * ds.dtype.itemsize
@@ -646,7 +651,7 @@ class Hdf5Reader(Reader):
             how = "unwritten chunks or compression" if ds.chunks is not None else "unallocated storage"
             raise EmaError(f"dataset declares {declared} bytes but stores {stored} (a sparse or corrupt file: "
                            f"{how}; more than {SPARSE_RATIO}x is refused, as reading it would take "
-                           f"{declared} bytes of memory)", path=self.path, tensor=name)
+                           f"{declared} bytes of memory or temporary disk)", path=self.path, tensor=name)
 
     def release(self, name: str, first: int = 0, last: int | None = None) -> None:
         """Done with this tensor (or its elements ``[first, last)``): a tensor
