@@ -24,6 +24,11 @@ creation properties; the changed datasets get the new type), so the output
 holds no dead space.  From any other template, one dataset per tensor is
 created at its name's path, plus root attributes for the metadata (``ema_avg``).
 
+Memory: contiguous datasets are mapped in place; chunked ones of SPILL_MIN
+bytes or more are decoded into a mapped temporary file; a dataset that declares
+far more bytes than the file stores is refused (``Hdf5Reader._check_stored``).
+Large tensors are written range by range (``Hdf5Writer.write_range``).
+
 h5py is imported lazily: listing the format costs nothing for other formats.
 """
 
@@ -54,6 +59,10 @@ OPTIMIZER_GROUPS = ("optimizer", "optimizer_weights")
 LEGACY_COUNTERS = ("iteration", "iterations", "iter")  # optimizer_weights/<opt>/iteration
 ROOT_COUNTERS = ("global_step", "step", "iteration", "iterations")
 DTYPE_ATTR = "dtype"  # Keras 3: opaque 2-byte data + dtype="bfloat16"
+SPARSE_MIN_BYTES = 64 << 20  # datasets over this size must store ...
+SPARSE_RATIO = 16  # ... at least 1/16 of their declared bytes (see Hdf5Reader._check_stored)
+SPILL_MIN = 64 << 20  # chunked datasets of this size are read through a mapped temporary file
+ROW_BUFFER = 16 << 20  # Hdf5Writer.write_range buffers at most this many bytes per chunked dataset
 
 
 def _h5py():
@@ -579,6 +588,9 @@ class Hdf5Reader(Reader):
             off = self._offset(name)
             if off is not None:  # contiguous: a read-only view of the mapped file
                 return np.frombuffer(self._mm, dtype=dt, count=info.numel, offset=off).reshape(info.shape)
+            self._check_stored(name, ds, info)
+            if ds.chunks is not None and info.nbytes >= SPILL_MIN:
+                return self._read_spilled(ds, kind, info)
             out = np.empty(info.shape, dtype=dt)
             if out.size:
                 # opaque and enum data are read as stored; everything else is
@@ -587,6 +599,80 @@ class Hdf5Reader(Reader):
             return out
         except (OSError, ValueError, TypeError, RuntimeError) as e:
             raise EmaError(f"cannot read: {_msg(e)}", path=self.path, tensor=name) from None
+
+    def _read_spilled(self, ds, kind: str, info: TensorInfo) -> np.ndarray:
+        """A large chunked (compressed) dataset, decoded slab by slab into an
+        unlinked temporary file that is mapped: the tensor's pages are file
+        pages (written back and reclaimed by the kernel), not anonymous memory,
+        and the file's space is freed with the array.  Costs
+        disk space in the temporary directory ($TMPDIR) for each such tensor
+        being averaged."""
+        import tempfile
+
+        dt = dtypes.to_numpy(info.dtype)
+        try:
+            with tempfile.TemporaryFile(prefix="ema-avg-h5-") as tmp:
+                # reserved, not sparse: a full disk fails here, not as SIGBUS on a mapped write
+                if hasattr(os, "posix_fallocate"):
+                    os.posix_fallocate(tmp.fileno(), 0, info.nbytes)
+                else:
+                    os.ftruncate(tmp.fileno(), info.nbytes)
+                mm = mmap.mmap(tmp.fileno(), info.nbytes, access=mmap.ACCESS_WRITE)
+        except OSError as e:
+            raise EmaError(f"cannot stage a {info.nbytes}-byte chunked dataset in the temporary "
+                           f"directory: {e.strerror} (set TMPDIR)", path=self.path, tensor=info.name) from None
+        out = np.frombuffer(mm, dtype=dt, count=info.numel).reshape(info.shape)
+        dest = out.view(ds.dtype) if kind in ("opaque", "enum") else out
+        for sel in _read_slabs(ds, info.shape):
+            ds.read_direct(dest, source_sel=sel, dest_sel=sel)
+        if hasattr(mmap, "MADV_DONTNEED"):
+            try:  # written: let the kernel write the pages back and take them from this process
+                mm.madvise(mmap.MADV_DONTNEED)
+            except (OSError, ValueError):
+                pass
+        out.flags.writeable = False
+        return out
+
+    def _check_stored(self, name: str, ds, info: TensorInfo) -> None:
+        """Refuse a dataset that declares far more data than the file stores.
+
+        Data that is not mapped in place is decoded whole, into memory or a
+        temporary file (``_read_spilled``).  A chunked dataset whose chunks were
+        never written (they read as the fill value) or that compresses a long
+        run of one value can declare gigabytes in a file of a few kilobytes:
+        reading it would take the declared size for data the file does not hold.  Over SPARSE_MIN_BYTES, a
+        dataset must store at least 1/SPARSE_RATIO of its declared bytes
+        (weights compress by a few percent, not by 16x)."""
+        declared = info.numel * ds.dtype.itemsize
+        if declared <= SPARSE_MIN_BYTES:
+            return
+        stored = int(ds.id.get_storage_size())
+        if declared > SPARSE_RATIO * stored:
+            how = "unwritten chunks or compression" if ds.chunks is not None else "unallocated storage"
+            raise EmaError(f"dataset declares {declared} bytes but stores {stored} (a sparse or corrupt file: "
+                           f"{how}; more than {SPARSE_RATIO}x is refused, as reading it would take "
+                           f"{declared} bytes of memory or temporary disk)", path=self.path, tensor=name)
+
+    def release(self, name: str, first: int = 0, last: int | None = None) -> None:
+        """Done with this tensor (or its elements ``[first, last)``): a tensor
+        mapped in place has its pages dropped from this process
+        (``MADV_DONTNEED``; they stay in the page cache), so that the resident
+        set stays small while large tensors stream.  Ranges under 512 KiB and
+        tensors that are not mapped are left alone."""
+        off = self._offsets.get(name)
+        if off is None or self._mm is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        info = self._tensors[name]
+        item = dtypes.itemsize(info.dtype)
+        end = off + (info.numel if last is None else min(last, info.numel)) * item
+        begin = off + first * item
+        start = -(-begin // mmap.PAGESIZE) * mmap.PAGESIZE
+        stop = end // mmap.PAGESIZE * mmap.PAGESIZE
+        if stop - start >= 1 << 19:
+            try:
+                self._mm.madvise(mmap.MADV_DONTNEED, start, stop - start)
+            except (OSError, ValueError):
+                pass  # a hint
 
     def _offset(self, name: str) -> int | None:
         if name in self._offsets:
@@ -804,6 +890,20 @@ def _layer_classes(config) -> dict[str, tuple[str, dict]]:
     return {k: v for k, v in out.items() if k not in clash}
 
 
+def _read_slabs(ds, shape: tuple[int, ...]):
+    """Selections that read a chunked dataset with each chunk decoded once:
+    slabs of whole chunk rows (``chunks[0]`` rows of the first dimension, up to
+    ROW_BUFFER bytes together), or chunk by chunk when one row of chunks is larger."""
+    c0 = int(ds.chunks[0])
+    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * ds.dtype.itemsize
+    per = max(1, ROW_BUFFER // max(1, c0 * row_bytes)) * c0
+    if c0 * row_bytes > ROW_BUFFER:
+        yield from ds.iter_chunks()
+        return
+    for r in range(0, shape[0], per):
+        yield np.s_[r:min(r + per, shape[0])]
+
+
 def _read_strings(ds, kind: str) -> np.ndarray:
     raw = ds[()]
     arr = np.empty(ds.shape, dtype=object)
@@ -883,6 +983,8 @@ class Hdf5Writer(Writer):
         self._fd = -1  # raw descriptor for contiguous datasets written in place
         self._direct: dict[str, int] = {}  # name -> file offset of its bytes
         self._changed: set[str] = set()  # datasets recreated with a new dtype
+        self._slabs: dict[str, list] = {}  # write_range: name -> [buffer, first element, elements filled]
+        self._slab_sizes: dict[str, int] = {}
         # an HDF5 image of its own (a file, or the model.weights.h5 of a .keras) is the layout kept
         self._template = template if isinstance(template, Hdf5Reader) else None
         try:
@@ -1059,6 +1161,93 @@ class Hdf5Writer(Writer):
         except (OSError, ValueError, TypeError, RuntimeError, KeyError) as e:
             raise EmaError(f"cannot write: {_msg(e)}", path=self.shown, tensor=name) from None
 
+    def write_range(self, name: str, start: int, flat: np.ndarray) -> None:
+        """Elements ``[start, start + flat.size)`` of a tensor in C order (``flat``:
+        1-D, contiguous, the tensor's dtype), so that the engine streams large
+        tensors instead of handing them whole: memory does not grow with the
+        tensor.  The range that ends at the tensor's last element completes it.
+
+        A dataset whose bytes sit in the file as they are (contiguous, allocated,
+        native order: every dataset of a fresh file, most template datasets) is
+        written in place with pwrite.  Any other is written through HDF5, the
+        flat range cut into the few rectangular selections it spans; a chunked
+        dataset first gathers whole slabs of chunk rows (``chunks[0]`` rows of
+        its first dimension, up to ROW_BUFFER bytes), so that each chunk is
+        compressed and written once instead of once per range."""
+        info = self._infos[name]
+        dt = dtypes.to_numpy(info.dtype)
+        n = info.numel
+        if flat.dtype != dt or flat.ndim != 1 or not flat.flags.c_contiguous or not 0 <= start <= n - flat.size:
+            raise EmaError(f"internal: bad range {start}+{flat.size} ({flat.dtype}) of {n} {dt}", tensor=name)
+        off = self._direct.get(name)
+        try:
+            if off is not None:
+                _pwrite_all(self._fd, memoryview(flat.view(np.uint8)), off + start * dt.itemsize)
+            else:
+                with self._lock:
+                    self._write_range(name, info, start, flat)
+            if start + flat.size == n:
+                with self._lock:
+                    self._flush_slab(name)
+                    self._pending.discard(name)
+        except EmaError:
+            raise
+        except (OSError, ValueError, TypeError, RuntimeError, KeyError) as e:
+            raise EmaError(f"cannot write: {_msg(e)}", path=self.shown, tensor=name) from None
+
+    def _write_range(self, name: str, info: TensorInfo, start: int, flat: np.ndarray) -> None:
+        ds = self._f[name]
+        slab = self._slab_size(name, ds, info)
+        pos, data = start, flat
+        while data.size:
+            st = self._slabs.get(name)
+            if st is not None and pos == st[1] + st[2]:  # continues the slab being gathered
+                buf, base, filled = st
+                k = min(data.size, buf.size - filled)
+                buf[filled:filled + k] = data[:k]
+                st[2] = filled + k
+                pos, data = pos + k, data[k:]
+                if st[2] == buf.size or base + st[2] == info.numel:
+                    self._flush_slab(name)
+                continue
+            if st is not None:
+                self._flush_slab(name)  # out of order: write what was gathered
+            if slab and pos % slab == 0:
+                self._slabs[name] = [np.empty(min(slab, info.numel - pos), dtype=data.dtype), pos, 0]
+                continue
+            k = data.size if not slab else min(data.size, slab - pos % slab)
+            self._put(ds, info.shape, pos, data[:k])
+            pos, data = pos + k, data[k:]
+
+    def _slab_size(self, name: str, ds, info: TensorInfo) -> int:
+        """Elements per gathered slab of a chunked dataset (0: written as it comes)."""
+        if name not in self._slab_sizes:
+            size = 0
+            if ds.chunks is not None and len(info.shape) >= 1:
+                size = int(ds.chunks[0]) * (info.numel // max(1, info.shape[0]))
+                if size * ds.dtype.itemsize > ROW_BUFFER:
+                    size = 0  # too large to gather: HDF5's chunk cache merges the parts
+            self._slab_sizes[name] = size
+        return self._slab_sizes[name]
+
+    def _flush_slab(self, name: str) -> None:
+        st = self._slabs.pop(name, None)
+        if st is not None and st[2]:
+            buf, base, filled = st
+            self._put(self._f[name], self._infos[name].shape, base, buf[:filled])
+
+    def _put(self, ds, shape: tuple[int, ...], start: int, flat: np.ndarray) -> None:
+        """Write flat elements ``[start, start + flat.size)`` through HDF5."""
+        if ds.dtype.kind == "V" or _h5py().check_enum_dtype(ds.dtype) is not None:
+            flat = flat.view(ds.dtype)  # opaque (bf16, f8) and enum data are written as stored
+        pos = 0
+        for box in _boxes(shape, start, start + flat.size):
+            bshape = tuple(b.stop - b.start for b in box)
+            m = int(np.prod(bshape, dtype=np.int64))
+            part = np.ascontiguousarray(flat[pos:pos + m]).reshape(bshape)
+            ds.write_direct(part, dest_sel=box if box else np.s_[()])
+            pos += m
+
     def _write(self, name: str, info: TensorInfo, arr: np.ndarray) -> None:
         if info.dtype == "string":
             if self._template is None:
@@ -1072,7 +1261,7 @@ class Hdf5Writer(Writer):
             # a chunked or converted dataset that already holds these values
             # (a copied tensor): leave its stored (compressed) bytes alone
             old = self._template.read(name)
-            if old.dtype == buf.dtype and old.tobytes() == buf.tobytes():
+            if old.dtype == buf.dtype and old.shape == buf.shape and _same_bytes(old, buf):
                 return
         if ds.dtype.kind == "V" or _h5py().check_enum_dtype(ds.dtype) is not None:
             buf = buf.view(ds.dtype)  # opaque (bf16, f8) and enum data are written as stored
@@ -1112,10 +1301,44 @@ class Hdf5Writer(Writer):
             self._fd = -1
 
 
+def _boxes(shape: tuple[int, ...], a: int, b: int) -> list[tuple[slice, ...]]:
+    """Flat C-order elements ``[a, b)`` of an array of ``shape`` as rectangular
+    selections, in order (at most 2 * ndim - 1 of them): a partial first row,
+    whole rows, a partial last row, each partial row split the same way."""
+    if a >= b:
+        return []
+    if not shape:
+        return [()]
+    if len(shape) == 1:
+        return [(slice(a, b),)]
+    row = int(np.prod(shape[1:], dtype=np.int64))
+    r0, o0 = divmod(a, row)
+    r1, o1 = divmod(b, row)
+    if r0 == r1:
+        return [(slice(r0, r0 + 1), *box) for box in _boxes(shape[1:], o0, o1)]
+    out: list[tuple[slice, ...]] = []
+    if o0:
+        out += [(slice(r0, r0 + 1), *box) for box in _boxes(shape[1:], o0, row)]
+        r0 += 1
+    if r1 > r0:
+        out.append((slice(r0, r1), *(slice(0, d) for d in shape[1:])))
+    if o1:
+        out += [(slice(r1, r1 + 1), *box) for box in _boxes(shape[1:], 0, o1)]
+    return out
+
+
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     while len(data):
         n = os.pwrite(fd, data[: 1 << 30], offset)
         data, offset = data[n:], offset + n
+
+
+def _same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
+    """Byte equality of two C-contiguous arrays, 1 MiB at a time (no whole copies)."""
+    x = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+    y = np.ascontiguousarray(b).reshape(-1).view(np.uint8)
+    step = 1 << 20
+    return x.size == y.size and all(x[i:i + step].tobytes() == y[i:i + step].tobytes() for i in range(0, x.size, step))
 
 
 def _utf8(vals: list[bytes]) -> bool:

@@ -314,6 +314,10 @@ class ShardedReader(base.Reader):
     def read(self, name: str) -> np.ndarray:
         return self.shards[self._where[name]].read(name)
 
+    def release(self, name: str, first: int = 0, last: int | None = None) -> None:
+        """Done with (part of) a tensor: its shard drops the mapped pages (``Hdf5Reader.release``)."""
+        self.shards[self._where[name]].release(name, first, last)
+
     def role(self, info: TensorInfo) -> Role:
         return self.shards[self._where[info.name]].role(info)
 
@@ -523,6 +527,10 @@ class KerasWriter(base.Writer):
 
     def write(self, name: str, array: np.ndarray) -> None:
         self._route[name].write(name, array)
+
+    def write_range(self, name: str, start: int, flat: np.ndarray) -> None:
+        """Part of a tensor (``Hdf5Writer.write_range``): large tensors stream."""
+        self._route[name].write_range(name, start, flat)
 
     def close(self) -> None:
         for w in self._writers:
