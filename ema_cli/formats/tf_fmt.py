@@ -1294,7 +1294,7 @@ class TFStaging:
             raise EmaError("output is a directory; a TensorFlow output is a checkpoint prefix such as DIR/model.ckpt",
                            path=output)
         parent, base = os.path.split(self.final)
-        check_target(self.final + INDEX, force=force, is_dir=False)
+        check_target(self.final + INDEX, force=True, is_dir=False)  # the directory; existence below, locked
         self._lock = _Lock(self.final)
         self.done = False
         self._moved: list[str] = []
