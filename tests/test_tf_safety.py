@@ -151,26 +151,41 @@ def test_commit_killed_at_every_call(tf, tmp_path, capsys):
 
 
 def test_concurrent_force_writers(tf, tmp_path):
-    """Two --force runs started together onto one output, different inputs: both
-    finish (the lock makes the second wait), and the output is exactly one of
-    the two results, with no other files."""
+    """Two --force runs onto one output, different inputs, the second started
+    while the first is paused in the middle of its commit: both finish (the
+    output's lock makes the second wait for the first), and the output is
+    exactly one of the two results, with no other files."""
+    import time
+
     refs = tmp_path / "refs"
     refs.mkdir()
     a, b = INPUTS[:2], INPUTS[1:]
-    want = [_reference(tf, refs, a, "1"), _reference(tf, refs, b, str(1 << 30))]
+    want = [_reference(tf, refs, a, "1"), _reference(tf, refs, b, "1")]
     out = tmp_path / "out"
     out.mkdir()
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    procs = [subprocess.Popen([sys.executable, "-m", "ema_cli", *ins, "-o", str(out / "m.ckpt"), "--force"],
-                              env=dict(env, EMA_AVG_TF_BATCH_BYTES=batch), stderr=subprocess.PIPE, text=True)
-             for ins, batch in ((a, "1"), (b, str(1 << 30)))]
-    errs = [p.communicate(timeout=600)[1] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], errs
+    assert main_in_process([INPUTS[0], "-o", out / "m.ckpt", "--quiet", "--allow-copy-only"]) == 0  # an old output
+    ctl = tmp_path / "ctl"
+    ctl.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), EMA_AVG_TF_BATCH_BYTES="1")
+    first = subprocess.Popen([sys.executable, str(WORKER), str(ctl), str(out), "--", *a, "-o", str(out / "m.ckpt"),
+                              "--force"], env=dict(env, EMA_TEST_PAUSE_AT="4"), stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (ctl / "paused").exists() and first.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert (ctl / "paused").exists(), first.communicate()[1]
+    err2 = (tmp_path / "second.err").open("w+")
+    second = subprocess.Popen([sys.executable, "-m", "ema_cli", *b, "-o", str(out / "m.ckpt"), "--force"],
+                              env=env, stderr=err2, text=True)
+    while second.poll() is None and "waiting" not in (tmp_path / "second.err").read_text() \
+            and time.time() < deadline:
+        time.sleep(0.1)
+    (ctl / "go").touch()
+    codes = [first.wait(timeout=300), second.wait(timeout=300)]
+    errs = [first.stderr.read(), (tmp_path / "second.err").read_text()]
+    assert codes == [0, 0], errs
+    assert "another ema-avg run is writing this output" in errs[1]
     assert values(tf, out / "m.ckpt") in want
-    shards = {1: ["m.ckpt.data-00000-of-00001"]}.get(len([f for f in visible(out) if ".data-" in f]))
     assert [f for f in visible(out) if f.startswith(".")] == []
-    assert "checkpoint" in visible(out) and "m.ckpt.index" in visible(out)
-    del shards
 
 
 def test_orphans_not_ours_are_never_deleted(tf, tmp_path):

@@ -11,6 +11,10 @@ then the real run commits normally.  The child touches only the file system
 (no TensorFlow), so forking after TensorFlow's threads started is safe here;
 one process pays TensorFlow's import instead of one per K.
 
+With ``EMA_TEST_PAUSE_AT=K`` instead: the run's own commit pauses before its
+K-th such call, creates ``RESULTS/paused`` and waits (up to 5 minutes) for
+``RESULTS/go``: a second writer can be started exactly mid-commit.
+
 usage: python tf_kill_worker.py RESULTS OUTDIR -- CLI-ARGS...
 """
 
@@ -18,6 +22,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 
 results, outdir = sys.argv[1], sys.argv[2]
 argv = sys.argv[sys.argv.index("--") + 1:]
@@ -37,6 +42,12 @@ def _wrap(name):
             _state["n"] += 1
             if _state["n"] == _state["kill_at"]:
                 os.kill(os.getpid(), signal.SIGKILL)
+            if _state["n"] == _state.get("pause_at"):
+                open(os.path.join(results, "paused"), "w").close()
+                for _ in range(3000):
+                    if os.path.exists(os.path.join(results, "go")):
+                        break
+                    time.sleep(0.1)
         return real(*a, **k)
 
     setattr(os, name, call)
@@ -82,5 +93,13 @@ def commit(self):
     return _orig_commit(self)
 
 
-tf_fmt.TFStaging.commit = commit
+def paused_commit(self):
+    _state.update(armed=True, n=0, pause_at=int(os.environ["EMA_TEST_PAUSE_AT"]))
+    try:
+        return _orig_commit(self)
+    finally:
+        _state["armed"] = False
+
+
+tf_fmt.TFStaging.commit = paused_commit if os.environ.get("EMA_TEST_PAUSE_AT") else commit
 cli.main(argv)
