@@ -183,8 +183,8 @@ def test_concurrent_force_writers(tf, tmp_path):
     codes = [first.wait(timeout=300), second.wait(timeout=300)]
     errs = [first.stderr.read(), (tmp_path / "second.err").read_text()]
     assert codes == [0, 0], errs
-    assert "another ema-avg run is writing this output" in errs[1]
     assert values(tf, out / "m.ckpt") in want
+    assert "another ema-avg run is writing this output" in errs[1]
     assert [f for f in visible(out) if f.startswith(".")] == []
 
 
