@@ -1142,6 +1142,9 @@ def _live_files(prefix: str) -> tuple[list[str], list[str]]:
     return live + [f for f in datas if f in want], [f for f in datas if f not in want]
 
 
+_HELD: set[str] = set()  # lock files this process holds
+
+
 class _Lock:
     """``fcntl.flock`` on ``DIR/.NAME.ema-avg.lock``: serialises the ema-avg runs
     writing one output.  The file is removed by its holder on release; a waiter
@@ -1152,6 +1155,9 @@ class _Lock:
 
         parent, base = os.path.split(final)
         self.path = os.path.join(parent, f".{base}{LOCK_SUFFIX}")
+        self.fd = -1
+        if self.path in _HELD:  # flock would wait for this very process
+            raise EmaError("this output is already being written by this run (given twice?)", path=final)
         waited = False
         while True:
             try:
@@ -1171,6 +1177,7 @@ class _Lock:
                 same = False
             if same:
                 self.fd = fd
+                _HELD.add(self.path)
                 return
             os.close(fd)  # the holder removed the file while we waited: lock the new one
 
@@ -1183,6 +1190,7 @@ class _Lock:
             pass
         os.close(self.fd)
         self.fd = -1
+        _HELD.discard(self.path)
 
 
 def _journal_path(final: str) -> str:
