@@ -296,7 +296,13 @@ def test_compressed_index_with_a_negative_dimension(tf, tmp_path):
             e.shape.dim[0].size = -4
             v = e.SerializeToString()
         bad.append((k, v))
-    Path(prefix + ".index").write_bytes(_sstable(bad, compress_data=True))
+    table = _sstable(bad, compress_data=True)
+    Path(prefix + ".index").write_bytes(table)
+    from ema_cli.formats.tf_fmt import _table_entries
+
+    corrupt = bytearray(table)
+    corrupt[5] ^= 0x40  # inside the compressed block: its checksum no longer matches
+    assert _table_entries(bytes(corrupt)) is None  # left to TensorFlow, which reports the mismatch
     probe = subprocess.run([sys.executable, "-c", "import sys, tensorflow as tf; "
                             "tf.train.load_checkpoint(sys.argv[1]).get_tensor('w/.ATTRIBUTES/VARIABLE_VALUE')",
                             prefix], capture_output=True, text=True, timeout=300)

@@ -412,6 +412,25 @@ class CompressedIndex(Exception):
 SNAPPY_HINT = "pip install cramjam (or 'ema-avg[tf]')"
 
 
+_CRC32C_TABLE: list[int] = []
+
+
+def _masked_crc32c(data: bytes) -> int:
+    """LevelDB's masked CRC32C (pure Python: only compressed blocks, which are rare, need it)."""
+    if not _CRC32C_TABLE:
+        for n in range(256):
+            c = n
+            for _ in range(8):
+                c = (c >> 1) ^ (0x82F63B78 if c & 1 else 0)
+            _CRC32C_TABLE.append(c)
+    crc = 0xFFFFFFFF
+    table = _CRC32C_TABLE
+    for b in data:
+        crc = table[(crc ^ b) & 0xFF] ^ (crc >> 8)
+    crc ^= 0xFFFFFFFF
+    return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
+
+
 def _snappy_decompress(data: bytes) -> bytes:
     try:
         import cramjam
@@ -435,6 +454,8 @@ def _table_entries(raw: bytes):
         kind = raw[off + size]
         blk = raw[off:off + size]
         if kind == 1:
+            if _masked_crc32c(raw[off:off + size + 1]) != struct.unpack_from("<I", raw, off + size + 1)[0]:
+                return None  # corrupt, not compressed: TensorFlow reports the checksum mismatch
             try:
                 blk = _snappy_decompress(blk)
             except ValueError:
