@@ -192,15 +192,17 @@ def _prefix_of(name: str) -> str | None:
     return m.group("prefix") if m else None
 
 
-def claim_path(path: Path) -> list[Source] | None:
-    """A prefix, any of a checkpoint's files, or a ``checkpoint`` state file."""
+def claim_path(path: Path, *, skip_missing: bool = False) -> list[Source] | None:
+    """A prefix, any of a checkpoint's files, or a ``checkpoint`` state file.
+    ``skip_missing`` (``--skip-missing``): checkpoints a state file names that
+    no longer exist are left out with a warning each, instead of an error."""
     p = str(path)
     if os.path.isfile(p + INDEX) and not p.endswith(INDEX):
         return [_source(p)]
     if os.path.isdir(p):
         return None
     if path.name == STATE_FILE and path.is_file():
-        return _state_file_sources(path)
+        return _state_file_sources(path, skip_missing=skip_missing)
     prefix = _prefix_of(path.name)
     if prefix is not None and path.is_file():
         full = str(path.parent / prefix)
@@ -245,11 +247,24 @@ def read_state_file(path: Path) -> list[str]:
     return list(named)
 
 
-def _state_file_sources(path: Path) -> list[Source]:
+def _state_file_sources(path: Path, *, skip_missing: bool = False) -> list[Source]:
+    """The checkpoints a state file names, in its order.  The paths may lead
+    outside its directory (TensorFlow writes absolute ones, and relative ones may
+    hold ``..``).  A named checkpoint without its ``.index`` is an error, or with
+    ``skip_missing`` a warning naming it (all of them missing: an error)."""
     prefixes = read_state_file(path)
     if not prefixes:
         raise EmaError("not a TensorFlow checkpoint state file (it names no checkpoint)", path=str(path))
-    return [_source(p) for p in prefixes if os.path.isfile(p + INDEX)]
+    present = [p for p in prefixes if os.path.isfile(p + INDEX)]
+    missing = [p for p in prefixes if p not in present]
+    if missing and (not skip_missing or not present):
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        hint = "; pass --skip-missing to average the others" if present else ""
+        raise EmaError(f"names checkpoint {missing[0]}{more}, whose {INDEX} is missing (deleted?){hint}",
+                       path=str(path))
+    for p in missing:
+        warn(f"{path}: left out {p}, which it names but whose {INDEX} is missing (--skip-missing)")
+    return [_source(p) for p in present]
 
 
 # --------------------------------------------------------------------------- which tensors are averaged
@@ -372,8 +387,11 @@ def averaged_names(meta_file: str | None, keys) -> set[str] | None:
 # failure); a shape much larger than the data is allocated before the size is
 # checked.  The table's block checksums only catch accidental corruption, so the
 # entries are checked here first (_check_index).  The .index is an SSTable
-# (LevelDB's format, uncompressed); anything this small parser does not
-# understand is left to TensorFlow, which checks the table's checksums itself.
+# (LevelDB's format).  TensorFlow writes it uncompressed but also reads
+# snappy-compressed blocks: those are decompressed with cramjam and checked
+# alike, or refused when cramjam is missing, so no entry TensorFlow reads goes
+# unchecked.  A table this small parser does not understand at all is left to
+# TensorFlow, which checks its checksums itself.
 
 
 def _varint(buf: bytes, i: int) -> tuple[int, int]:
@@ -387,14 +405,66 @@ def _varint(buf: bytes, i: int) -> tuple[int, int]:
             return n, i
 
 
+class CompressedIndex(Exception):
+    """An index block is snappy-compressed and no decompressor is installed."""
+
+
+SNAPPY_HINT = "pip install cramjam (or 'ema-avg[tf]')"
+
+
+_CRC32C_TABLE: list[int] = []
+
+
+def _masked_crc32c(data: bytes) -> int:
+    """LevelDB's masked CRC32C (pure Python: only compressed blocks, which are rare, need it)."""
+    if not _CRC32C_TABLE:
+        for n in range(256):
+            c = n
+            for _ in range(8):
+                c = (c >> 1) ^ (0x82F63B78 if c & 1 else 0)
+            _CRC32C_TABLE.append(c)
+    crc = 0xFFFFFFFF
+    table = _CRC32C_TABLE
+    for b in data:
+        crc = table[(crc ^ b) & 0xFF] ^ (crc >> 8)
+    crc ^= 0xFFFFFFFF
+    return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _snappy_decompress(data: bytes) -> bytes:
+    try:
+        import cramjam
+    except ImportError:
+        raise CompressedIndex from None
+    try:
+        return bytes(cramjam.snappy.decompress_raw(data))
+    except Exception as e:  # cramjam raises its own DecompressionError
+        raise ValueError(f"snappy: {e}") from None
+
+
 def _table_entries(raw: bytes):
-    """(key, value) pairs of an uncompressed SSTable; None if not understood."""
+    """(key, value) pairs of an SSTable (blocks uncompressed or snappy-compressed);
+    None if not understood.  A snappy block without :mod:`cramjam` raises
+    :class:`CompressedIndex`; a block that does not decompress gives None."""
     import struct
 
     def block(off: int, size: int):
-        if off < 0 or size < 4 or off + size + 5 > len(raw) or raw[off + size] != 0:
-            return None  # out of range, or compressed
+        if off < 0 or size < 0 or off + size + 5 > len(raw):
+            return None  # out of range
+        kind = raw[off + size]
         blk = raw[off:off + size]
+        if kind == 1:
+            if _masked_crc32c(raw[off:off + size + 1]) != struct.unpack_from("<I", raw, off + size + 1)[0]:
+                return None  # corrupt, not compressed: TensorFlow reports the checksum mismatch
+            try:
+                blk = _snappy_decompress(blk)
+            except ValueError:
+                return None
+            size = len(blk)
+        elif kind != 0:
+            return None
+        if size < 4:
+            return None
         (nr,) = struct.unpack_from("<I", blk, size - 4)
         end = size - 4 * (nr + 1)
         if end < 0:
@@ -508,7 +578,11 @@ def _check_index(prefix: str) -> None:
             raw = fh.read()
     except OSError as e:
         raise EmaError(f"cannot read: {e.strerror}", path=index) from None
-    entries = _table_entries(raw)
+    try:
+        entries = _table_entries(raw)
+    except CompressedIndex:
+        raise EmaError("the index has snappy-compressed blocks, which ema-avg cannot check without a snappy "
+                       f"decompressor (TensorFlow would trust them unchecked): {SNAPPY_HINT}", path=index) from None
     if entries is None:
         return  # not understood here: TensorFlow checks the table itself
     from google.protobuf.message import DecodeError
@@ -837,6 +911,39 @@ def rename_overrides(reader: TFReader, mapping: dict[str, str]) -> dict[str, np.
 # --------------------------------------------------------------------------- writing
 
 BATCH_BYTES = 256 << 20  # per SaveV2 call; EMA_AVG_TF_BATCH_BYTES overrides (tests)
+RESERVE_MARGIN = 1 << 20  # index, string tensors, file system slack
+
+
+def validate_names(names, *, path: str | None = None) -> None:
+    """Refuse tensor names a TensorFlow checkpoint cannot hold, before any work:
+    ``""`` is the bundle's header key (TensorFlow aborts the process on it), a
+    name starting with NUL would read as a partitioned variable's slice key, and a
+    name must be valid UTF-8 (no lone surrogates).  ``path``: the output, for the
+    message.  The engine can call it at plan time with the planned output names."""
+    for name in names:
+        if name == "":
+            raise EmaError("a tensor with an empty name cannot be stored in a TensorFlow checkpoint (the empty key "
+                           "is the bundle's header); rename it", path=path, tensor=name)
+        if name.startswith("\x00"):
+            raise EmaError("a tensor name starting with NUL cannot be stored in a TensorFlow checkpoint "
+                           "(such keys are partitioned-variable slices)", path=path, tensor=name)
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise EmaError("the tensor name is not valid Unicode (a lone surrogate): a TensorFlow checkpoint "
+                           "cannot hold it", path=path, tensor=name.encode("utf-8", "backslashreplace").decode())
+
+
+def _final_of(path: str) -> str:
+    """The output a writer's staging path becomes (for messages)."""
+    path = os.path.abspath(path)
+    if path in _FINAL_OF:
+        return _FINAL_OF[path]
+    stage = os.path.dirname(path)
+    m = _STAGING_RE.match(os.path.basename(stage))
+    if m:  # a directory output staged as a whole (-o DIR/)
+        return os.path.join(os.path.dirname(stage), m.group("base"), os.path.basename(path))
+    return path
 
 
 class TFWriter(Writer):
@@ -851,9 +958,11 @@ class TFWriter(Writer):
     loader would ignore."""
 
     def __init__(self, path: str, shards: list[list[TensorInfo]], metadata: dict[str, str], template=None):
-        self.tf = import_tf(path)
         self.path = path
+        self.final = _final_of(path)
         self.infos = {i.name: i for shard in shards for i in shard}
+        validate_names(self.infos, path=self.final)
+        self.tf = import_tf(self.final)
         self._pending = set(self.infos)
         self._batch: list[tuple[str, object]] = []
         self._batch_bytes = 0
@@ -863,7 +972,48 @@ class TFWriter(Writer):
         parent, base = os.path.split(os.path.abspath(path))
         self._parts_dir = os.path.join(parent, f".{base}.parts-{os.getpid()}-{id(self):x}")
         os.makedirs(self._parts_dir)
-        self._meta_src = self._meta_to_copy(template)
+        self._reserve_fd = -1
+        try:
+            self._reserved = self._reserve(sum(i.nbytes for i in self.infos.values() if i.dtype != "string")
+                                           + RESERVE_MARGIN)
+            self._meta_src = self._meta_to_copy(template)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _reserve(self, size: int) -> int:
+        """Space for the whole output, taken before any work (``posix_fallocate``
+        of a file in the staging directory) and handed back batch by batch just
+        before SaveV2 writes it: a full disk fails here, not after the compute."""
+        f = os.path.join(self._parts_dir, "space-reservation")
+        try:
+            self._reserve_fd = os.open(f, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(self._reserve_fd, 0, size)
+            else:  # pragma: no cover (not Linux)
+                os.ftruncate(self._reserve_fd, size)
+        except OSError as e:
+            raise EmaError(f"not enough space for the output ({size} bytes needed): {e.strerror}",
+                           path=self.final) from None
+        return size
+
+    def _unreserve(self, nbytes: int | None = None) -> None:
+        """Hand back ``nbytes`` of the reservation (all of it: None)."""
+        if self._reserve_fd < 0:
+            return
+        self._reserved = 0 if nbytes is None else max(0, self._reserved - nbytes)
+        with contextlib.suppress(OSError):
+            os.ftruncate(self._reserve_fd, self._reserved)
+        if self._reserved == 0:
+            os.close(self._reserve_fd)
+            self._reserve_fd = -1
+
+    def _error(self, e: BaseException) -> EmaError:
+        """A TensorFlow write error, naming the output rather than the staging paths."""
+        msg = _tf_message(e)
+        staging = os.path.dirname(os.path.abspath(self.path))
+        msg = re.sub(re.escape(staging) + r"[^\s:,;'\"]*", self.final, msg)
+        return EmaError(f"cannot write: {msg}", path=self.final)
 
     def _meta_to_copy(self, template) -> str | None:
         if template is None or getattr(template, "format", None) != NAME:
@@ -915,10 +1065,11 @@ class TFWriter(Writer):
         part = os.path.join(self._parts_dir, f"part-{len(self._parts):05d}")
         names = [n for n, _ in self._batch]
         tensors = [t for _, t in self._batch]
+        self._unreserve(self._batch_bytes)
         try:
             tf.raw_ops.SaveV2(prefix=part, tensor_names=names, shape_and_slices=[""] * len(names), tensors=tensors)
         except Exception as e:
-            raise EmaError(f"cannot write: {_tf_message(e)}", path=self.path) from None
+            raise self._error(e) from None
         self._parts.append(part)
         self._batch, self._batch_bytes = [], 0
 
@@ -928,12 +1079,13 @@ class TFWriter(Writer):
                 raise EmaError(f"internal: {len(self._pending)} tensors never written", path=self.path)
             self._flush()
             if not self._parts:
-                raise EmaError("nothing to write: a TensorFlow checkpoint needs at least one tensor", path=self.path)
+                raise EmaError("nothing to write: a TensorFlow checkpoint needs at least one tensor", path=self.final)
+            self._unreserve()
             try:
                 self.tf.raw_ops.MergeV2Checkpoints(checkpoint_prefixes=self._parts, destination_prefix=self.path,
                                                    delete_old_dirs=True)
             except Exception as e:
-                raise EmaError(f"cannot write: {_tf_message(e)}", path=self.path) from None
+                raise self._error(e) from None
             shutil.rmtree(self._parts_dir, ignore_errors=True)
             if self._meta_src:
                 try:
@@ -944,6 +1096,7 @@ class TFWriter(Writer):
     def abort(self) -> None:
         with self._lock:
             self._batch = []
+            self._unreserve()
             shutil.rmtree(self._parts_dir, ignore_errors=True)
 
 
@@ -952,6 +1105,12 @@ Writer = TFWriter
 
 # --------------------------------------------------------------------------- staging
 
+LOCK_SUFFIX = ".ema-avg.lock"
+JOURNAL_SUFFIX = ".ema-avg-journal.json"
+_STAGING_RE = re.compile(r"^\.(?P<base>.+)\.ema-avg-(?P<pid>\d+)-[0-9a-f]+\.tmp(\.old)?$")
+#: staging path -> the output prefix it will become (error messages name the output)
+_FINAL_OF: dict[str, str] = {}
+
 
 def _output_files(prefix: str) -> list[str]:
     """Existing files of a checkpoint prefix."""
@@ -959,31 +1118,264 @@ def _output_files(prefix: str) -> list[str]:
     return found + data_files(prefix)
 
 
+def _index_shards(index: str) -> int | None:
+    """``num_shards`` from an index's header entry, or None if unreadable."""
+    try:
+        with open(index, "rb") as fh:
+            entries = _table_entries(fh.read())
+    except (OSError, EmaError, CompressedIndex):
+        return None
+    if not entries:
+        return None
+    # BundleHeaderProto field 1 (num_shards, varint): parsed by hand, no TensorFlow needed
+    hdr = entries[0][1]
+    try:
+        i = 0
+        while i < len(hdr):
+            tag, i = _varint(hdr, i)
+            if tag == 0x08:
+                n, _ = _varint(hdr, i)
+                return n
+            if tag & 7 == 0:
+                _, i = _varint(hdr, i)
+            elif tag & 7 == 2:
+                ln, i = _varint(hdr, i)
+                i += ln
+            else:
+                return None
+        return 1  # proto3 default 0 is never written by TensorFlow; 1 shard
+    except IndexError:
+        return None
+
+
+def _live_files(prefix: str) -> tuple[list[str], list[str]]:
+    """(files of the checkpoint the ``.index`` describes, other data files of
+    the prefix): the index, the ``.meta`` and the data files of its shard count."""
+    index = prefix + INDEX
+    datas = data_files(prefix)
+    if not os.path.lexists(index):
+        return ([prefix + META] if os.path.lexists(prefix + META) else []), datas
+    n = _index_shards(index)
+    live = [index] + ([prefix + META] if os.path.lexists(prefix + META) else [])
+    if n is None:
+        return live + datas, []
+    want = {f"{prefix}.data-{i:05d}-of-{n:05d}" for i in range(n)}
+    return live + [f for f in datas if f in want], [f for f in datas if f not in want]
+
+
+_HELD: set[str] = set()  # lock files this process holds
+
+
+class _Lock:
+    """``fcntl.flock`` on ``DIR/.NAME.ema-avg.lock``: serialises the ema-avg runs
+    writing one output.  The file is removed by its holder on release; a waiter
+    that then holds a lock on the removed file retries on the new one."""
+
+    def __init__(self, final: str):
+        import fcntl
+
+        parent, base = os.path.split(final)
+        self.path = os.path.join(parent, f".{base}{LOCK_SUFFIX}")
+        self.fd = -1
+        if self.path in _HELD:  # flock would wait for this very process
+            raise EmaError("this output is already being written by this run (given twice?)", path=final)
+        waited = False
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise EmaError(f"cannot create the output's lock file: {e.strerror}", path=self.path) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not waited:
+                    warn(f"{final}: another ema-avg run is writing this output; waiting for it to finish")
+                    waited = True
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self.fd = fd
+                _HELD.add(self.path)
+                return
+            os.close(fd)  # the holder removed the file while we waited: lock the new one
+
+    def release(self) -> None:
+        if self.fd < 0:
+            return
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = -1
+        _HELD.discard(self.path)
+
+
+def _journal_path(final: str) -> str:
+    parent, base = os.path.split(final)
+    return os.path.join(parent, f".{base}{JOURNAL_SUFFIX}")
+
+
+def _read_journal(path: str) -> set[str] | None:
+    import json
+
+    try:
+        with open(path) as fh:
+            doc = json.load(fh)
+        files = doc["files"]
+        if isinstance(files, list) and all(isinstance(f, str) and "/" not in f for f in files):
+            return set(files)
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+def _recover(final: str) -> None:
+    """Under the lock: the leftovers of an ema-avg run killed while committing
+    this output (its journal names every file it may have put there) and the
+    staging directories of dead runs are removed, with a warning.  A journal
+    means the run died: a live one would hold the lock."""
+    parent, base = os.path.split(final)
+    journal = _journal_path(final)
+    if os.path.lexists(journal):
+        listed = _read_journal(journal)
+        removed = []
+        if listed is not None and not os.path.lexists(final + INDEX):
+            for name in sorted(listed):  # the index is gone: no file of the prefix is live
+                f = os.path.join(parent, name)
+                if _prefix_of(name) == base and os.path.isfile(f) and not os.path.islink(f):
+                    try:
+                        os.unlink(f)
+                        removed.append(name)
+                    except OSError:
+                        pass
+        elif listed is not None:  # killed after the index was in place: the new checkpoint is complete
+            _live, extra = _live_files(final)
+            for f in extra:
+                if os.path.basename(f) in listed:
+                    try:
+                        os.unlink(f)
+                        removed.append(os.path.basename(f))
+                    except OSError:
+                        pass
+        try:
+            os.unlink(journal)
+        except OSError:
+            pass
+        _fsync_dir(parent)
+        what = f": {', '.join(removed)}" if removed else ""
+        warn(f"{final}: an ema-avg run writing this output was killed; removed its leftovers{what}")
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return
+    from ema_cli.output import _pid_alive
+
+    for name in names:
+        m = _STAGING_RE.match(name)
+        if not m or m.group("base") != base:
+            continue
+        pid = int(m.group("pid"))
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        path = os.path.join(parent, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        warn(f"removed the staging leftovers of a killed ema-avg run (pid {pid}): {path}")
+
+
 class TFStaging:
-    """A TF output is several files: staged in a hidden directory beside the
-    target, moved into place on ``commit`` (data files, ``.meta``, then
-    ``.index`` last, so a reader never sees an index without its data), then
-    the ``checkpoint`` state file, so ``tf.train.latest_checkpoint(dir)`` finds
-    the output.  An existing state file that names other live checkpoints
-    (writing into a training directory) is left alone, with a warning: training
-    would otherwise resume from the average."""
+    """A TF output is several files, staged in a hidden directory beside the
+    target and committed so that at every instant the prefix holds, for a
+    TensorFlow reader (which finds a checkpoint by its ``.index`` and reads the
+    data files that index names): nothing, the complete previous checkpoint, or
+    the complete new one.  Never an index over data files of another checkpoint.
+
+    ``commit``, holding the output's lock (taken before any check, so concurrent
+    ema-avg runs writing one output take turns; each completes):
+
+    1. a journal ``.NAME.ema-avg-journal.json`` listing every file of the prefix
+       this commit may create or remove is put in place (fsync'ed);
+    2. ``--force``: the old ``.index`` is removed (the old checkpoint is now
+       invisible), then the old data files and ``.meta``;
+    3. the new data files and ``.meta`` are linked in, then the new ``.index``
+       last (``link``: it never replaces an index that appeared meanwhile);
+    4. the journal is removed, then the ``checkpoint`` state file is written.
+
+    A run killed in between leaves the old checkpoint, nothing, or the new one;
+    the next run writing the output finds the journal and removes the files it
+    lists that no index makes live (with a warning), and the staging directories
+    of dead runs.  Data files or a ``.meta`` of the prefix with no ``.index``
+    and no journal were not provably written by ema-avg: refused, never deleted,
+    even with ``--force``.
+
+    The ``checkpoint`` state file: see :meth:`_state_decision`."""
 
     def __init__(self, output: str, *, force: bool):
         self.final = os.path.abspath(output)
         if os.path.isdir(self.final):
             raise EmaError("output is a directory; a TensorFlow output is a checkpoint prefix such as DIR/model.ckpt",
                            path=output)
-        existing = _output_files(self.final)
-        check_target(self.final + INDEX, force=force, is_dir=False)
-        if existing and not force:
-            raise EmaError("output exists (use --force to overwrite)", path=existing[0])
-        self._stale = existing
-        self.force = force
-        self._staged = Staged(self.final, is_dir=True)
-        self.path = os.path.join(self._staged.path, os.path.basename(self.final))
-        self.final_files: list[str] = []
-        self._moved: list[str] = []
+        parent, base = os.path.split(self.final)
+        check_target(self.final + INDEX, force=True, is_dir=False)  # the directory; existence below, locked
+        self._lock = _Lock(self.final)
         self.done = False
+        self._moved: list[str] = []
+        self._staged = None
+        try:
+            _recover(self.final)
+            live, orphans = _live_files(self.final)
+            if not os.path.lexists(self.final + INDEX) and (orphans or live):
+                shown = ", ".join(os.path.basename(f) for f in (orphans + live)[:4])
+                raise EmaError(f"files of an incomplete checkpoint (no {base}{INDEX}) that ema-avg did not provably "
+                               f"write are at the output ({shown}); ema-avg never deletes them, even with --force: "
+                               "move them away or choose another output", path=self.final)
+            if orphans:
+                shown = ", ".join(os.path.basename(f) for f in orphans[:4])
+                raise EmaError(f"data files that its {base}{INDEX} does not name are beside the output ({shown}); "
+                               "ema-avg never deletes them, even with --force: move them away", path=self.final)
+            if live and not force:
+                raise EmaError("output exists (use --force to overwrite)", path=live[0])
+            self.state_action = self._state_decision(parent, force)
+            self.force = force
+            self._staged = Staged(self.final, is_dir=True)
+        except BaseException:
+            self._lock.release()
+            raise
+        self.path = os.path.join(self._staged.path, base)
+        _FINAL_OF[self.path] = self.final
+        self.final_files: list[str] = []
+
+    def _state_decision(self, parent: str, force: bool) -> str:
+        """What to do with ``DIR/checkpoint``: ``"write"`` (none, or one naming
+        only this output), ``"keep"`` (it names other live checkpoints, a training
+        directory: left as it is, with a warning at commit), ``"replace"``
+        (anything else, with ``--force``).  Without ``--force``, a state file
+        naming only deleted checkpoints, or unreadable, is refused: another
+        tool's file."""
+        state = os.path.join(parent, STATE_FILE)
+        if not os.path.lexists(state):
+            return "write"
+        try:
+            named = [os.path.abspath(p) for p in read_state_file(Path(state))]
+        except EmaError:
+            named = None
+        if named and all(p == self.final for p in named):
+            return "write"
+        if named and any(p != self.final and os.path.isfile(p + INDEX) for p in named):
+            return "keep"
+        if force:
+            return "replace"
+        what = ("names only checkpoints that no longer exist" if named
+                else "names no checkpoint" if named is not None else "is unreadable")
+        raise EmaError(f"a checkpoint state file is in the output directory and {what}: replacing it needs --force",
+                       path=state)
 
     def commit(self) -> None:
         try:
@@ -994,40 +1386,56 @@ class TFStaging:
             raise EmaError(f"cannot move the output into place: {e.strerror}", path=e.filename or self.final) from None
 
     def _commit(self) -> None:
+        import json
+
         d = self._staged.path
         parent, base = os.path.split(self.final)
         names = [f for f in os.listdir(d) if f.startswith(base)]
-        data = sorted(f for f in names if _DATA_RE.match(f))
-        order = data + [f for f in names if f == base + META] + [f for f in names if f == base + INDEX]
-        if base + INDEX not in order:
+        data = sorted(f for f in names if _DATA_RE.match(f) and _DATA_RE.match(f).group("prefix") == base)
+        if base + INDEX not in names:
             raise EmaError("internal: the writer wrote no .index", path=self.final)
-        for f in order:
+        new = data + ([base + META] if base + META in names else [])
+        for f in new + [base + INDEX]:
             fsync_file(os.path.join(d, f))
-        for f in order:
-            src, dst = os.path.join(d, f), os.path.join(parent, f)
-            if self.force:
-                os.replace(src, dst)
-            else:  # never replaces a file that appeared meanwhile (a concurrent run)
-                os.link(src, dst)
-                os.unlink(src)
+        live, orphans = _live_files(self.final)
+        if orphans or (live and not self.force):  # appeared since the checks (not an ema-avg run: it would wait)
+            raise FileExistsError((orphans or live)[0])
+        old = [f for f in live if f != self.final + INDEX]
+        journal = _journal_path(self.final)
+        tmp = os.path.join(d, "journal")
+        with open(tmp, "w") as fh:
+            json.dump({"tool": "ema-avg", "pid": os.getpid(), "note": "files of this prefix an ema-avg commit may "
+                       "have left; the next run writing it removes those no index names",
+                       "files": sorted({os.path.basename(f) for f in old} | set(new) | {base + INDEX})}, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, journal)
+        _fsync_dir(parent)
+        if os.path.lexists(self.final + INDEX):  # --force: the old checkpoint disappears with its index
+            os.unlink(self.final + INDEX)
+            _fsync_dir(parent)
+        for f in old:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f)
+        for f in new + [base + INDEX]:  # the index last: it makes the checkpoint visible
+            dst = os.path.join(parent, f)
+            if f == base + INDEX:
+                _fsync_dir(parent)
+            os.link(os.path.join(d, f), dst)
             self._moved.append(dst)
-        for old in self._stale:  # --force: files of the old output that were not replaced
-            if old not in self._moved:
-                try:
-                    os.unlink(old)
-                except OSError:
-                    pass
+        _fsync_dir(parent)
+        self.done = True  # the new checkpoint is complete: nothing below undoes it
+        os.unlink(journal)
         self.final_files = list(self._moved)
         state = self._write_state_file(parent, base)
         if state:
             self.final_files.append(state)
         _fsync_dir(parent)
-        self.done = True
-        shutil.rmtree(d, ignore_errors=True)
+        self._release()
 
     def _write_state_file(self, parent: str, base: str) -> str | None:
         state = os.path.join(parent, STATE_FILE)
-        if os.path.exists(state):
+        if self.state_action == "keep":
             try:
                 others = [p for p in read_state_file(Path(state))
                           if os.path.abspath(p) != self.final and os.path.isfile(p + INDEX)]
@@ -1046,15 +1454,36 @@ class TFStaging:
         os.replace(tmp, state)
         return state
 
+    def _release(self) -> None:
+        if self._staged is not None:
+            shutil.rmtree(self._staged.path, ignore_errors=True)
+            _FINAL_OF.pop(getattr(self, "path", ""), None)
+        self._lock.release()
+
     def discard(self) -> None:
         if self.done:
+            self._release()
             return
-        for f in self._moved:  # a commit that failed half way
-            try:
+        # a commit that failed half way on an OSError (a kill leaves this to _recover):
+        # with the old index gone, every file the journal lists is ours and not live
+        for f in self._moved:  # new files linked in before the failure (never an existing name)
+            with contextlib.suppress(OSError):
                 os.unlink(f)
-            except OSError:
-                pass
-        self._staged.discard()
+        journal = _journal_path(self.final)
+        if self._staged is not None and os.path.lexists(journal) and not os.path.lexists(self.final + INDEX):
+            parent = os.path.dirname(self.final)
+            for name in _read_journal(journal) or ():
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(parent, name))
+            with contextlib.suppress(OSError):
+                os.unlink(journal)
+        elif self._staged is not None and os.path.lexists(journal):
+            with contextlib.suppress(OSError):  # the old checkpoint is untouched
+                os.unlink(journal)
+        if self._staged is not None:
+            self._staged.discard()
+        _FINAL_OF.pop(getattr(self, "path", ""), None)
+        self._lock.release()
 
 
 def write_state_file(directory: str, base: str) -> None:
