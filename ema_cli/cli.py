@@ -61,6 +61,7 @@ Verify = Annotated[bool, typer.Option("--verify", help="Reopen the output and ch
 Threads = Annotated[int, typer.Option("--threads", help="Worker threads (0: one per core, at most 4).")]
 Force = Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing output.")]
 StateKey = Annotated[Optional[str], typer.Option("--state-key", metavar="KEY[.KEY...]", help="PyTorch: the key holding the state dict (e.g. state_dict_ema); default: state_dict, model, module, model_state_dict or the top level.")]
+SkipMissing = Annotated[bool, typer.Option("--skip-missing", help="Checkpoints a TF 'checkpoint' state file names that are gone: a warning each instead of an error.")]
 AllowCopyOnly = Annotated[bool, typer.Option("--allow-copy-only", help="Accept a plan that averages no tensor (every tensor copied from the newest).")]
 Saturate = Annotated[bool, typer.Option("--saturate", help="Write averages beyond the output dtype's range as its largest finite value (default: an error).")]
 
@@ -108,7 +109,7 @@ def average(
     max_shard_size: Annotated[Optional[str], typer.Option("--max-shard-size", help="Write HF-style shards of at most SIZE (e.g. 2GB) into the OUTPUT directory.")] = None,
     allow_nonfinite: AllowNonfinite = False, verify: Verify = False, threads: Threads = 0, force: Force = False,
     allow_copy_only: AllowCopyOnly = False, quiet: Quiet = False, as_json: Json = False,
-    saturate: Saturate = False, state_key: StateKey = None,
+    saturate: Saturate = False, state_key: StateKey = None, skip_missing: SkipMissing = False,
 ):
     t0 = time.perf_counter()
     if names not in ("original", "shadow"):
@@ -119,7 +120,7 @@ def average(
         last_n=last_n, start_step=start_step, every=every, metrics=metrics, metric=metric, top_k=top_k,
         maximize=_maximize(maximize, minimize), names=names, suffix=suffix,
         max_shard_size=engine.parse_size(max_shard_size) if max_shard_size else None, threads=threads,
-        allow_copy_only=allow_copy_only, saturate=saturate, state_key=state_key,
+        allow_copy_only=allow_copy_only, saturate=saturate, state_key=state_key, skip_missing=skip_missing,
     )
     _execute(inputs, opts, output, fmt, force=force, quiet=quiet, as_json=as_json, verify=verify, t0=t0)
 
@@ -169,7 +170,7 @@ def posthoc(
     fmt: Format = None, dtype: Dtype = "keep", include: Include = None, exclude: Exclude = None,
     allow_nonfinite: AllowNonfinite = False, verify: Verify = False, threads: Threads = 0, force: Force = False,
     allow_copy_only: AllowCopyOnly = False, quiet: Quiet = False, as_json: Json = False,
-    saturate: Saturate = False, state_key: StateKey = None,
+    saturate: Saturate = False, state_key: StateKey = None, skip_missing: SkipMissing = False,
 ):
     t0 = time.perf_counter()
     parsed = []
@@ -201,7 +202,8 @@ def posthoc(
         spec = schedule.Spec(sigma_rel=s_rel, gamma=gamma, at_step=at_step, posthoc_gammas=[])
         opts = engine.Options(spec=spec, include=include or [], exclude=exclude or [], dtype=dtype,
                               allow_nonfinite=allow_nonfinite, threads=threads, series=parsed,
-                              allow_copy_only=allow_copy_only, saturate=saturate, state_key=state_key)
+                              allow_copy_only=allow_copy_only, saturate=saturate, state_key=state_key,
+                              skip_missing=skip_missing)
         targets.append((opts, output.replace("{sigma_rel}", width) if width is not None else output))
     _execute([], None, None, fmt, force=force, quiet=quiet, as_json=as_json, verify=verify, t0=t0, targets=targets)
 
@@ -218,13 +220,15 @@ def plan(
     last_n: LastN = None, start_step: StartStep = None, every: Every = None,
     metrics: Metrics = None, metric: Metric = None, top_k: TopK = None, maximize: Maximize = False, minimize: Minimize = False,
     order: Order = "step", include: Include = None, exclude: Exclude = None,
-    allow_copy_only: AllowCopyOnly = False, state_key: StateKey = None, quiet: Quiet = False, as_json: Json = False,
+    allow_copy_only: AllowCopyOnly = False, state_key: StateKey = None, skip_missing: SkipMissing = False,
+    quiet: Quiet = False, as_json: Json = False,
 ):
     opts = engine.Options(
         spec=_spec(swa, decay, num_updates, zero_debias, weights, decay_per, interp, half_life, sigma_rel, gamma, tf_exact),
         order=order, include=include or [], exclude=exclude or [],
         last_n=last_n, start_step=start_step, every=every, metrics=metrics, metric=metric, top_k=top_k,
         maximize=_maximize(maximize, minimize), allow_copy_only=allow_copy_only, state_key=state_key,
+        skip_missing=skip_missing,
     )
     ui = render.UI(quiet=quiet)  # first: warnings while planning honour --quiet
     pool = engine.ReaderPool()

@@ -69,6 +69,7 @@ class Options:
     threads: int = 0  # 0: one per core, at most 4
     allow_copy_only: bool = False  # a plan that averages no tensor is an error unless this is set
     state_key: str | None = None  # PyTorch: the key holding the state dict (--state-key)
+    skip_missing: bool = False  # checkpoints a TF state file names but that are gone: warnings, not an error
     # post-hoc EMA: snapshot series as (gamma, inputs); replaces the plain inputs
     series: list[tuple[float, list[str]]] | None = None
     # a sum beyond the output dtype's range (7e4 -> float16) is an error unless this is set:
@@ -478,7 +479,8 @@ def parse_size(text: str) -> int:
 
 def reader_options(opts: Options) -> tuple[tuple[str, str], ...]:
     """Options for the readers, carried by each Source (picklable)."""
-    return (("state_key", opts.state_key),) if opts.state_key else ()
+    out = (("state_key", opts.state_key),) if opts.state_key else ()
+    return out + ((("skip_missing", "1"),) if opts.skip_missing else ())
 
 
 def _discover(inputs: list[str], opts: Options, pool: ReaderPool, warnings: list[str]):

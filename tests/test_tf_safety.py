@@ -367,6 +367,10 @@ def test_state_file_naming_deleted_checkpoints(tf, tmp_path, capsys):
     assert "ckpt-1" in err and "ckpt-3" in err and err.count("warning: ") == 2
     res = run_cli(state, "-o", tmp_path / "o.safetensors")
     assert_clean_error(res, str(state), "ckpt-1", "missing")
+    res = run_cli(state, "-o", tmp_path / "o.safetensors", "--skip-missing", "--json")
+    assert res.code == 0, res
+    assert "ckpt-1" in res.err and "ckpt-3" in res.err
+    assert [os.path.basename(c["path"]) for c in res.json()["checkpoints"]] == ["ckpt-2", "ckpt-4"]
 
 
 # --------------------------------------------------------------------------- 4. smaller items

@@ -62,6 +62,7 @@ def resolve_inputs(args: list[str], options: tuple[tuple[str, str], ...] = ()) -
     means the checkpoints in it, or those of its checkpoint sub-directories (see
     ``_scan_directory``); what was left out is in the result's ``warnings``.
     ``options`` (reader options such as ``state_key``) are attached to every source."""
+    skip_missing = dict(options).get("skip_missing") == "1"  # --skip-missing: a state file's deleted checkpoints
     found: dict[str, Source] = {}
     warnings: list[str] = []
     expanded: list[str] = []
@@ -80,7 +81,7 @@ def resolve_inputs(args: list[str], options: tuple[tuple[str, str], ...] = ()) -
         else:
             sources = None
             for m in _available():
-                sources = m.claim_path(p)
+                sources = m.claim_path(p, skip_missing=skip_missing)
                 if sources is not None:
                     break
             if sources is None:

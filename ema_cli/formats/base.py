@@ -4,7 +4,7 @@ The engine talks to formats only through these classes, so it never knows
 which format it handles.  A format module (``formats/<name>_fmt.py``) defines:
 
 * ``NAME``: its name on the command line (``--format NAME``);
-* ``claim_path(path) -> list[Source] | None``: the checkpoints an input path
+* ``claim_path(path, *, skip_missing=False) -> list[Source] | None``: the checkpoints an input path
   (a file, a prefix, an index) denotes, or None when it is not this format;
 * ``scan_dir(path) -> list[Source]``: the checkpoints directly in a directory;
 * ``is_output(path) -> bool``: whether an output path's suffix means this format;

@@ -233,7 +233,7 @@ def _heap_problem(mm, pos: int, size: int, ls: int, hdr: int, objhdr: int, total
     return None
 
 
-def claim_path(path: Path) -> list[Source] | None:
+def claim_path(path: Path, *, skip_missing: bool = False) -> list[Source] | None:
     path = Path(path)
     if not path.is_file():
         return None

@@ -71,7 +71,7 @@ def is_output(path: str) -> bool:
     return p.endswith(ARCHIVE_SUFFIX) or p.endswith(INDEX_SUFFIX)
 
 
-def claim_path(path: Path) -> list[Source] | None:
+def claim_path(path: Path, *, skip_missing: bool = False) -> list[Source] | None:
     path = Path(path)
     if not path.is_file():
         return None

@@ -65,7 +65,7 @@ def _sharded_source(index: Path) -> Source:
     return Source(NAME, str(index), (str(index), *files), name_hint=hint)
 
 
-def claim_path(path: Path) -> list[Source] | None:
+def claim_path(path: Path, *, skip_missing: bool = False) -> list[Source] | None:
     name = path.name
     if path.is_file() and name.endswith(INDEX_SUFFIX):
         return [_sharded_source(path)]

@@ -203,7 +203,7 @@ def _index_files(index: Path) -> list[str]:
     return [str(index.parent / f) for f in dict.fromkeys(_load_index(index)["weight_map"].values())]
 
 
-def claim_path(path: Path) -> list[Source] | None:
+def claim_path(path: Path, *, skip_missing: bool = False) -> list[Source] | None:
     path = Path(path)
     name = path.name
     if not path.is_file():
