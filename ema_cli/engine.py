@@ -16,6 +16,7 @@ a cluster later.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -117,6 +118,9 @@ class Plan:
     # False: writers start fresh, not from the newest input's layout (rename: the
     # input's TF .meta graph and HDF5 groups name the old tensors)
     use_template: bool = True
+    # {input name: value} copied instead of the newest input's value (rename: the
+    # TF2 object graph rewritten for the new names)
+    overrides: dict = field(default_factory=dict)
 
     def task(self, out_name: str) -> Task:
         return self._by_out[out_name]
@@ -784,7 +788,9 @@ def compute_tensor(plan: Plan, task: Task, pool: ReaderPool) -> np.ndarray:
     """The output value of one tensor: a pure function of the plan."""
     cks = plan.checkpoints
     if task.action == "copy":
-        arr = pool.read(cks[plan.newest].source, task.name)
+        arr = plan.overrides.get(task.name)
+        if arr is None:
+            arr = pool.read(cks[plan.newest].source, task.name)
         if task.out_dtype != task.info.dtype:
             arr = dtypes.cast_rounded(arr, task.out_dtype)
         return arr
@@ -991,7 +997,8 @@ class _Output:
     write_path: str = ""
 
 
-def _open_output(plan: Plan, output: str, out_format: str | None, *, force: bool, pool: ReaderPool) -> _Output:
+def _open_output(plan: Plan, output: str, out_format: str | None, *, force: bool, pool: ReaderPool,
+                 leases: contextlib.ExitStack) -> _Output:
     sharded = len(plan.shards) > 1
     newest = plan.checkpoints[plan.newest].source
     outdir = formats.output_directory(output, out_format, [c.source for c in plan.checkpoints], newest,
@@ -1019,7 +1026,9 @@ def _open_output(plan: Plan, output: str, out_format: str | None, *, force: bool
         write_path = staged.path
     out = _Output(output, out_format, staged, outdir, copies, write_path=write_path)
     try:
-        template = pool.get(newest)
+        # the writer keeps the newest input as its layout template for the whole run:
+        # the format's own reader, leased so the pool never closes it meanwhile
+        template = leases.enter_context(pool.lease(newest))
         metadata = dict(template.metadata())
         recipe = plan.describe()
         if recipe is not None:  # None (rename): the values are unchanged, so is the newest input's metadata
@@ -1047,9 +1056,10 @@ def run_many(plans: list[Plan], outputs: list[str], out_format: str | None, *, f
         if p.shards != first.shards or [t.action for t in p.tasks] != [t.action for t in first.tasks]:
             raise EmaError("internal: outputs of one pass must share their tensors")
     opened: list[_Output] = []
+    leases = contextlib.ExitStack()
     try:
         for plan, output in zip(plans, outputs):
-            opened.append(_open_output(plan, output, out_format, force=force, pool=pool))
+            opened.append(_open_output(plan, output, out_format, force=force, pool=pool, leases=leases))
         threads = first.options.threads or default_threads()
         targets = [Target(p, o.writer, {} if checksums or verify else None) for p, o in zip(plans, opened)]
         for shard in first.shards:
@@ -1074,6 +1084,8 @@ def run_many(plans: list[Plan], outputs: list[str], out_format: str | None, *, f
                 o.writer.abort()
             o.staged.discard()
         raise
+    finally:
+        leases.close()
     t = dict(timings or {})
     t["write_s"] = time.perf_counter() - t0
     if verify:

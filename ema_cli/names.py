@@ -189,12 +189,10 @@ def rename_map(reader, direction: str, suffix: str = DEFAULT_SUFFIX, include=(),
 class RenamePlan(engine.Plan):
     """A plan of copies under new names.  It records no recipe: the values are
     the input's, so the output keeps the input's metadata as it is (its
-    ``ema_avg`` recipe included).  ``overrides``: {input name: value} written
-    instead of the input's value (the rewritten TF2 object graph); only
-    :func:`run_rename` applies them."""
+    ``ema_avg`` recipe included).  Its ``overrides`` hold the rewritten TF2
+    object graph (``engine.Plan.overrides``)."""
 
     rename: dict | None = None
-    overrides: dict = field(default_factory=dict)
 
     def describe(self) -> None:
         return None
@@ -230,42 +228,10 @@ def rename_plan(ckpt: str, direction: str, suffix: str = DEFAULT_SUFFIX, *, incl
                       use_template=False, rename=info, overrides=overrides)
 
 
-class _Overriding:
-    """A reader whose reads of some tensors return given values instead."""
-
-    def __init__(self, reader, overrides: dict):
-        self._reader, self._overrides = reader, overrides
-
-    def read(self, name: str):
-        value = self._overrides.get(name)
-        return self._reader.read(name) if value is None else value
-
-    def __getattr__(self, attr):
-        return getattr(self._reader, attr)
-
-
-class _OverridingPool(engine.ReaderPool):
-    """The engine's reader pool, with ``overrides`` applied to one checkpoint's reads."""
-
-    def __init__(self, base: engine.ReaderPool, path: str, overrides: dict):
-        super().__init__()
-        self._base, self._path, self._overrides = base, path, overrides
-
-    def get(self, source):
-        r = self._base.get(source)
-        return _Overriding(r, self._overrides) if source.path == self._path and self._overrides else r
-
-    def close(self):
-        self._base.close()
-
-
 def run_rename(plan: RenamePlan, output: str, out_format: str, *, force: bool = False, pool=None,
                timings: dict | None = None) -> engine.Result:
-    """``engine.run`` of a rename plan, with its overrides (the rewritten object graph)."""
-    pool = pool or engine.ReaderPool()
-    src = plan.checkpoints[plan.newest].source
-    return engine.run(plan, output, out_format, force=force, pool=_OverridingPool(pool, src.path, plan.overrides),
-                      timings=timings)
+    """``engine.run`` of a rename plan (its overrides: the rewritten object graph)."""
+    return engine.run(plan, output, out_format, force=force, pool=pool or engine.ReaderPool(), timings=timings)
 
 
 # --------------------------------------------------------------------------- average --names shadow

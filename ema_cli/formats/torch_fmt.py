@@ -620,7 +620,7 @@ class TorchWriter(Writer):
         import_torch(path)
         self.path = path
         self._infos = {i.name: i for i in (shards[0] if shards else [])}
-        self._template = template if template is not None and getattr(template, "format", None) == NAME else None
+        self._template = template if isinstance(template, TorchReader) else None
         self._pending = set(self._infos)
         self._fd, self._mm = -1, None
         self._arrays: dict[str, np.ndarray] = {}
