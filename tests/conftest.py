@@ -14,6 +14,15 @@ import pytest
 
 from hypothesis import settings as _hyp_settings
 
+# One pytest worker runs TensorFlow tests and torch tests in turn.  With a CUDA
+# build of torch (what pip installs), torch's optimizers and transformers import
+# torch._dynamo, which imports triton, whose bundled LLVM segfaults on import in
+# a process that has loaded TensorFlow (seen in CI: "Fatal Python error:
+# Segmentation fault" in triton/knobs.py, the worker lost).  No test needs
+# triton (CPU only), so it is made unimportable: torch then reports "no triton".
+# ema-avg itself never imports torch._dynamo (torch.load / torch.save don't).
+sys.modules.setdefault("triton", None)
+
 # CI replays the same examples every run (no flaky first sightings); locally, new random ones
 _hyp_settings.register_profile("ci", derandomize=True, deadline=None)
 if os.environ.get("CI"):

@@ -4,7 +4,7 @@ start-up, and small items (huge weights, full disks).
 
 Every case runs the real CLI in a subprocess on checkpoints written by the real
 libraries (safetensors, huggingface_hub's sharded writer); limits are imposed
-on the child with ``resource.setrlimit`` in ``preexec_fn``.
+on the child with ``resource.setrlimit`` by a small launcher (``run_measured``).
 """
 
 from __future__ import annotations
@@ -34,38 +34,52 @@ class _Res:
         return f"<exit {self.code}\nstdout: {self.out[-2000:]}\nstderr: {self.err[-2000:]}>"
 
 
+# A small launcher between the test and the CLI.  The peak RSS that Linux
+# reports for a process (wait4's ru_maxrss) survives exec and starts from the
+# image it was forked from: a CLI forked straight from a pytest worker that
+# holds TensorFlow and torch "peaks" at the worker's size (631 MB seen in CI
+# for a 60 MB run).  The launcher is a fresh interpreter; it sets the limits,
+# runs the CLI as its own child and reports that child's peak.
+_LAUNCHER = r"""
+import os, resource, signal, subprocess, sys
+nofile, fsize, report = sys.argv[1:4]
+for lim, val in ((resource.RLIMIT_NOFILE, nofile), (resource.RLIMIT_FSIZE, fsize)):
+    if val != "-":
+        resource.setrlimit(lim, (int(val), int(val)))
+rc = subprocess.call(sys.argv[4:])
+with open(report, "w") as f:
+    f.write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))
+if rc < 0:
+    signal.signal(-rc, signal.SIG_DFL)
+    os.kill(os.getpid(), -rc)
+sys.exit(rc)
+"""
+
+
 def run_measured(*args, nofile=None, fsize=None, timeout=600):
-    """``python -m ema_cli ARGS`` with resource limits set in the child
-    (``preexec_fn``): (result, the child's own peak RSS in KiB, from wait4)."""
-
-    def limits():
-        if nofile is not None:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
-        if fsize is not None:
-            resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
-
+    """``python -m ema_cli ARGS`` under resource limits: (result, the CLI's own
+    peak RSS in KiB), through ``_LAUNCHER``."""
     env = dict(os.environ)
     env.pop("EMA_AVG_DEBUG", None)
-    with open(os.devnull, "rb") as devnull:
-        import tempfile
+    import tempfile
 
-        with tempfile.TemporaryFile("w+") as fo, tempfile.TemporaryFile("w+") as fe:
-            proc = subprocess.Popen([sys.executable, "-m", "ema_cli", *map(str, args)], env=env,
-                                    preexec_fn=limits, stdin=devnull, stdout=fo, stderr=fe, text=True)
-            deadline = time.monotonic() + timeout
-            while True:
-                pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
-                if pid:
-                    break
-                if time.monotonic() > deadline:
-                    proc.kill()
-                    os.wait4(proc.pid, 0)
-                    raise TimeoutError(args)
-                time.sleep(0.02)
-            proc.returncode = os.waitstatus_to_exitcode(status)
+    with tempfile.TemporaryDirectory() as td:
+        report = Path(td) / "maxrss"
+        cmd = [sys.executable, "-c", _LAUNCHER, "-" if nofile is None else str(nofile),
+               "-" if fsize is None else str(fsize), str(report), sys.executable, "-m", "ema_cli", *map(str, args)]
+        with open(os.devnull, "rb") as devnull, open(Path(td) / "out", "w+") as fo, open(Path(td) / "err", "w+") as fe:
+            proc = subprocess.Popen(cmd, env=env, stdin=devnull, stdout=fo, stderr=fe, text=True,
+                                    start_new_session=True)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                raise TimeoutError(args) from None
             fo.seek(0)
             fe.seek(0)
-            return _Res(proc.returncode, fo.read(), fe.read()), ru.ru_maxrss
+            rss = int(report.read_text()) if report.exists() else 0
+            return _Res(proc.returncode, fo.read(), fe.read()), rss
 
 
 def mean64(arrays):
