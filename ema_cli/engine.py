@@ -95,7 +95,7 @@ class Checkpoint:
         return self.source.path
 
 
-@dataclass
+@dataclass(slots=True)
 class Task:
     name: str  # name in the inputs
     out_name: str  # name in the output
@@ -129,7 +129,12 @@ class Plan:
         self._by_out = {t.out_name: t for t in self.tasks}
 
     def shard_infos(self) -> list[list[TensorInfo]]:
-        return [[TensorInfo(n, self.task(n).out_dtype, self.task(n).info.shape) for n in shard] for shard in self.shards]
+        def out_info(t: Task) -> TensorInfo:
+            i = t.info
+            return i if (i.name == t.out_name and i.dtype == t.out_dtype) else TensorInfo(t.out_name, t.out_dtype, i.shape)
+
+        by_out = self._by_out
+        return [[out_info(by_out[n]) for n in shard] for shard in self.shards]
 
     def describe(self) -> dict:
         """The recipe: recorded in the output, printed by ``plan`` and ``--json``."""
@@ -442,17 +447,15 @@ def _shape_text(shape: tuple[int, ...]) -> str:
     return f"[{', '.join(map(str, shape[:8]))}, ... ({len(shape)} dimensions)]"
 
 
-def _averaged(reader: Reader, info: TensorInfo, opts: Options, inc, exc) -> bool:
+def _averaged(reader: Reader, info: TensorInfo, opts: Options, inc, exc, is_shadow) -> bool:
     if not dtypes.is_float(info.dtype):
         return False
-    if any(r.search(info.name) for r in exc):
+    if exc and any(r.search(info.name) for r in exc):
         return False
-    if any(r.search(info.name) for r in inc):
+    if inc and any(r.search(info.name) for r in inc):
         return True
     if info.dtype not in dtypes.AVERAGED_BY_DEFAULT and opts.dtype == "keep":
         return False  # float8: copied unless --dtype says what to write
-    from ema_cli.names import is_shadow
-
     if is_shadow(info.name, opts.suffix):
         return False  # an existing moving-average shadow (x/--suffix) is copied, not averaged again
     return reader.averaged_by_default(info)
@@ -568,23 +571,28 @@ def make_plan(inputs: list[str], opts: Options, *, out_format: str | None = None
     newest = len(cks) - 1
 
     # per tensor: averaged or copied, output dtype and name
-    newest_reader = pool.get(cks[newest].source)
     out_mod = formats.module(out_format) if out_format else None
+    can_store = getattr(out_mod, "can_store", None) if out_mod is not None else None
     # signed weights (post-hoc EMA) must not mix statistics buffers: a variance could turn
     # negative; like EDM2, they come from the newest snapshot
     buffers_from_newest = bool(opts.series) or bool(np.any(weights < 0))
+    from ema_cli.names import is_shadow
+
     tasks, skipped, buffers = [], [], []
-    for name, info in metas[newest].items():
-        avg = _averaged(newest_reader, info, opts, inc, exc)
-        if avg and buffers_from_newest and newest_reader.role(info).kind == BUFFER \
-                and not any(r.search(name) for r in inc):
-            avg = False
-            buffers.append(name)
-        out_dtype = opts.dtype if (avg and opts.dtype != "keep") else info.dtype
-        if out_mod is not None and hasattr(out_mod, "can_store") and not out_mod.can_store(out_dtype):
-            skipped.append(name)
-            continue
-        tasks.append(Task(name, name, info, out_dtype, "average" if avg else "copy"))
+    # one lease for the loop (not one per tensor: a header may list millions)
+    with pool.lease(cks[newest].source) as reader:
+        for name, info in metas[newest].items():
+            avg = _averaged(reader, info, opts, inc, exc, is_shadow)
+            if avg and buffers_from_newest and reader.role(info).kind == BUFFER \
+                    and not any(r.search(name) for r in inc):
+                avg = False
+                buffers.append(name)
+            out_dtype = opts.dtype if (avg and opts.dtype != "keep") else info.dtype
+            if can_store is not None and not can_store(out_dtype):
+                skipped.append(name)
+                continue
+            tasks.append(Task(name, name, info, out_dtype, "average" if avg else "copy"))
+    newest_reader = pool.get(cks[newest].source)
     if opts.names != "original":
         from ema_cli import names
 

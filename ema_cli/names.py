@@ -105,7 +105,7 @@ def averaged_names(reader, suffix: str = DEFAULT_SUFFIX, include=(), exclude=())
     format's rules (existing ``x/SUFFIX`` shadows are never in it)."""
     opts = engine.Options(include=list(include), exclude=list(exclude), suffix=suffix)
     inc, exc = engine._compile(opts.include, "--include"), engine._compile(opts.exclude, "--exclude")
-    return [n for n, info in reader.tensors().items() if engine._averaged(reader, info, opts, inc, exc)]
+    return [n for n, info in reader.tensors().items() if engine._averaged(reader, info, opts, inc, exc, is_shadow)]
 
 
 def averaged_from(reader) -> str:

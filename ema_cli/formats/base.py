@@ -24,17 +24,20 @@ import numpy as np
 from ema_cli import dtypes
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TensorInfo:
-    """A tensor's name, canonical dtype and shape: known without reading data."""
+    """A tensor's name, canonical dtype and shape: known without reading data.
+
+    Slots and a precomputed ``numel``: a header may list millions of tensors,
+    and this is the one object kept per tensor (about 80 bytes each)."""
 
     name: str
     dtype: str
     shape: tuple[int, ...]
+    numel: int = field(init=False, compare=False, repr=False)
 
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
+    def __post_init__(self):
+        object.__setattr__(self, "numel", math.prod(self.shape))
 
     @property
     def nbytes(self) -> int:

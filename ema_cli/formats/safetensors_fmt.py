@@ -601,17 +601,24 @@ def shown_path(path: str) -> str:
 RECIPE_KEY = "ema_avg"  # the engine's recipe in the metadata
 
 
-def _fit_header(header: dict, shown: str) -> bytes:
+def _fit_header(metadata: dict, entries: list[str], shown: str) -> bytes:
     """The header's bytes (padded to 8), within the limit every safetensors reader
     enforces: when the recipe in the metadata pushes it over, the recipe loses its
     per-checkpoint list, then goes, each with a warning; a header that is over
-    without it is an error (no reader could open the file)."""
+    without it is an error (no reader could open the file).
+
+    ``entries`` are the tensors' ``"name":{...}`` JSON members, already encoded
+    (the same bytes ``json.dumps`` of the whole header gives): a dict of dicts
+    and lists per tensor would take several hundred bytes each, and a header may
+    list millions of tensors."""
+    meta = metadata
+
     def encode() -> bytes:
-        raw = json.dumps(header, separators=(",", ":")).encode()
+        head = [f'"__metadata__":{json.dumps(meta, separators=(",", ":"))}'] if meta else []
+        raw = ("{" + ",".join(head + entries) + "}").encode()
         return raw + b" " * (-len(raw) % 8)
 
     raw = encode()
-    meta = header.get("__metadata__") or {}
     if len(raw) > MAX_HEADER_SIZE and RECIPE_KEY in meta:
         try:
             recipe = json.loads(meta[RECIPE_KEY])
@@ -642,18 +649,23 @@ class _FileWriter:
     def __init__(self, path: str, infos: list[TensorInfo], metadata: dict[str, str]):
         # largest item size first keeps every tensor aligned (as safetensors does)
         order = sorted(infos, key=lambda i: -dtypes.itemsize(i.dtype))
-        header: dict = {"__metadata__": dict(metadata)} if metadata else {}
         self.offsets: dict[str, tuple[int, TensorInfo]] = {}
+        entries: list[str] = []
+        dumps = json.dumps
         pos = 0
         for info in order:
-            if info.dtype not in _NAMES:
+            code = _NAMES.get(info.dtype)
+            if code is None:
                 raise EmaError(f"safetensors cannot store dtype {info.dtype}", tensor=info.name)
-            header[info.name] = {"dtype": _NAMES[info.dtype], "shape": list(info.shape), "data_offsets": [pos, pos + info.nbytes]}
+            nb = info.nbytes
+            entries.append(f'{dumps(info.name)}:{{"dtype":"{code}","shape":[{",".join(map(str, info.shape))}],'
+                           f'"data_offsets":[{pos},{pos + nb}]}}')
             self.offsets[info.name] = (pos, info)
-            pos += info.nbytes
+            pos += nb
         self.path = path
         self.shown = shown_path(path)  # the output the user named, for messages
-        raw = _fit_header(header, self.shown)
+        raw = _fit_header(dict(metadata), entries, self.shown)
+        del entries
         self.data_start = 8 + len(raw)
         self.total = self.data_start + pos
         try:
