@@ -792,13 +792,16 @@ def _block_sum(srcs, weights, out_flat: np.ndarray, check: bool, emit=None, narr
     return None
 
 
-def compute_tensor(plan: Plan, task: Task, pool: ReaderPool) -> np.ndarray:
-    """The output value of one tensor: a pure function of the plan."""
+def compute_tensor(plan: Plan, task: Task, pool: ReaderPool, read=None) -> np.ndarray:
+    """The output value of one tensor: a pure function of the plan.  ``read``
+    (``read(source, name)``): readers leased for a batch of small tensors
+    (``run_shard``); default, one lease per read from ``pool``."""
     cks = plan.checkpoints
+    read = read or pool.read
     if task.action == "copy":
         arr = plan.overrides.get(task.name)
         if arr is None:
-            arr = pool.read(cks[plan.newest].source, task.name)
+            arr = read(cks[plan.newest].source, task.name)
         if task.out_dtype != task.info.dtype:
             arr = dtypes.cast_rounded(arr, task.out_dtype)
         return arr
@@ -808,7 +811,7 @@ def compute_tensor(plan: Plan, task: Task, pool: ReaderPool) -> np.ndarray:
     spec = plan.options.spec
     if spec.tf_exact:
         sel = [cks[i] for i in plan.selected]
-        arrs = [pool.read(ck.source, task.name) for ck in sel]
+        arrs = [read(ck.source, task.name) for ck in sel]
         steps = np.array([ck.step or 0 for ck in sel])
         replay = np.asarray(schedule.tf_replay(arrs, steps, spec.decay, spec.num_updates))
         out[...] = replay
@@ -817,16 +820,16 @@ def compute_tensor(plan: Plan, task: Task, pool: ReaderPool) -> np.ndarray:
         if bad is None and narrow is not None and np.isinf(out).any():
             narrow.fix(replay.astype(np.float64).reshape(out.shape), out)
     else:
-        srcs = [np.asarray(pool.read(ck.source, task.name)).reshape(-1) for ck, _ in pairs]
+        srcs = [np.asarray(read(ck.source, task.name)).reshape(-1) for ck, _ in pairs]
         bad = _block_sum(srcs, [w for _, w in pairs], out.reshape(-1), check, narrow=_narrowing(plan, task, pairs))
     if bad is not None:
-        _raise_nonfinite(pairs, task, pool)
+        _raise_nonfinite(pairs, task, read)
     return out
 
 
-def _raise_nonfinite(pairs, task: Task, pool: ReaderPool):
+def _raise_nonfinite(pairs, task: Task, read):
     for ck, w in pairs:
-        if not np.isfinite(pool.read(ck.source, task.name)).all():
+        if not np.isfinite(read(ck.source, task.name)).all():
             raise EmaError(f"has NaN or Inf values (weight {w:.6g}); use --allow-nonfinite to average anyway",
                            path=ck.path, tensor=task.name)
     raise EmaError("the weighted sum is not finite (overflow)", tensor=task.name)
@@ -868,7 +871,7 @@ def stream_tensor(plan: Plan, task: Task, pool: ReaderPool, writer, hasher=None)
 
     if _block_sum(srcs, [w for _, w in pairs], stage, not plan.options.allow_nonfinite, emit,
                   narrow=_narrowing(plan, task, pairs)) is not None:
-        _raise_nonfinite(pairs, task, pool)
+        _raise_nonfinite(pairs, task, pool.read)
 
 
 def _release(plan: Plan, task: Task, pool: ReaderPool) -> None:
@@ -880,6 +883,83 @@ def _release(plan: Plan, task: Task, pool: ReaderPool) -> None:
     used = plan.selected if task.action == "average" else [plan.newest]
     for i in used:
         pool.release(cks[i].source, task.name)
+
+
+UNIT_BYTES = 4 << 20  # small tensors are computed in batches of up to this many input bytes ...
+UNIT_TENSORS = 4096  # ... and this many tensors, each input's reader leased once per batch
+
+
+def _units(plan: Plan, shard: list[str]) -> list[list[str]]:
+    """The shard's tensors in work units: a tensor of at least ``UNIT_BYTES`` on
+    its own, runs of smaller ones together (a header may list millions of tiny
+    tensors: per-tensor costs, not bytes, would then dominate)."""
+    units: list[list[str]] = []
+    cur: list[str] = []
+    size = 0
+    task = plan.task
+    for name in shard:
+        nb = task(name).info.nbytes
+        if nb >= UNIT_BYTES:
+            units.append([name])
+            continue
+        if cur and (size + nb > UNIT_BYTES or len(cur) >= UNIT_TENSORS):
+            units.append(cur)
+            cur, size = [], 0
+        cur.append(name)
+        size += nb
+    if cur:
+        units.append(cur)
+    return units
+
+
+def _groups(plan: Plan, names: list[str]) -> list[list[str]]:
+    """Consecutive tensors of a unit with the same action and dtypes."""
+    out: list[list[str]] = []
+    key = None
+    for name in names:
+        t = plan.task(name)
+        k = (t.action, t.info.dtype, t.out_dtype)
+        if k != key:
+            out.append([])
+            key = k
+        out[-1].append(name)
+    return out
+
+
+def _batchable(plan: Plan, writer, name: str) -> bool:
+    """Whether a group of small averaged tensors (like ``name``) can be summed as
+    one flat array: the kernel works element by element, so the values are the
+    same bits as tensor by tensor.  Not for ``--tf-exact`` (its own recurrence),
+    nor where the sum could overflow the output dtype (the error names one
+    tensor), nor for tensors streamed to the writer."""
+    task = plan.task(name)
+    if task.action != "average" or plan.options.spec.tf_exact or _streams(plan, task, writer):
+        return False
+    pairs = [(plan.checkpoints[i], w) for i, w in zip(plan.selected, plan.weights) if w != 0.0]
+    return _narrowing(plan, task, pairs) is None
+
+
+def _batch(target: "Target", names: list[str], read) -> None:
+    """Average a group of small tensors of one dtype in one kernel call over their
+    concatenation, then write each (per-tensor costs dominate tiny tensors)."""
+    plan, writer, sums = target.plan, target.writer, target.checksums
+    cks = plan.checkpoints
+    pairs = [(cks[i], w) for i, w in zip(plan.selected, plan.weights) if w != 0.0]
+    tasks = [plan.task(n) for n in names]
+    srcs = [np.concatenate([np.asarray(read(ck.source, t.name)).reshape(-1) for t in tasks]) for ck, _ in pairs]
+    out = np.empty(srcs[0].size, dtype=dtypes.to_numpy(tasks[0].out_dtype))
+    if _block_sum(srcs, [w for _, w in pairs], out, not plan.options.allow_nonfinite) is not None:
+        for t in tasks:  # which tensor: compute_tensor raises the error naming it
+            compute_tensor(plan, t, None, read)
+        raise EmaError("internal: a non-finite sum not found again", tensor=names[0])
+    pos = 0
+    for t in tasks:
+        n = t.info.numel
+        arr = out[pos:pos + n].reshape(t.info.shape)
+        pos += n
+        writer.write(t.out_name, arr)
+        if sums is not None:
+            sums[t.out_name] = digest(arr)
 
 
 @dataclass
@@ -899,20 +979,29 @@ def run_shard(plan: Plan | list[Target], shard: list[str], pool: ReaderPool, wri
 
     ``plan`` may instead be a list of targets over the same inputs and tensors
     (post-hoc EMA of several widths): each tensor is then computed for every
-    target while its input data is in memory, so the inputs are read once."""
-    targets = plan if isinstance(plan, list) else [Target(plan, writer, checksums)]
+    target while its input data is in memory, so the inputs are read once.
 
-    def one(name: str) -> None:
+    Work goes in units (``_units``): for a batch of small tensors, every input
+    the batch reads is leased once (when the pool may hold them all open)."""
+    targets = plan if isinstance(plan, list) else [Target(plan, writer, checksums)]
+    first = targets[0].plan
+    cks = first.checkpoints
+    used = sorted({first.newest, *(i for t in targets for i, w in zip(t.plan.selected, t.plan.weights) if w != 0.0)})
+    sources = [cks[i].source for i in used]
+    # lease them all for a batch only if that leaves the pool room (ulimit -n, thousands of inputs)
+    lease_all = len(sources) * max(1, threads) <= max(1, pool.max_open // 2)
+
+    def one(name: str, read) -> None:
         with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf are reported as errors, not warnings
             for t in targets:
-                _one(t, name)
-        task = targets[0].plan.task(name)
+                _one(t, name, read)
+        task = first.task(name)
         for t in targets:
             _release(t.plan, task, pool)
         if on_tensor is not None:
             on_tensor(task)
 
-    def _one(target: Target, name: str) -> None:
+    def _one(target: Target, name: str, read) -> None:
         plan, writer, sums = target.plan, target.writer, target.checksums
         task = plan.task(name)
         if _streams(plan, task, writer):
@@ -923,21 +1012,45 @@ def run_shard(plan: Plan | list[Target], shard: list[str], pool: ReaderPool, wri
             if hasher is not None:
                 sums[name] = hasher.hexdigest()
         else:
-            arr = compute_tensor(plan, task, pool)
+            arr = compute_tensor(plan, task, pool, read)
             writer.write(name, arr)
             if sums is not None:
                 sums[name] = digest(arr)
             del arr
 
+    def unit(names: list[str]) -> None:
+        if len(names) == 1 or not lease_all:
+            for name in names:
+                one(name, None)
+            return
+        with contextlib.ExitStack() as stack:
+            readers = {src.path: stack.enter_context(pool.lease(src)) for src in sources}
+
+            def read(source: Source, name: str):
+                return readers[source.path].read(name)
+
+            for group in _groups(first, names):
+                if len(group) > 1 and all(_batchable(t.plan, t.writer, group[0]) for t in targets):
+                    with np.errstate(invalid="ignore", over="ignore"):
+                        for t in targets:
+                            _batch(t, group, read)
+                    if on_tensor is not None:
+                        for name in group:
+                            on_tensor(first.task(name))
+                else:
+                    for name in group:
+                        one(name, read)
+
+    units = _units(first, shard)
     if threads <= 1:
-        for name in shard:
-            one(name)
+        for u in units:
+            unit(u)
         return
-    # bounded look-ahead: at most 2 tensors per thread in flight
+    # bounded look-ahead: at most 2 units per thread in flight
     with ThreadPoolExecutor(max_workers=threads) as ex:
         pending = set()
-        for name in shard:
-            pending.add(ex.submit(one, name))
+        for u in units:
+            pending.add(ex.submit(unit, u))
             if len(pending) >= 2 * threads:
                 done, pending = wait(pending, return_when=FIRST_EXCEPTION)
                 for f in done:

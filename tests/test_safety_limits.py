@@ -223,8 +223,12 @@ def _big_header_file(path: Path, n: int, seed: int) -> np.ndarray:
 
 @pytest.mark.slow
 def test_300k_tensor_headers(tmp_path):
-    """Two inputs of 300,000 tensors each: averaged correctly, peak memory well
-    under a gigabyte (each header is ~19 MB)."""
+    """Two inputs of 300,000 tensors each (each header ~19 MB): averaged
+    correctly, with lean per-tensor memory.  Measured on top of the same run
+    with two tensors: about 1,000 bytes per tensor for everything (two readers'
+    headers, the plan, the writer's header); before the TensorInfo slots, the
+    shared names and shapes and the header parsed without a dict per entry,
+    1,750 bytes (and 3.4 times the time)."""
     from safetensors import safe_open
 
     n = 300_000
@@ -241,7 +245,67 @@ def test_300k_tensor_headers(tmp_path):
         assert len(keys) == n
         got = np.array([f.get_tensor(f"layers.{i}.w")[0] for i in range(0, n, 997)], dtype=np.float32)
     np.testing.assert_array_equal(got, want[::997])
-    assert rss < 1024 * 1024, f"peak RSS {rss} KiB"
+    _big_header_file(tmp_path / "small-1.safetensors", 2, 1)
+    _big_header_file(tmp_path / "small-2.safetensors", 2, 2)
+    res0, rss0 = run_measured(tmp_path / "small-1.safetensors", tmp_path / "small-2.safetensors", "-o",
+                              tmp_path / "small.safetensors", "--quiet")
+    assert res0.code == 0, res0
+    per_tensor = (rss - rss0) * 1024 / n
+    print(f"peak RSS {rss} KiB, {rss0} KiB for 2 tensors: {per_tensor:.0f} bytes per tensor")
+    assert per_tensor < 1300, f"{per_tensor:.0f} bytes per tensor (peak RSS {rss} KiB, {rss0} KiB for 2 tensors)"
+
+
+def _small_model(rng, k: int) -> dict:
+    """600 small tensors of mixed dtypes and shapes (scalars, empty, up to 4K
+    elements), in an order that mixes the dtypes: what batching must not reorder."""
+    out = {}
+    kinds = (np.float32, np.float16, np.float64, np.int64)
+    for i in range(600):
+        dt = kinds[(i * 7) % len(kinds)]
+        shape = [(), (0, 3), (1,), (17,), (64, 64), (3, 5, 7)][i % 6]
+        if dt is np.int64:
+            out[f"t{i:03d}"] = np.full(shape, i + k, dtype=dt)
+        else:
+            out[f"t{i:03d}"] = (rng.standard_normal(shape) * (1 + i % 5)).astype(dt)
+    return out
+
+
+def test_small_tensors_in_batches_match_a_float64_reference(tmp_path):
+    """Small tensors are summed in batches (one kernel call over a group's
+    concatenation): every tensor must still be the float64 weighted sum of its
+    own values, in step order, rounded once (numpy's float64 -> float32/float16
+    casts round correctly), and integers copied from the newest."""
+    rng = np.random.default_rng(7)
+    models = [_small_model(rng, k) for k in range(4)]
+    ins = [save_st(tmp_path / f"ckpt-{(k + 1) * 100}.safetensors", m) for k, m in enumerate(models)]
+    out = tmp_path / "avg.safetensors"
+    res = run_cli(*ins, "-o", out, "--decay", "0.7", "--json")
+    assert res.code == 0, res
+    weights = [c["weight"] for c in res.json()["checkpoints"]]
+    got, _ = load_st(out)
+    assert sorted(got) == sorted(models[0])
+    for name, ref in models[-1].items():
+        if ref.dtype == np.int64:
+            np.testing.assert_array_equal(got[name], ref, err_msg=name)
+            continue
+        acc = models[0][name].astype(np.float64) * weights[0]
+        for m, w in zip(models[1:], weights[1:]):
+            acc = acc + m[name].astype(np.float64) * w
+        want = acc.astype(ref.dtype)
+        assert got[name].dtype == ref.dtype and got[name].shape == ref.shape, name
+        np.testing.assert_array_equal(got[name].reshape(-1).view(np.uint8), want.reshape(-1).view(np.uint8), err_msg=name)
+
+
+def test_nan_in_one_small_tensor_of_a_batch_is_named(tmp_path):
+    rng = np.random.default_rng(8)
+    models = [_small_model(rng, k) for k in range(3)]
+    models[1]["t244"] = models[1]["t244"].copy()
+    models[1]["t244"].reshape(-1)[5] = np.nan
+    assert models[1]["t244"].dtype != np.int64 and models[1]["t244"].size > 5
+    ins = [save_st(tmp_path / f"ckpt-{k + 1}.safetensors", m) for k, m in enumerate(models)]
+    out = tmp_path / "avg.safetensors"
+    assert_clean_error(run_cli(*ins, "-o", out), "ckpt-2.safetensors", "t244", "NaN", code=1)
+    assert not out.exists()
 
 
 # =========================================================================== C. overflow when narrowing

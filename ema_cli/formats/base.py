@@ -34,6 +34,9 @@ class TensorInfo:
     name: str
     dtype: str
     shape: tuple[int, ...]
+    #: where the reader finds the data (safetensors: the byte offset); private to
+    #: the reader that made it, not part of equality (-1: not given)
+    offset: int = field(default=-1, compare=False, repr=False)
     numel: int = field(init=False, compare=False, repr=False)
 
     def __post_init__(self):

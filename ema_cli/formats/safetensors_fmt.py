@@ -285,7 +285,7 @@ class _File:
             raw = os.pread(fd, n, 8)
             self.data_start = 8 + n
             self.data_len = size - self.data_start
-            self.infos, self.begin, self.meta = _parse_header(raw, self.data_len, path)
+            self.infos, self.meta = _parse_header(raw, self.data_len, path)
             del raw
             self.map = _Map(fd, size)
             if hasattr(mmap, "MADV_SEQUENTIAL"):
@@ -308,7 +308,7 @@ class _File:
         view = self.map.view
         if view is None:
             raise EmaError("internal: read after close", path=self.path, tensor=name)
-        arr = np.frombuffer(view, dtype=dt, count=info.numel, offset=self.data_start + self.begin[name])
+        arr = np.frombuffer(view, dtype=dt, count=info.numel, offset=self.data_start + info.offset)
         return arr.reshape(info.shape)
 
     def release(self, name: str, first: int = 0, last: int | None = None) -> None:
@@ -321,7 +321,7 @@ class _File:
         if not hasattr(mmap, "MADV_DONTNEED"):
             return
         info = self.infos[name]
-        begin = self.begin[name]
+        begin = info.offset
         end = begin + info.nbytes
         if last is not None:
             item = dtypes.itemsize(info.dtype)
@@ -349,11 +349,49 @@ def _short(value, limit: int = 80) -> str:
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
-def _parse_header(raw: bytes, data_len: int, path: str):
-    """The validated header: ``(infos, begin, metadata)``.  Linear in the header
-    (one pass over the entries, then one O(n log n) sort by offset for the
-    overlap check); per tensor, only its TensorInfo and its offset are kept,
-    and each parsed JSON entry is freed as soon as it is converted."""
+# One tensor entry as safetensors' own writer (serde_json, compact) and
+# json.dumps(separators=(",", ":")) lay it out: the fast path of _parse_header.
+_ENTRY = re.compile(r'"((?:[^"\\\x00-\x1f]|\\.)*)":\{"dtype":"([^"\\]*)","shape":\[((?:(?:0|[1-9][0-9]*)'
+                    r'(?:,(?:0|[1-9][0-9]*))*)?)\],"data_offsets":\[(0|[1-9][0-9]*),(0|[1-9][0-9]*)\]\}(,|\}\s*$)')
+_METADATA_HEAD = '{"__metadata__":'
+
+
+def _fast_entries(text: str):
+    """``(metadata, [(name, code, shape, begin, end), ...])`` for a header in the
+    canonical compact layout, or None (then ``json`` parses it): a header may
+    list millions of tensors, and ``json.loads`` would first build a dict and two
+    lists per tensor.  The matches must tile the text, so nothing is skipped."""
+    pos, meta = 1, {}
+    if not text.startswith("{"):
+        return None
+    if text.startswith(_METADATA_HEAD):
+        try:
+            meta, pos = json.JSONDecoder().raw_decode(text, len(_METADATA_HEAD))
+        except (ValueError, RecursionError):
+            return None
+        if not text.startswith(",", pos):
+            return None if text[pos:].strip() != "}" else (meta, [])
+        pos += 1
+    elif text.rstrip() == "{}":
+        return meta, []
+    out = []
+    match, loads = _ENTRY.match, json.loads
+    while True:
+        m = match(text, pos)
+        if m is None:
+            return None
+        name, code, dims, b, e, last = m.groups()
+        if "\\" in name:
+            name = loads(f'"{name}"')
+        out.append((name, code, tuple(map(int, dims.split(","))) if dims else (), int(b), int(e)))
+        if last != ",":
+            return meta, out
+        pos = m.end()
+
+
+def _json_entries(raw: bytes, path: str):
+    """``(metadata, entries)`` through ``json`` (any valid layout), checked
+    member by member as safetensors checks them."""
     try:
         doc = json.loads(raw.decode("utf-8"))
     except RecursionError:
@@ -362,33 +400,15 @@ def _parse_header(raw: bytes, data_len: int, path: str):
         raise EmaError("garbage header: not a safetensors JSON header", path=path) from None
     if not isinstance(doc, dict):
         raise EmaError("garbage header: the JSON header is not an object", path=path)
-    if _SURROGATE_ESCAPE.search(raw):  # rare: only then look for a lone surrogate (not UTF-8: the library refuses it)
-        for key in doc:
-            try:
-                key.encode("utf-8")
-            except UnicodeEncodeError:
-                raise _bad_header("the name is not valid Unicode (a lone surrogate)", path, key) from None
     meta = doc.pop("__metadata__", None)
-    meta = {} if meta is None else meta
-    if not isinstance(meta, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
-    ):
-        raise EmaError("__metadata__ must map strings to strings", path=path)
-    codes, itemsize, prod = _CODES, _ITEMSIZE, math.prod
-    names: list[str] = []
-    infos_l: list[TensorInfo] = []
-    begins: list[int] = []
-    ends: list[int] = []
-    # popitem frees each parsed entry as it is converted (last first; the
-    # order is restored below), so the parsed JSON and the infos are not both
-    # held whole
+    out = []
+    # popitem frees each parsed entry as it is converted (last first; the order is restored below)
     while doc:
         name, e = doc.popitem()
         if type(e) is not dict:
             raise _bad_header("header entry is not an object", path, name)
         code, shape, offs = e.get("dtype"), e.get("shape"), e.get("data_offsets")
-        dt = codes.get(code) if type(code) is str else None
-        if dt is None:
+        if type(code) is not str or code not in _CODES:
             raise _bad_header(f"unknown dtype {_short(code)}", path, name)
         if type(shape) is not list:
             raise _bad_header(f"invalid shape {_short(shape)}", path, name)
@@ -400,31 +420,71 @@ def _parse_header(raw: bytes, data_len: int, path: str):
         if not (type(offs) is list and len(offs) == 2 and type(offs[0]) is int and type(offs[1]) is int
                 and offs[0] >= 0 and offs[1] >= 0):
             raise _bad_header(f"invalid data_offsets {_short(offs)}", path, name)
-        begin, end = offs
+        out.append((name, code, tuple(shape), offs[0], offs[1]))
+    out.reverse()
+    return meta, out
+
+
+def _parse_header(raw: bytes, data_len: int, path: str):
+    """The validated header: ``(infos, metadata)``, each TensorInfo carrying its
+    byte offset.  Linear in the header (one pass over the entries, then one
+    O(n log n) sort by offset for the overlap check); per tensor, only its
+    TensorInfo is kept."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise EmaError("garbage header: not a safetensors JSON header", path=path) from None
+    fast = _fast_entries(text)
+    del text
+    meta, entries = fast if fast is not None else _json_entries(raw, path)
+    if _SURROGATE_ESCAPE.search(raw):  # rare: only then look for a lone surrogate (not UTF-8: the library refuses it)
+        for e in entries:
+            try:
+                e[0].encode("utf-8")
+            except UnicodeEncodeError:
+                raise _bad_header("the name is not valid Unicode (a lone surrogate)", path, e[0]) from None
+    meta = {} if meta is None else meta
+    if not isinstance(meta, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
+    ):
+        raise EmaError("__metadata__ must map strings to strings", path=path)
+    codes, itemsize, prod, intern = _CODES, _ITEMSIZE, math.prod, sys.intern
+    infos_l: list[TensorInfo] = []
+    begins: list[int] = []
+    ends: list[int] = []
+    # checkpoints of one model repeat the same names and shapes: one string per
+    # name (interned, shared with the other inputs' readers), one tuple per shape
+    shapes: dict[tuple, tuple] = {}
+    for i in range(len(entries)):
+        name, code, shape, begin, end = entries[i]
+        entries[i] = None  # (freed as converted)
+        name = intern(name)
+        shape = shapes.setdefault(shape, shape)
+        dt = codes.get(code)
+        if dt is None:
+            raise _bad_header(f"unknown dtype {_short(code)}", path, name)
+        if len(shape) > MAX_DIMS:
+            raise _bad_header(f"shape has {len(shape)} dimensions (at most {MAX_DIMS} are supported)", path, name)
         numel = prod(shape)
         nbytes = numel * itemsize[dt]
         if end - begin != nbytes:
-            raise _bad_header(
-                f"data_offsets {_short(offs)} do not hold {nbytes} bytes for shape {_short(shape)} {code}", path, name)
+            raise _bad_header(f"data_offsets {_short([begin, end])} do not hold {nbytes} bytes for shape "
+                              f"{_short(list(shape))} {code}", path, name)
         if end > data_len:
             raise _bad_header(
                 f"truncated: data ends at byte {data_len} but the tensor needs bytes {begin}..{end}", path, name)
         if numel == 0 and prod(d for d in shape if d) * itemsize[dt] >= 1 << 63:
             # empty, but numpy cannot even describe it
-            raise _bad_header(f"shape {_short(shape)} is too large", path, name)
-        names.append(name)
-        infos_l.append(TensorInfo(name, dt, tuple(shape)))
+            raise _bad_header(f"shape {_short(list(shape))} is too large", path, name)
+        infos_l.append(TensorInfo(name, dt, shape, begin))
         begins.append(begin)
         ends.append(end)
-    del doc
-    names.reverse()
-    infos_l.reverse()
-    begins.reverse()
-    ends.reverse()
-    n = len(names)
+    del entries
+    n = len(infos_l)
     # tensors must not overlap (they may leave no holes either, as safetensors demands):
     # sorted by start (ties in header order), each must start where the previous ended
     b = np.array(begins, dtype=np.int64)
+    del begins
     e_ = np.array(ends, dtype=np.int64)
     del ends
     order = np.lexsort((e_, b))  # stable: by start, then end, then header order
@@ -434,9 +494,9 @@ def _parse_header(raw: bytes, data_len: int, path: str):
         bad = np.flatnonzero(sb != prev_end)
         if bad.size:
             i = int(bad[0])
-            name = names[int(order[i])]
+            name = infos_l[int(order[i])].name
             if sb[i] < prev_end[i]:
-                raise EmaError(f"data overlaps tensor {names[int(order[i - 1])]!r}", path=path, tensor=name)
+                raise EmaError(f"data overlaps tensor {infos_l[int(order[i - 1])].name!r}", path=path, tensor=name)
             raise EmaError(f"hole in the data before byte {int(sb[i])}", path=path, tensor=name)
     pos = int(se[-1]) if n else 0
     if pos != data_len:
@@ -445,12 +505,13 @@ def _parse_header(raw: bytes, data_len: int, path: str):
             path=path,
         )
     # in data order, which is the order the writer laid them out
-    idx = order.tolist()
-    infos = {names[i]: infos_l[i] for i in idx}
-    begin_of = {names[i]: begins[i] for i in idx}
-    if len(infos) != n:  # (JSON objects may repeat a key; json keeps the last, so this cannot happen)
+    infos = {}
+    for i in order.tolist():
+        info = infos_l[i]
+        infos[info.name] = info
+    if len(infos) != n:  # a name twice (the fast path sees every member; json would keep the last)
         raise EmaError("duplicate tensor names in the header", path=path)
-    return infos, begin_of, meta
+    return infos, meta
 
 
 class SafetensorsReader(Reader):
