@@ -469,3 +469,34 @@ def test_full_disk_names_the_output_not_the_staging_path(tmp_path, sharded):
     line = assert_clean_error(res, str(out), code=1)
     assert "ema-avg-" not in line and ".tmp" not in line, line
     assert not out.exists()
+
+
+def test_header_fast_path_agrees_with_json():
+    """The compact-layout parser (no dict per entry) returns exactly what json
+    returns, for names with escapes, quotes, non-ASCII and control characters,
+    any shapes and offsets; a layout it does not know goes to json."""
+    from hypothesis import given, settings, strategies as st
+
+    from ema_cli.formats import safetensors_fmt as sf
+
+    entry = st.tuples(st.text(min_size=1, max_size=12), st.sampled_from(["F32", "BF16", "I64", "F8_E4M3"]),
+                      st.lists(st.integers(0, 10**12), max_size=5), st.integers(0, 10**15), st.integers(0, 10**15))
+    meta = st.one_of(st.none(), st.dictionaries(st.text(max_size=5), st.text(max_size=5), max_size=3))
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(entry, max_size=8, unique_by=lambda e: e[0]), meta, st.booleans(), st.sampled_from(["", "  "]))
+    def check(entries, metadata, compact, pad):
+        doc = {} if metadata is None else {"__metadata__": metadata}
+        for name, code, shape, b, e in entries:
+            if name != "__metadata__":
+                doc[name] = {"dtype": code, "shape": shape, "data_offsets": [b, e]}
+        text = json.dumps(doc, separators=(",", ":") if compact else (", ", ": ")) + pad
+        want = sf._json_entries(text.encode(), "x")
+        fast = sf._fast_entries(text)
+        if fast is None:
+            assert not compact or not doc, text  # the canonical layout must take the fast path
+            return
+        got_meta, got = fast
+        assert (got_meta or None, got) == (want[0] or None, want[1]), text
+
+    check()
