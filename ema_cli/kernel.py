@@ -98,52 +98,74 @@ def widen_bf16(bits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     return out.view(np.float32)
 
 
+def _half_up(b: np.ndarray, out: np.ndarray, tmp: np.ndarray) -> None:
+    """float32 bits -> bf16 bits rounded half away from zero (3 integer passes):
+    the kept 16 bits plus the first dropped one.  Equal to round-to-nearest-even
+    except at exact ties (dropped bits 0x8000), which ``_ties`` finds."""
+    np.right_shift(b, 15, out=tmp)
+    np.add(tmp, 1, out=tmp)
+    np.right_shift(tmp, 1, out=out, casting="unsafe")  # (NaNs with large payloads wrap: redone by _quiet_nans)
+
+
+def _ties(b: np.ndarray, tmp: np.ndarray, mask: np.ndarray):
+    """Indices where float32 bits ``b`` lie exactly halfway between two bf16 values, or None."""
+    np.bitwise_and(b, 0xFFFF, out=tmp)
+    np.equal(tmp, 0x8000, out=mask)
+    return np.flatnonzero(mask) if mask.any() else None  # (rare: about one element in 65536)
+
+
+def _quiet_nans(b: np.ndarray, out: np.ndarray, tmp: np.ndarray, mask: np.ndarray) -> None:
+    """NaNs stay NaN (their top bits, made quiet), whatever the rounding did to them."""
+    np.bitwise_and(b, 0x7FFFFFFF, out=tmp)
+    np.greater(tmp, 0x7F800000, out=mask)
+    if mask.any():
+        np.right_shift(b, 16, out=tmp)
+        np.bitwise_or(tmp, 0x0040, out=tmp)
+        np.copyto(out, tmp, casting="unsafe", where=mask)
+
+
 def f32_bits_to_bf16(b: np.ndarray, out: np.ndarray, tmp: np.ndarray, mask: np.ndarray, nan: bool = True) -> None:
     """float32 bits ``b`` (uint32) -> bfloat16 bits ``out`` (uint16), round to
-    nearest, ties to even: add 0x7fff plus the lowest kept bit, keep the top 16.
-    Overflow gives inf (as IEEE rounding does); NaNs stay NaN, made quiet
-    (``nan=False``: the caller knows there is none).  ``tmp`` (uint32) and
-    ``mask`` (bool) are scratch of the same size."""
-    np.right_shift(b, 16, out=tmp)
-    np.bitwise_and(tmp, 1, out=tmp)
-    np.add(tmp, 0x7FFF, out=tmp)
-    np.add(tmp, b, out=tmp)  # no wrap: NaNs (the only bits above 0xff800000) are redone below
-    np.right_shift(tmp, 16, out=out, casting="unsafe")
+    nearest, ties to even.  Overflow gives inf (as IEEE rounding does); NaNs
+    stay NaN, made quiet (``nan=False``: the caller knows there is none).
+    ``tmp`` (uint32) and ``mask`` (bool) are scratch of the same size."""
+    _half_up(b, out, tmp)
+    idx = _ties(b, tmp, mask)
+    if idx is not None:
+        hi = (b[idx] >> 16).astype(np.uint16)
+        out[idx] = hi + (hi & 1)  # the even neighbour
     if nan:
-        np.bitwise_and(b, 0x7FFFFFFF, out=tmp)
-        np.greater(tmp, 0x7F800000, out=mask)
-        if mask.any():
-            np.right_shift(b, 16, out=tmp)
-            np.bitwise_or(tmp, 0x0040, out=tmp)
-            np.copyto(out, tmp, casting="unsafe", where=mask)
+        _quiet_nans(b, out, tmp, mask)
 
 
-def _f64_to_bf16(a: np.ndarray, out: np.ndarray, s: _Scratch, nan: bool) -> None:
-    """float64 -> bfloat16 bits, one correct rounding (nearest, ties to even).
+def _f64_to_bf16(a: np.ndarray, out: np.ndarray, s: _Scratch, nan: bool, divisor: int = 0) -> None:
+    """float64 ``a`` (or ``a / divisor``, rounded in float64) -> bfloat16 bits,
+    one correct rounding (nearest, ties to even).
 
     float32 has 16 bits more than bf16, so rounding to float32 first (numpy's
     cast: correct, nearest-even) and then to bf16 gives the correct result
     except where the float32 value falls exactly on a bf16 tie (low 16 bits
-    0x8000) while the float64 value was not: there the first rounding decided
-    the tie's direction.  Those (rare) elements are redone from the sign of the
-    first rounding's error: this equals rounding to odd at float32 precision,
-    then to nearest even."""
+    0x8000): there the float64 value decides, from the sign of the first
+    rounding's error (nearest even when there is none).  This equals rounding
+    to odd at float32 precision, then to nearest even, in 5 passes over the block."""
     m = a.size
-    y, b, t, k = s.f32[:m], s.u32[:m], s.r32[:m], s.mask[:m]
-    with np.errstate(over="ignore", invalid="ignore"):
-        np.copyto(y, a, casting="same_kind")  # beyond float32's range: inf, the correct rounding there too
-    np.copyto(b, y.view(np.uint32))
-    f32_bits_to_bf16(b, out, t, k, nan)
-    np.bitwise_and(b, 0xFFFF, out=t)
-    np.equal(t, 0x8000, out=k)
-    if k.any():
-        idx = np.flatnonzero(k)  # rare: exact float32 ties with an inexact float64 behind them
-        exact = np.abs(a[idx])
+    y, t, k = s.f32[:m], s.r32[:m], s.mask[:m]
+    with np.errstate(over="ignore", invalid="ignore"):  # beyond float32's range: inf, the correct rounding too
+        if divisor:
+            np.divide(a, divisor, out=y)  # the float64 quotient, cast to float32 (no pass of its own)
+        else:
+            np.copyto(y, a, casting="same_kind")
+    b = y.view(np.uint32)
+    _half_up(b, out, t)
+    idx = _ties(b, t, k)
+    if idx is not None:
+        exact = np.abs(a[idx] / divisor if divisor else a[idx])
         with np.errstate(invalid="ignore"):
             back = np.abs(y[idx].astype(np.float64))
         hi = (b[idx] >> 16).astype(np.uint16)
-        fix = np.where(exact > back, hi + np.uint16(1), np.where(exact < back, hi, out[idx]))
-        out[idx] = fix
+        out[idx] = np.where(exact > back, hi + np.uint16(1), np.where(exact < back, hi, hi + (hi & 1)))
+    if nan:
+        _quiet_nans(b, out, t, k)
 
 
 def _f64_to_f32_round_to_odd(a: np.ndarray) -> np.ndarray:
@@ -164,14 +186,17 @@ def _f64_to_f32_round_to_odd(a: np.ndarray) -> np.ndarray:
     return y
 
 
-def store_rounded(src: np.ndarray, dst: np.ndarray, name: str | None = None, finite: bool = False) -> None:
+def store_rounded(src: np.ndarray, dst: np.ndarray, name: str | None = None, finite: bool = False,
+                  divisor: int = 0) -> None:
     """``dst[...] = src``, correctly rounded (nearest, ties to even) to dst's dtype.
 
     ``src`` is float64 (or float32 for a bf16 target); ``name`` the canonical
     dtype of ``dst`` when dst holds raw bits (bfloat16 as uint16); ``finite``:
     the caller checked that src holds no NaN (skips the NaN pass).  Values
     beyond the dtype's range round to inf (``Narrowing`` then decides).  No
-    allocation for float64/32/16 and bfloat16 targets of up to a block."""
+    allocation for float64/32/16 and bfloat16 targets of up to a block.
+    ``divisor``: store ``src / divisor`` (the quotient rounded in float64, then
+    to the dtype, without a pass of its own where the dtype allows)."""
     if name is None:
         name = "bfloat16" if dst.dtype.name == "bfloat16" else dtypes.from_numpy(dst.dtype)
     if name == "bfloat16":
@@ -188,9 +213,15 @@ def store_rounded(src: np.ndarray, dst: np.ndarray, name: str | None = None, fin
         s = scratch(min(flat.size, BLOCK))
         for b0 in range(0, flat.size, s.n):
             b1 = min(b0 + s.n, flat.size)
-            _f64_to_bf16(flat[b0:b1], out[b0:b1], s, not finite)
+            _f64_to_bf16(flat[b0:b1], out[b0:b1], s, not finite, divisor)
         return
     with np.errstate(over="ignore", invalid="ignore"):  # values beyond the dtype's range round to inf
+        if divisor:
+            if name in _ROUND_VIA_ODD:
+                src = src / divisor
+            else:
+                np.divide(src, divisor, out=dst, casting="unsafe")  # float64 quotient, one cast
+                return
         if name in _ROUND_VIA_ODD:
             dst[...] = _f64_to_f32_round_to_odd(np.asarray(src, dtype=np.float64)).astype(dst.dtype)
         else:
@@ -356,9 +387,10 @@ def block_sum(srcs, weights, out_flat: np.ndarray, check: bool, emit=None, narro
                     multiply(dst, w, out=dst)
                 if k:
                     add(a, t, out=a)
-        if count:
+        fold = count if narrow is None else 0  # the division, done by the store (one pass less)
+        if count and not fold:
             np.divide(a, count, out=a)
-        if check and not _all_finite(a, fin[:m]):
+        if check and not _all_finite(a, fin[:m]):  # (a sum is finite exactly when its quotient is)
             return b0
         if emit is None:
             o = out_flat[b0:b1]
@@ -367,7 +399,7 @@ def block_sum(srcs, weights, out_flat: np.ndarray, check: bool, emit=None, narro
                 emit(staged, out_flat[: b0 - staged])
                 staged = b0
             o = out_flat[b0 - staged : b1 - staged]
-        store_rounded(a, o, out_name, finite=check)
+        store_rounded(a, o, out_name, finite=check, divisor=fold)
         if narrow is not None and narrow.may_overflow(a):
             narrow.fix(a, o)
     if emit is not None:
