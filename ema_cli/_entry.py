@@ -63,6 +63,12 @@ def _quiet_exit(message: str | None, code: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) == 1 and args[0] in ("--version", "-V"):  # answered before importing anything
+        from ema_cli import __version__
+
+        print(f"ema-avg {__version__}")
+        return
     try:
         install_signal_handlers()
         from ema_cli.cli import main as cli_main

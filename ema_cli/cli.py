@@ -239,7 +239,7 @@ def plan(
     doc = render.plan_json(p)
     if as_json:
         _emit_json(doc)
-    if not quiet and (ui.console.is_terminal or not as_json):
+    if not quiet and (ui.is_terminal or not as_json):
         ui.plan_table(p, doc)
     ui.warnings(p.warnings)
 
@@ -261,7 +261,7 @@ def inspect(
     if as_json:
         _emit_json(docs if len(docs) != 1 else docs[0])
     ui = render.UI(quiet=quiet)
-    if not quiet and (ui.console.is_terminal or not as_json):
+    if not quiet and (ui.is_terminal or not as_json):
         ui.inspect_tables(docs)
 
 

@@ -7,20 +7,21 @@ the engine only ever sees canonical names and the numpy dtypes from here.
 
 from __future__ import annotations
 
-import ml_dtypes  # registers bfloat16 / float8 types with numpy
 import numpy as np
 
-# canonical name -> numpy dtype (None for strings, which have no fixed width)
+# canonical names that only ml_dtypes gives numpy a type for.  ml_dtypes is
+# imported on first use of one of them (``import ml_dtypes`` costs 0.5 s and
+# more with ml_dtypes 0.7): averaging float32/float16/float64 never needs it,
+# and the kernel handles bfloat16 through its uint16 bits (ema_cli/kernel.py).
+_ML_DTYPES = ("bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu")
+
+# canonical name -> numpy dtype (None for strings, which have no fixed width;
+# the ml_dtypes names map to None until ml_dtypes is loaded, see to_numpy)
 _NUMPY: dict[str, np.dtype | None] = {
     "float64": np.dtype(np.float64),
     "float32": np.dtype(np.float32),
     "float16": np.dtype(np.float16),
-    "bfloat16": np.dtype(ml_dtypes.bfloat16),
-    "float8_e4m3fn": np.dtype(ml_dtypes.float8_e4m3fn),
-    "float8_e5m2": np.dtype(ml_dtypes.float8_e5m2),
-    "float8_e4m3fnuz": np.dtype(ml_dtypes.float8_e4m3fnuz),
-    "float8_e5m2fnuz": np.dtype(ml_dtypes.float8_e5m2fnuz),
-    "float8_e8m0fnu": np.dtype(ml_dtypes.float8_e8m0fnu),
+    **dict.fromkeys(_ML_DTYPES),
     "int64": np.dtype(np.int64),
     "int32": np.dtype(np.int32),
     "int16": np.dtype(np.int16),
@@ -45,6 +46,23 @@ FLOATING = AVERAGED_BY_DEFAULT | frozenset(
 OUTPUT_CHOICES = ("keep", "float32", "float16", "bfloat16", "float64")
 
 _BY_NUMPY = {dt: name for name, dt in _NUMPY.items() if dt is not None}
+_ITEMSIZE = {**{name: dt.itemsize for dt, name in _BY_NUMPY.items()}, "bfloat16": 2,
+             **{n: 1 for n in _ML_DTYPES if n != "bfloat16"}, "string": 0}
+_ml_loaded = False
+
+
+def _load_ml_dtypes() -> None:
+    """Give the ml_dtypes names their numpy types (imports ml_dtypes, once)."""
+    global _ml_loaded
+    if _ml_loaded:
+        return
+    import ml_dtypes  # registers bfloat16 / float8 types with numpy
+
+    for name in _ML_DTYPES:
+        dt = np.dtype(getattr(ml_dtypes, name))
+        _NUMPY[name] = dt
+        _BY_NUMPY[dt] = name
+    _ml_loaded = True
 
 
 def known(name: str) -> bool:
@@ -54,7 +72,10 @@ def known(name: str) -> bool:
 def to_numpy(name: str) -> np.dtype:
     dt = _NUMPY.get(name)
     if dt is None:
-        raise KeyError(name)
+        if name not in _ML_DTYPES:
+            raise KeyError(name)
+        _load_ml_dtypes()
+        dt = _NUMPY[name]
     return dt
 
 
@@ -62,63 +83,55 @@ def from_numpy(dt: np.dtype) -> str:
     dt = np.dtype(dt)
     if dt.kind in "SUO":
         return "string"
-    try:
-        return _BY_NUMPY[dt.newbyteorder("=") if dt.byteorder not in "=|" else dt]
-    except KeyError:
-        raise KeyError(str(dt)) from None
+    key = dt.newbyteorder("=") if dt.byteorder not in "=|" else dt
+    name = _BY_NUMPY.get(key)
+    if name is None and not _ml_loaded and key.name in _ML_DTYPES:
+        _load_ml_dtypes()  # an ml_dtypes array: ml_dtypes is imported already
+        name = _BY_NUMPY.get(key)
+    if name is None:
+        raise KeyError(str(dt))
+    return name
 
 
 def itemsize(name: str) -> int:
-    dt = _NUMPY.get(name)
-    return 0 if dt is None else dt.itemsize
+    return _ITEMSIZE.get(name, 0)
 
 
 def is_float(name: str) -> bool:
     return name in FLOATING
 
 
-def _f64_to_f32_round_to_odd(a: np.ndarray) -> np.ndarray:
-    """float64 -> float32 rounding to odd: truncate, then set the last bit when inexact.
-
-    Rounding to odd at float32 precision followed by round-to-nearest-even to a
-    format with at most 22 significand bits equals one correct rounding."""
-    with np.errstate(over="ignore"):  # overflow to inf is the correct rounding there
-        y = a.astype(np.float32)
-    back = y.astype(np.float64)
-    with np.errstate(invalid="ignore"):
-        inexact = (back != a) & np.isfinite(a)
-        over = np.abs(back) > np.abs(a)
-    bits = y.view(np.uint32)
-    bits -= (inexact & over).astype(np.uint32)  # one step toward zero (inf -> max)
-    bits |= inexact.astype(np.uint32)
-    return y
-
-
-# ml_dtypes converts float64 to bfloat16/float8 through float32: two roundings.
-# These targets go through round-to-odd instead, so a float64 accumulator is
-# rounded to them exactly once.
-_ROUND_VIA_ODD = frozenset(n for n in FLOATING if n not in ("float64", "float32", "float16"))
-
-
 def store_rounded(src: np.ndarray, dst: np.ndarray) -> None:
-    """``dst[...] = src`` (src float64), correctly rounded to dst's dtype."""
-    name = from_numpy(dst.dtype)
-    with np.errstate(over="ignore"):  # values beyond the dtype's range round to inf
-        if name in _ROUND_VIA_ODD:
-            dst[...] = _f64_to_f32_round_to_odd(src).astype(dst.dtype)
-        else:
-            dst[...] = src
+    """``dst[...] = src`` (src float64), correctly rounded to dst's dtype (ema_cli/kernel.py)."""
+    from ema_cli import kernel
+
+    kernel.store_rounded(src, dst)
 
 
 def cast_rounded(src: np.ndarray, dtype_name: str) -> np.ndarray:
     out = np.empty(np.shape(src), dtype=to_numpy(dtype_name))
-    store_rounded(np.asarray(src, dtype=np.float64), out)
+    from ema_cli import kernel
+
+    src = np.asarray(src)
+    if src.dtype != np.float32 or dtype_name != "bfloat16":
+        src = src.astype(np.float64)  # (float32 -> bfloat16 rounds from the float32 bits directly)
+    kernel.store_rounded(src, out, dtype_name)
     return out
+
+
+# the largest finite values of the types numpy knows, and of bfloat16 (0x7f7f), without ml_dtypes
+_MAX_FINITE = {"float64": float(np.finfo(np.float64).max), "float32": float(np.finfo(np.float32).max),
+               "float16": 65504.0, "bfloat16": float(np.uint32(0x7F7F0000).view(np.float32))}
 
 
 def max_finite(name: str) -> float:
     """The largest finite value of a floating dtype (float16: 65504)."""
-    return float(ml_dtypes.finfo(to_numpy(name)).max)
+    top = _MAX_FINITE.get(name)
+    if top is None:
+        import ml_dtypes
+
+        top = _MAX_FINITE[name] = float(ml_dtypes.finfo(to_numpy(name)).max)
+    return top
 
 
 def can_overflow(out_name: str, in_names, weights) -> bool:

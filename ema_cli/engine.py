@@ -31,18 +31,17 @@ from typing import Callable
 
 import numpy as np
 
-from ema_cli import __version__, dtypes, formats, schedule
+from ema_cli import __version__, dtypes, formats, kernel, schedule
 from ema_cli import steps as steps_mod
 from ema_cli.errors import EmaError, UsageError
 from ema_cli.formats.base import BUFFER, Reader, Source, TensorInfo
 from ema_cli.notices import warn
 from ema_cli.output import Staged, check_target
 
-BLOCK = 1 << 16  # elements per float64 accumulation block (512 KiB; two of them stay in L2)
-CHUNK = 1 << 20  # bytes of rounded output a thread stages before handing them to a streaming writer
+BLOCK = kernel.BLOCK  # elements per float64 accumulation block (512 KiB; two of them stay in L2)
+CHUNK = kernel.CHUNK  # bytes of rounded output a thread stages before handing them to a streaming writer
 STREAM_MIN = 1 << 20  # averaged tensors of at least this many bytes are streamed to writers with write_range
 RELEASE_STEP = 16 << 20  # while streaming, consumed input pages are unmapped every this many bytes per input
-SMALL = 4096  # tensors of at most this many elements are summed in one go
 RELEASE_MIN = 1 << 19  # tensors smaller than this are not released (a reader drops whole pages of >= 512 KiB)
 
 
@@ -659,137 +658,24 @@ def _shard(tasks: list[Task], max_size: int | None) -> list[list[str]]:
 # --------------------------------------------------------------------------- compute
 
 
-_scratch = threading.local()  # per-thread float64 buffers, reused from tensor to tensor
-
-
-def _scratch_buffers(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """This thread's accumulator, product and finiteness buffers (at least n elements)."""
-    bufs = getattr(_scratch, "bufs", None)
-    if bufs is None or bufs[0].size < n:
-        bufs = _scratch.bufs = (np.empty(n), np.empty(n), np.empty(n, dtype=np.bool_))
-    return bufs
+# the numeric kernel lives in ema_cli/kernel.py; these are the engine's thin calls
 
 
 def _stage_buffer(dtype: np.dtype, block: int) -> np.ndarray:
-    """This thread's staging buffer for rounded output: a whole number of blocks, about CHUNK bytes."""
-    stages = _scratch.__dict__.setdefault("stages", {})
-    size = max(1, CHUNK // (dtype.itemsize * block)) * block
-    buf = stages.get(dtype)
-    if buf is None or buf.size < size:
-        buf = stages[dtype] = np.empty(size, dtype=dtype)
-    return buf[:size]
+    return kernel.stage_buffer(dtype, block)
 
 
-class _Narrowing:
-    """How ``_block_sum`` treats sums beyond the output dtype's range."""
-
-    __slots__ = ("name", "dtype", "limit", "saturate")
-
-    def __init__(self, name: str, dtype: str, saturate: bool):
-        self.name, self.dtype, self.saturate = name, dtype, saturate
-        self.limit = dtypes.max_finite(dtype)
-
-    def fix(self, a: np.ndarray, out: np.ndarray) -> None:
-        """``out`` (rounded from the float64 block ``a``) holds inf: where ``a`` is
-        finite that is an overflow: an error, or with --saturate the largest
-        finite value of the dtype, with its sign (an inf or NaN in ``a`` itself,
-        averaged with --allow-nonfinite, stays as it is)."""
-        with np.errstate(invalid="ignore"):
-            over = np.isinf(out) & np.isfinite(a)
-        if not over.any():
-            return
-        if not self.saturate:
-            vals = a[over]
-            worst = float(vals[np.argmax(np.abs(vals))])
-            raise EmaError(f"the average reaches {worst:.3g}, beyond {self.dtype}'s largest finite value "
-                           f"{self.limit:.6g}: it would be written as inf (use a wider --dtype, or --saturate "
-                           f"to write {self.limit:.6g} instead)", tensor=self.name)
-        clipped = np.where(over, np.clip(a, -self.limit, self.limit), a)
-        dtypes.store_rounded(clipped, out)
-
-
-def _narrowing(plan: Plan, task: Task, pairs) -> _Narrowing | None:
+def _narrowing(plan: Plan, task: Task, pairs) -> kernel.Narrowing | None:
     """The overflow guard for this tensor, or None when its sum cannot overflow
     the output dtype (the normal path: no extra work at all)."""
-    key = (task.out_dtype, task.info.dtype)
-    cache = plan.__dict__.setdefault("_can_overflow", {})
-    hit = cache.get(key)
-    if hit is None:
-        hit = cache[key] = dtypes.can_overflow(task.out_dtype, [task.info.dtype], plan.weights)
-    if not hit:
-        return None
-    return _Narrowing(task.out_name, task.out_dtype, plan.options.saturate)
+    return kernel.narrowing(task.out_name, task.out_dtype, task.info.dtype, plan.weights, plan.options.saturate,
+                            plan.__dict__.setdefault("_can_overflow", {}))
 
 
-def _block_sum(srcs, weights, out_flat: np.ndarray, check: bool, emit=None, narrow: _Narrowing | None = None):
-    """out = round(sum_k w_k x_k), float64 accumulation in blocks, rounded once.
-
-    Returns the start of the first block whose sum is not finite (when
-    ``check``), else None.  Without ``emit``, ``out_flat`` is the whole output
-    (flat).  With ``emit``, it is a staging buffer (a whole number of blocks):
-    each time it is full, and at the end, ``emit(start, part)`` receives the
-    rounded elements ``[start, start + part.size)``, so that memory does not
-    grow with the tensor.  The sum runs in checkpoint order, so it equals a
-    float64 reference computed the same way bit for bit:
-    ``acc = float64(x_0) * w_0``, then ``acc += float64(x_k) * w_k``, every
-    product and every sum rounded in float64 (no FMA), then one rounding to the
-    output dtype.  Converting x to float64 is exact, so ``copyto`` then
-    ``multiply`` gives the same products as ``np.multiply(x, w, dtype=float64)``
-    and is faster (no buffered casting loop)."""
-    n = srcs[0].size
-    if n == 0:
-        return None
-    if n <= SMALL and emit is None:
-        # one block, no scratch buffers: the same operations, fewer calls
-        # (``multiply(x, w, dtype=float64)`` converts x exactly, then multiplies in float64)
-        a = np.multiply(srcs[0], weights[0], dtype=np.float64)
-        for x, w in zip(srcs[1:], weights[1:]):
-            a += np.multiply(x, w, dtype=np.float64)
-        if check and not np.isfinite(a).all():
-            return 0
-        dtypes.store_rounded(a, out_flat)
-        if narrow is not None and np.isinf(out_flat).any():
-            narrow.fix(a, out_flat)
-        return None
-    block = min(n, BLOCK)
-    staged = 0  # with emit: output index of out_flat[0]
-    acc, tmp, fin = _scratch_buffers(block)
-    copyto, multiply, add, isfinite = np.copyto, np.multiply, np.add, np.isfinite
-    # float64 inputs need no conversion: multiply straight from the source
-    cast = [x.dtype != np.float64 for x in srcs]
-    terms = list(zip(srcs[1:], weights[1:], cast[1:]))
-    x0, w0, cast0 = srcs[0], weights[0], cast[0]
-    for b0 in range(0, n, block):
-        b1 = min(b0 + block, n)
-        m = b1 - b0
-        a, t, f = acc[:m], tmp[:m], fin[:m]
-        if cast0:
-            copyto(a, x0[b0:b1])
-            multiply(a, w0, out=a)
-        else:
-            multiply(x0[b0:b1], w0, out=a)
-        for x, w, c in terms:
-            if c:
-                copyto(t, x[b0:b1])
-                multiply(t, w, out=t)
-            else:
-                multiply(x[b0:b1], w, out=t)
-            add(a, t, out=a)
-        if check and not isfinite(a, out=f).all():
-            return b0
-        if emit is None:
-            o = out_flat[b0:b1]
-        else:
-            if b1 - staged > out_flat.size:
-                emit(staged, out_flat[: b0 - staged])
-                staged = b0
-            o = out_flat[b0 - staged : b1 - staged]
-        dtypes.store_rounded(a, o)
-        if narrow is not None and np.isinf(o).any():
-            narrow.fix(a, o)
-    if emit is not None:
-        emit(staged, out_flat[: n - staged])
-    return None
+def _block_sum(srcs, weights, out_flat: np.ndarray, check: bool, emit=None, narrow=None, *, task: Task | None = None):
+    return kernel.block_sum(srcs, weights, out_flat, check, emit, narrow,
+                            in_dtype=None if task is None else task.info.dtype,
+                            out_dtype=None if task is None else task.out_dtype)
 
 
 def compute_tensor(plan: Plan, task: Task, pool: ReaderPool, read=None) -> np.ndarray:
@@ -813,15 +699,11 @@ def compute_tensor(plan: Plan, task: Task, pool: ReaderPool, read=None) -> np.nd
         sel = [cks[i] for i in plan.selected]
         arrs = [read(ck.source, task.name) for ck in sel]
         steps = np.array([ck.step or 0 for ck in sel])
-        replay = np.asarray(schedule.tf_replay(arrs, steps, spec.decay, spec.num_updates))
-        out[...] = replay
-        bad = 0 if check and not np.isfinite(replay).all() else None
-        narrow = _narrowing(plan, task, pairs)
-        if bad is None and narrow is not None and np.isinf(out).any():
-            narrow.fix(replay.astype(np.float64).reshape(out.shape), out)
+        bad = kernel.tf_exact_replay(arrs, steps, spec.decay, spec.num_updates, out, check, _narrowing(plan, task, pairs))
     else:
         srcs = [np.asarray(read(ck.source, task.name)).reshape(-1) for ck, _ in pairs]
-        bad = _block_sum(srcs, [w for _, w in pairs], out.reshape(-1), check, narrow=_narrowing(plan, task, pairs))
+        bad = _block_sum(srcs, [w for _, w in pairs], out.reshape(-1), check, narrow=_narrowing(plan, task, pairs),
+                         task=task)
     if bad is not None:
         _raise_nonfinite(pairs, task, read)
     return out
@@ -870,7 +752,7 @@ def stream_tensor(plan: Plan, task: Task, pool: ReaderPool, writer, hasher=None)
             released = end
 
     if _block_sum(srcs, [w for _, w in pairs], stage, not plan.options.allow_nonfinite, emit,
-                  narrow=_narrowing(plan, task, pairs)) is not None:
+                  narrow=_narrowing(plan, task, pairs), task=task) is not None:
         _raise_nonfinite(pairs, task, pool.read)
 
 
@@ -948,7 +830,7 @@ def _batch(target: "Target", names: list[str], read) -> None:
     tasks = [plan.task(n) for n in names]
     srcs = [np.concatenate([np.asarray(read(ck.source, t.name)).reshape(-1) for t in tasks]) for ck, _ in pairs]
     out = np.empty(srcs[0].size, dtype=dtypes.to_numpy(tasks[0].out_dtype))
-    if _block_sum(srcs, [w for _, w in pairs], out, not plan.options.allow_nonfinite) is not None:
+    if _block_sum(srcs, [w for _, w in pairs], out, not plan.options.allow_nonfinite, task=tasks[0]) is not None:
         for t in tasks:  # which tensor: compute_tensor raises the error naming it
             compute_tensor(plan, t, None, read)
         raise EmaError("internal: a non-finite sum not found again", tensor=names[0])

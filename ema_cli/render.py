@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 import threading
 
 import numpy as np
-from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
 
 from ema_cli import dtypes, notices
+
+# rich is imported when something is shown (importing its console, progress
+# and table modules costs about 0.1 s, a third of a small average's budget):
+# with --quiet, or stderr not a terminal, an average never imports it.
+_RICH_TERMINAL_ENV = ("FORCE_COLOR", "TTY_INTERACTIVE", "TTY_COMPATIBLE", "JUPYTER_COLUMNS", "JUPYTER_LINES")
 
 
 def human_bytes(n: float) -> str:
@@ -26,12 +30,32 @@ class UI:
     Tables asked for explicitly (plan, inspect) are printed whenever not --quiet."""
 
     def __init__(self, quiet: bool, force_terminal: bool | None = None):
-        self.console = Console(stderr=True, force_terminal=force_terminal, highlight=False, soft_wrap=True)
-        if not self.console.is_terminal:  # a file or a pipe: tables as wide as their content, names never folded
-            self.console.width = 4096
+        self._force_terminal = force_terminal
+        self._console = None
         self.quiet = quiet
-        self.live = not quiet and self.console.is_terminal
+        self.live = not quiet and self.is_terminal
         notices.set_quiet(quiet)
+
+    @property
+    def console(self):
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(stderr=True, force_terminal=self._force_terminal, highlight=False, soft_wrap=True)
+            if not self._console.is_terminal:  # a file or a pipe: tables as wide as their content, names never folded
+                self._console.width = 4096
+        return self._console
+
+    @property
+    def is_terminal(self) -> bool:
+        """rich's answer, without importing rich when stderr is plainly not a terminal."""
+        if self._console is None and self._force_terminal is None and not any(k in os.environ for k in _RICH_TERMINAL_ENV):
+            try:
+                if not sys.stderr.isatty():
+                    return False
+            except (AttributeError, ValueError, OSError):
+                pass
+        return self.console.is_terminal
 
     def warnings(self, msgs: list[str]) -> None:
         for m in msgs:  # worth a line even when stderr is not a terminal
@@ -42,6 +66,8 @@ class UI:
         if not self.live:
             yield None
             return
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
         total_bytes = sum(dtypes.itemsize(t.out_dtype) * t.info.numel for t in plan.tasks)
         cols = (TextColumn("{task.description}"), BarColumn(),
                 TextColumn("{task.fields[done]}/{task.fields[of]} tensors"), DownloadColumn(), TimeRemainingColumn())
@@ -72,6 +98,8 @@ class UI:
         )
 
     def plan_table(self, plan, doc) -> None:
+        from rich.table import Table
+
         params = {k: v for k, v in doc["params"].items() if k not in ("selection", "dtype")}
         t = Table(title=f"{doc['mode']}  " + "  ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}"
                                                       for k, v in params.items()))
@@ -99,6 +127,8 @@ class UI:
         self.console.print(extra)
 
     def inspect_tables(self, docs) -> None:
+        from rich.table import Table
+
         for doc in docs:
             t = Table(title=f"{doc['path']}  ({doc['format']}, step {doc['step']})")
             for col in ("tensor", "dtype", "shape", "size", "role", "kind", "why"):
