@@ -371,3 +371,41 @@ def test_inspect_lists_what_tensorflow_lists_without_tensorflow(tmp_path):
     doc = json.loads(proc.stdout)
     doc = doc[0] if isinstance(doc, list) else doc
     assert "part" in json.dumps(doc) and "dense/kernel" in json.dumps(doc)
+
+
+# --------------------------------------------------------------------------- fuzzed, in this process
+#
+# The reader is pure Python now, so mutated bundles are fuzzed here, directly
+# (test_fuzz.py's TF targets run the whole CLI on them in a worker process and
+# compare every success with TensorFlow's reading).
+
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from test_fuzz import FUZZ, mutate_bytes  # noqa: E402
+
+
+@FUZZ
+@given(st.data())
+def test_bundle_reader_fuzzed(tmp_path_factory, data):
+    """Raw byte mutations of a fixture's ``.index`` or data file: opening it and
+    reading every tensor either works or raises EmaError (no other exception)."""
+    from ema_cli.errors import EmaError
+    from ema_cli.formats import tf_bundle
+
+    family = data.draw(st.sampled_from(["tf1", "tf2"]), label="family")
+    name = {"tf1": "model.ckpt-3", "tf2": "ckpt-2"}[family]
+    case = tmp_path_factory.mktemp("bundle-fuzz")
+    for f in (FIXTURES / family).glob(name + ".*"):
+        shutil.copyfile(f, case / f.name)
+    target = case / (name + data.draw(st.sampled_from([".index", ".data-00000-of-00001"]), label="file"))
+    buf = bytearray(target.read_bytes())
+    log: list[str] = []
+    mutate_bytes(data, buf, [0, max(0, len(buf) - 48), max(0, len(buf) - 53)], log)
+    target.write_bytes(bytes(buf))
+    try:
+        b = tf_bundle.Bundle(str(case / name))
+        for t in b.tensors:
+            b.read(t)
+        b.close()
+    except EmaError:
+        pass
