@@ -558,6 +558,9 @@ class Bundle:
                            path=self.index) from None
         if h.endianness != 0:
             raise EmaError("a big-endian bundle: not supported", path=self.index)
+        if h.producer < 0:  # TensorFlow's CheckVersions: below kTensorBundleMinProducer (0)
+            raise EmaError(f"not a readable TensorFlow checkpoint index: bundle producer version {h.producer} "
+                           "(below 0)", path=self.index)
         if h.min_consumer > BUNDLE_VERSION or BUNDLE_VERSION in h.bad_consumers:
             raise EmaError(f"written by a newer TensorFlow (bundle version {h.producer}, readers >= {h.min_consumer})",
                            path=self.index)
