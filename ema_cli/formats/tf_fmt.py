@@ -2,18 +2,20 @@
 
 A checkpoint is a *prefix* (``run/model.ckpt-1200``) with an ``.index`` file,
 one or more ``.data-NNNNN-of-MMMMM`` files and, for TF1 Savers, a ``.meta``
-graph.  Discovery (``claim_path``, ``scan_dir``) only looks at file names, so
-listing inputs never imports TensorFlow; the Reader and Writer import it
-lazily through :func:`import_tf`, with its logging silenced.
+graph.  Discovery (``claim_path``, ``scan_dir``) only looks at file names.
 
-Reading goes through ``tf.train.load_checkpoint``: the shape and dtype maps come
-from the index alone, ``get_tensor`` reads one tensor (partitioned variables
-come back whole).  Writing buffers a bounded batch of tensors, saves each batch
-with ``tf.raw_ops.SaveV2`` to a temporary prefix and joins the batches with
-``tf.raw_ops.MergeV2Checkpoints``, as TensorFlow's own sharded saver does.
-Every dtype is kept and every string tensor (the TF2 object graph, Keras
-config JSON) copied byte for byte, so ``tf.train.Checkpoint.restore`` and
-``Saver.restore`` accept the result.
+Nothing here imports TensorFlow: the bundle is read and written by
+:mod:`ema_cli.formats.tf_bundle` (the LevelDB-format ``.index`` and its
+protobuf records decoded by hand, data files memory-mapped, CRC32C checked
+with ``google-crc32c``), the TF2 object graph by :mod:`tf_objgraph` and the TF1
+``.meta`` collections by :func:`read_meta_collections`, both from the protobuf
+wire format.  The reader returns zero-copy views (partitioned variables
+assembled from their slices); the writer streams tensors range by range into
+the data files and writes the index last.  Every dtype is kept and every
+string tensor (the TF2 object graph, Keras config JSON) copied byte for byte,
+so ``tf.train.Checkpoint.restore`` and ``Saver.restore`` accept the result.
+:func:`import_tf` (TensorFlow with its logging silenced) is kept for callers
+that want TensorFlow itself (the tests' oracles).
 
 What each tensor is (``TFReader.role``, which decides what is averaged by
 default), from the most reliable source present:
