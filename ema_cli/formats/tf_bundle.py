@@ -74,10 +74,19 @@ _g = None
 def _crc_lib():
     global _g
     if _g is None:
+        import warnings
+
         try:
-            import google_crc32c
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # its own "no C extension" warning: ours below
+                import google_crc32c
         except ImportError:
             raise EmaError(CRC_HINT) from None
+        if getattr(google_crc32c, "implementation", "c") != "c":
+            from ema_cli.notices import warn
+
+            warn("google-crc32c has no C extension on this machine: checking TensorFlow checkpoints' CRC32C "
+                 "is about 100x slower (reinstall it: pip install --force-reinstall google-crc32c)")
         _g = google_crc32c
     return _g
 
