@@ -13,6 +13,8 @@ files:
       variable + placeholder + assign per tensor and write it with a ``Saver``
   (c) ``ema-avg DIR -o out/avg.safetensors --force --quiet``     (TF in, safetensors out)
   (d) ``ema-avg DIR -o out/exact.ckpt --decay 0.999 --tf-exact`` (float32 replay)
+  (e) ``ema-avg ST_DIR -o out/avg.safetensors``: the same tensors as safetensors
+      files (written once from the TF checkpoints), the reference for (a), (c)
 
 While each process runs, ``/proc/PID/status`` is polled every ~5 ms for
 ``RssAnon`` (anonymous memory: heap, numpy and TF buffers) and ``VmHWM`` (peak
@@ -21,6 +23,7 @@ CPU time come from ``wait4``.  Each case runs ``--reps`` times (order rotated);
 the table shows medians.  The outputs of (a) and (b) are compared at the end.
 
     /work/venv/bin/python bench/bench_tf.py [--size-mb 48] [--n 8] [--tensors 32] [--reps 3] [--keep]
+        [--cases a,c,e] [--no-compare]
 
 Data goes to ``bench/out/tf-<n>x<size>mb`` (reused when present); figures to
 ``bench/out/results_tf.json``.
@@ -41,7 +44,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 PY = sys.executable
-EMA = str(Path(PY).with_name("ema-avg"))
+EMA = [PY, "-m", "ema_cli"]  # the ema_cli on PYTHONPATH (a worktree), not whatever the venv's script points at
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "TF_ENABLE_ONEDNN_OPTS": "0"}
 
 T2T = r"""
@@ -112,6 +115,39 @@ def make_checkpoints(d: Path, n: int, size_mb: int, tensors: int, seed: int = 0)
     return [str(p) for p in prefixes]
 
 
+def make_safetensors(prefixes: list[str], d: Path) -> None:
+    """The same tensors as safetensors files, one per checkpoint (reused when present)."""
+    from safetensors.numpy import save_file
+
+    from ema_cli.formats import tf_bundle
+
+    d.mkdir(parents=True, exist_ok=True)
+    for p in prefixes:
+        f = d / (Path(p).name + ".safetensors")
+        if f.exists():
+            continue
+        b = tf_bundle.Bundle(p)
+        save_file({n: b.read(n).copy() for n in b.tensors}, str(f))
+        b.close()
+
+
+def versions() -> str:
+    import importlib.metadata as md
+
+    out = [f"Python {platform.python_version()}"]
+    for pkg in ("numpy", "ml_dtypes", "safetensors", "tensorflow", "google-crc32c"):
+        try:
+            out.append(f"{pkg} {md.version(pkg)}")
+        except md.PackageNotFoundError:
+            out.append(f"{pkg} -")
+    cpu = "?"
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return ", ".join(out) + f"; CPU {cpu}; load {os.getloadavg()[0]:.2f}"
+
+
 def warm(d: Path) -> None:
     buf = bytearray(16 << 20)
     for f in d.iterdir():
@@ -156,7 +192,7 @@ def measure(cmd: list[str], interval: float = 0.005) -> dict:
     if code != 0:
         raise SystemExit(f"command failed ({code}): {' '.join(cmd[:6])} ...\n{err}")
     return {"wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_stime, "peak_rss_anon_mb": peak_anon / 2**20,
-            "peak_vm_hwm_mb": max(peak_hwm, ru.ru_maxrss * 1024) / 2**20}
+            "peak_vm_hwm_mb": peak_hwm / 2**20}  # polled: ru_maxrss survives exec (the parent imported TF)
 
 
 def clean(out: Path) -> None:
@@ -172,20 +208,31 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
     ap.add_argument("--dir", default=str(HERE / "out"))
+    ap.add_argument("--cases", default="a,b,c,d,e", help="which cases (letters above), comma-separated")
+    ap.add_argument("--no-compare", action="store_true", help="skip the (a) vs (b) output comparison")
     args = ap.parse_args()
+    print(versions(), file=sys.stderr)
 
     base = Path(args.dir)
     data = base / f"tf-{args.n}x{args.size_mb}mb"
     prefixes = make_checkpoints(data, args.n, args.size_mb, args.tensors)
     out = base / "tf-out"
     total_mb = sum(f.stat().st_size for f in data.iterdir() if f.is_file()) / 2**20
+    st_dir = base / f"st-{args.n}x{args.size_mb}mb"
+    want = set(args.cases.split(","))
+    if "e" in want:
+        make_safetensors(prefixes, st_dir)
     cases = {
-        "ema-avg (TF -> TF)": [EMA, str(data), "-o", str(out / "avg.ckpt"), "--force", "--quiet"],
-        "t2t-style (load_checkpoint + Saver)": [PY, "-c", T2T, str(out / "t2t" / "avg.ckpt"), *prefixes],
-        "ema-avg (TF -> safetensors)": [EMA, str(data), "-o", str(out / "avg.safetensors"), "--force", "--quiet"],
-        "ema-avg --tf-exact --decay 0.999": [EMA, str(data), "-o", str(out / "exact.ckpt"), "--force", "--quiet",
-                                             "--decay", "0.999", "--tf-exact"],
+        "ema-avg (TF -> TF)": ("a", [*EMA, str(data), "-o", str(out / "avg.ckpt"), "--force", "--quiet"]),
+        "t2t-style (load_checkpoint + Saver)": ("b", [PY, "-c", T2T, str(out / "t2t" / "avg.ckpt"), *prefixes]),
+        "ema-avg (TF -> safetensors)": ("c", [*EMA, str(data), "-o", str(out / "avg.safetensors"), "--force",
+                                              "--quiet"]),
+        "ema-avg --tf-exact --decay 0.999": ("d", [*EMA, str(data), "-o", str(out / "exact.ckpt"), "--force",
+                                                   "--quiet", "--decay", "0.999", "--tf-exact"]),
+        "ema-avg (safetensors -> safetensors)": ("e", [*EMA, str(st_dir), "-o", str(out / "st.safetensors"),
+                                                       "--force", "--quiet"]),
     }
+    cases = {k: cmd for k, (letter, cmd) in cases.items() if letter in want}
     runs: dict[str, list[dict]] = {k: [] for k in cases}
     names = list(cases)
     for rep in range(args.reps):
@@ -193,16 +240,26 @@ def main() -> int:
             clean(out)
             (out / "t2t").mkdir()
             warm(data)
+            if "e" in want:
+                warm(st_dir)
             r = measure(cases[name])
             runs[name].append(r)
             print(f"  rep {rep + 1}/{args.reps}  {name:<38} {r['wall_s']:6.2f} s  cpu {r['cpu_s']:6.2f} s  "
                   f"RssAnon {r['peak_rss_anon_mb']:7.1f} MB  VmHWM {r['peak_vm_hwm_mb']:7.1f} MB",
                   file=sys.stderr, flush=True)
 
+    med = {k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in runs.items()}
+    if args.no_compare or not {"a", "b"} <= want:
+        for k, m in med.items():
+            print(f"{k:<40} {m['wall_s']:7.2f} {m['cpu_s']:7.2f} {m['peak_rss_anon_mb']:11.0f} "
+                  f"{m['peak_vm_hwm_mb']:9.0f}")
+        (base / "results_tf.json").write_text(json.dumps({"params": vars(args), "versions": versions(),
+                                                          "median": med, "runs": runs}, indent=2))
+        return 0
     # the two TF outputs agree (run them once more, side by side)
     clean(out)
     (out / "t2t").mkdir()
-    measure(cases["ema-avg (TF -> TF)"])
+    measure(cases["ema-avg (TF -> TF)"])  # (noqa: the comparison below)
     measure(cases["t2t-style (load_checkpoint + Saver)"])
     os.environ.update(TF_CPP_MIN_LOG_LEVEL="3", TF_ENABLE_ONEDNN_OPTS="0")
     import numpy as np

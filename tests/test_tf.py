@@ -33,7 +33,6 @@ gen = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(gen)
 
 TF1_STEPS = 12  # decay min(0.5, (1+n)/(10+n)): both regimes (n < 8 and n >= 8)
-HINT = "needs TensorFlow: pip install 'ema-avg[tf]'"
 
 
 # --------------------------------------------------------------------------- fixtures and helpers
@@ -344,26 +343,37 @@ def test_corrupt_index_and_missing_data_in_process(tf, tf1_run, tmp_path):
         tf_fmt.Reader(srcs[1])
 
 
-def test_missing_tensorflow_gives_the_install_hint(tmp_path):
+def test_tf_checkpoints_average_without_tensorflow(tmp_path):
     """TensorFlow made unimportable in a real subprocess (``sys.modules`` entry
-    set to None): a TF input, and a TF output, give the one-line hint."""
-    run = tmp_path / "run"
-    run.mkdir()
-    for name in ("model.ckpt-1.index", "model.ckpt-1.data-00000-of-00001"):
-        (run / name).write_bytes(b"x")
-    save_st(tmp_path / "a.safetensors", {"w": np.ones(3, np.float32)})
+    set to None, so any import of it fails): the TF1 fixtures (``.meta``
+    collections, a partitioned variable) and the TF2 fixtures (object graph)
+    average to safetensors and to a TF checkpoint, and a corrupt index still
+    gives its one-line error.  The outputs are checked by TensorFlow in
+    test_tf_bundle.py; here, that no TensorFlow is needed at all."""
     code = ("import sys; sys.modules['tensorflow'] = None\n"
             "from ema_cli.cli import main\n"
             "main(sys.argv[1:])\n")
-    for args, where in (([str(run), "-o", str(tmp_path / "x.safetensors")], str(run / "model.ckpt-1")),
-                        ([str(tmp_path / "a.safetensors"), "-o", str(tmp_path / "x.ckpt")], str(tmp_path / "x.ckpt"))):
-        proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT,
-                              timeout=120)
+
+    def run(*args):
         from conftest import CliResult
 
-        line = assert_clean_error(CliResult(proc), HINT, code=1)
-        assert line == f"error: {where}: {HINT}"
-    assert sorted(os.listdir(tmp_path)) == ["a.safetensors", "run"]
+        proc = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
+                              cwd=ROOT, timeout=120)
+        return CliResult(proc)
+
+    for family in ("tf1", "tf2"):
+        for out in (tmp_path / f"{family}.safetensors", tmp_path / f"{family}-out" / "m.ckpt"):
+            out.parent.mkdir(exist_ok=True)
+            res = run(FIXTURES / family, "-o", out, "--quiet")
+            assert res.code == 0, res
+            assert res.err.strip() == "", res
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for name in ("model.ckpt-1.index", "model.ckpt-1.data-00000-of-00001"):
+        (run_dir / name).write_bytes(b"x")
+    line = assert_clean_error(run(run_dir, "-o", tmp_path / "x.safetensors"), code=1)
+    assert line == (f"error: {run_dir / 'model.ckpt-1.index'}: not a readable TensorFlow checkpoint index: "
+                    "1 bytes: too short for a table")
 
 
 def test_safetensors_only_run_never_imports_tensorflow(tmp_path):

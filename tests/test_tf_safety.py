@@ -267,9 +267,9 @@ def _sstable(entries, compress_data: bool) -> bytes:
 
 
 def _entries(tf, prefix: str):
-    from ema_cli.formats.tf_fmt import _table_entries
+    from ema_cli.formats.tf_bundle import read_table
 
-    return _table_entries(Path(prefix + ".index").read_bytes())
+    return read_table(Path(prefix + ".index").read_bytes())
 
 
 def test_compressed_index_with_a_negative_dimension(tf, tmp_path):
@@ -298,11 +298,12 @@ def test_compressed_index_with_a_negative_dimension(tf, tmp_path):
         bad.append((k, v))
     table = _sstable(bad, compress_data=True)
     Path(prefix + ".index").write_bytes(table)
-    from ema_cli.formats.tf_fmt import _table_entries
+    from ema_cli.formats.tf_bundle import TableError, read_table
 
     corrupt = bytearray(table)
     corrupt[5] ^= 0x40  # inside the compressed block: its checksum no longer matches
-    assert _table_entries(bytes(corrupt)) is None  # left to TensorFlow, which reports the mismatch
+    with pytest.raises(TableError, match="block checksum mismatch"):
+        read_table(bytes(corrupt))
     probe = subprocess.run([sys.executable, "-c", "import sys, tensorflow as tf; "
                             "tf.train.load_checkpoint(sys.argv[1]).get_tensor('w/.ATTRIBUTES/VARIABLE_VALUE')",
                             prefix], capture_output=True, text=True, timeout=300)

@@ -2,18 +2,20 @@
 
 A checkpoint is a *prefix* (``run/model.ckpt-1200``) with an ``.index`` file,
 one or more ``.data-NNNNN-of-MMMMM`` files and, for TF1 Savers, a ``.meta``
-graph.  Discovery (``claim_path``, ``scan_dir``) only looks at file names, so
-listing inputs never imports TensorFlow; the Reader and Writer import it
-lazily through :func:`import_tf`, with its logging silenced.
+graph.  Discovery (``claim_path``, ``scan_dir``) only looks at file names.
 
-Reading goes through ``tf.train.load_checkpoint``: the shape and dtype maps come
-from the index alone, ``get_tensor`` reads one tensor (partitioned variables
-come back whole).  Writing buffers a bounded batch of tensors, saves each batch
-with ``tf.raw_ops.SaveV2`` to a temporary prefix and joins the batches with
-``tf.raw_ops.MergeV2Checkpoints``, as TensorFlow's own sharded saver does.
-Every dtype is kept and every string tensor (the TF2 object graph, Keras
-config JSON) copied byte for byte, so ``tf.train.Checkpoint.restore`` and
-``Saver.restore`` accept the result.
+Nothing here imports TensorFlow: the bundle is read and written by
+:mod:`ema_cli.formats.tf_bundle` (the LevelDB-format ``.index`` and its
+protobuf records decoded by hand, data files memory-mapped, CRC32C checked
+with ``google-crc32c``), the TF2 object graph by :mod:`tf_objgraph` and the TF1
+``.meta`` collections by :func:`read_meta_collections`, both from the protobuf
+wire format.  The reader returns zero-copy views (partitioned variables
+assembled from their slices); the writer streams tensors range by range into
+the data files and writes the index last.  Every dtype is kept and every
+string tensor (the TF2 object graph, Keras config JSON) copied byte for byte,
+so ``tf.train.Checkpoint.restore`` and ``Saver.restore`` accept the result.
+:func:`import_tf` (TensorFlow with its logging silenced) is kept for callers
+that want TensorFlow itself (the tests' oracles).
 
 What each tensor is (``TFReader.role``, which decides what is averaged by
 default), from the most reliable source present:
@@ -53,6 +55,7 @@ import numpy as np
 from ema_cli import dtypes
 from ema_cli.notices import warn
 from ema_cli.errors import EmaError
+from ema_cli.formats import tf_bundle
 from ema_cli.formats.base import (BUFFER, COUNTER, OPTIMIZER, OTHER, PARAMETER, Reader, Role, Source, TensorInfo,
                                   Writer, is_buffer_name, step_from_scalar)
 from ema_cli.output import Staged, _fsync_dir, check_target, fsync_file
@@ -143,21 +146,6 @@ def _stderr_silenced():
         os.dup2(saved, 2)
         os.close(saved)
         os.close(null)
-
-
-def _tf_message(e: BaseException) -> str:
-    """TensorFlow's error text without its op/node decorations."""
-    msg = getattr(e, "message", None) or str(e) or type(e).__name__
-    msg = msg.split("\n\t")[0]
-    msg = re.sub(r"\s*\[Op:\w+\].*$", "", msg)
-    return " ".join(msg.split())
-
-
-def _tf_dtype_name(tf_dtype) -> str | None:
-    name = getattr(tf_dtype, "name", str(tf_dtype))
-    if name == "half":
-        name = "float16"
-    return name if dtypes.known(name) else None
 
 
 def can_store(dtype: str) -> bool:
@@ -314,49 +302,76 @@ def _name_rule_role(info: TensorInfo) -> Role:
     return Role(kind, why)
 
 
-def _variable_key(vdef) -> str:
-    """The checkpoint key a TF1 VariableDef is saved under (partitioned: the full name)."""
-    full = vdef.save_slice_info_def.full_name
+def _variable_key(vdef: bytes) -> str:
+    """The checkpoint key a TF1 ``VariableDef`` (serialized) is saved under: its
+    ``save_slice_info_def.full_name`` for a partitioned variable, else its
+    ``variable_name`` without the ``:0``."""
+    name = full = ""
+    for num, wt, v in tf_bundle.fields(vdef):
+        if num == 1 and wt == 2:
+            name = bytes(v).decode("utf-8", "surrogateescape")
+        elif num == 4 and wt == 2:
+            for n2, w2, v2 in tf_bundle.fields(v):
+                if n2 == 1 and w2 == 2:
+                    full = bytes(v2).decode("utf-8", "surrogateescape")
     if full:
         return full
-    name = vdef.variable_name
     return name[: name.rindex(":")] if ":" in name else name
+
+
+def _collection_names(coll: bytes) -> list[str]:
+    """A ``CollectionDef``'s checkpoint keys: ``node_list`` (1) tensor names,
+    ``bytes_list`` (2) serialized VariableDefs; other kinds hold none."""
+    kind, payload = None, b""
+    for num, wt, v in tf_bundle.fields(coll):
+        if wt == 2 and num in (1, 2, 3, 4, 5):
+            kind, payload = num, v  # a oneof: the last one set wins
+    if kind not in (1, 2):
+        return []
+    values = [v for num, wt, v in tf_bundle.fields(payload) if num == 1 and wt == 2]
+    if kind == 1:
+        return [bytes(v).decode("utf-8", "surrogateescape").rsplit(":", 1)[0] for v in values]
+    return [_variable_key(v) for v in values]
 
 
 def read_meta_collections(meta_file: str) -> dict[str, list[str]]:
     """The checkpoint keys in a TF1 ``.meta``'s ``trainable_variables`` and
     ``moving_average_variables`` collections (missing collections: absent keys).
 
+    Read from the protobuf wire format without TensorFlow: ``MetaGraphDef``
+    field 4 is ``collection_def`` (a map: entries of key 1, ``CollectionDef``
+    2), as in ``tensorflow/core/protobuf/meta_graph.proto``.
     Reused by the TF ``variables_to_restore`` name map."""
-    tf = import_tf(meta_file)  # noqa: F841  (the protos below come with TensorFlow)
-    from google.protobuf.message import DecodeError
-    from tensorflow.core.framework import variable_pb2
-    from tensorflow.core.protobuf import meta_graph_pb2
-
     try:
         with open(meta_file, "rb") as fh:
             raw = fh.read()
     except OSError as e:
         raise EmaError(f"cannot read the .meta graph: {e.strerror}", path=meta_file) from None
+    wanted = ("trainable_variables", "moving_average_variables")
+    colls: dict[str, bytes] = {}
     try:
-        meta = meta_graph_pb2.MetaGraphDef.FromString(raw)
-    except (DecodeError, ValueError, RuntimeError) as e:
+        for num, wt, v in tf_bundle.fields(raw):
+            if num == 4:
+                if wt != 2:
+                    raise tf_bundle.WireError("collection_def: wire type")
+                key, value = "", b""
+                for n2, w2, v2 in tf_bundle.fields(v):
+                    if n2 == 1 and w2 == 2:
+                        key = bytes(v2).decode("utf-8", "surrogateescape")
+                    elif n2 == 2 and w2 == 2:
+                        value = v2
+                if key in wanted:
+                    colls[key] = value  # a map: the last entry of a key wins
+    except tf_bundle.WireError as e:
         raise EmaError(f"unreadable .meta graph (not a MetaGraphDef: {e}); move it away to use the name rules",
                        path=meta_file) from None
     out: dict[str, list[str]] = {}
-    for key in ("trainable_variables", "moving_average_variables"):
-        if key not in meta.collection_def:
+    for key in wanted:
+        if key not in colls:
             continue
-        coll = meta.collection_def[key]
-        kind = coll.WhichOneof("kind")
-        names: list[str] = []
         try:
-            if kind == "bytes_list":
-                for b in coll.bytes_list.value:
-                    names.append(_variable_key(variable_pb2.VariableDef.FromString(b)))
-            elif kind == "node_list":
-                names = [n.rsplit(":", 1)[0] for n in coll.node_list.value]
-        except (DecodeError, ValueError) as e:
+            names = _collection_names(colls[key])
+        except tf_bundle.WireError as e:
             raise EmaError(f"unreadable .meta graph: collection {key}: {e}", path=meta_file) from None
         out[key] = list(dict.fromkeys(names))
     return out
@@ -381,306 +396,13 @@ def averaged_names(meta_file: str | None, keys) -> set[str] | None:
 
 # --------------------------------------------------------------------------- index sanity
 #
-# TensorFlow's checkpoint reader trusts the entries of the .index: a negative or
-# overflowing shape, an entry that does not parse, a slice listed twice, or a
-# slice stored with another dtype than its variable aborts the process (a CHECK
-# failure); a shape much larger than the data is allocated before the size is
-# checked.  The table's block checksums only catch accidental corruption, so the
-# entries are checked here first (_check_index).  The .index is an SSTable
-# (LevelDB's format).  TensorFlow writes it uncompressed but also reads
-# snappy-compressed blocks: those are decompressed with cramjam and checked
-# alike, or refused when cramjam is missing, so no entry TensorFlow reads goes
-# unchecked.  A table this small parser does not understand at all is left to
-# TensorFlow, which checks its checksums itself.
+# The bundle is parsed by ema_cli.formats.tf_bundle (no TensorFlow): every block
+# checksum of the .index, every entry, and what TensorFlow's own reader would
+# CHECK (abort the process on) or trust (a shape much larger than the data) are
+# checked when a reader opens it.
 
-
-def _varint(buf: bytes, i: int) -> tuple[int, int]:
-    n = shift = 0
-    while True:
-        b = buf[i]  # IndexError past the end: caught by the caller
-        i += 1
-        n |= (b & 0x7F) << shift
-        shift += 7
-        if not b & 0x80 or shift > 63:
-            return n, i
-
-
-class CompressedIndex(Exception):
-    """An index block is snappy-compressed and no decompressor is installed."""
-
-
-SNAPPY_HINT = "pip install cramjam (or 'ema-avg[tf]')"
-
-
-_CRC32C_TABLE: list[int] = []
-
-
-def _masked_crc32c(data: bytes) -> int:
-    """LevelDB's masked CRC32C (pure Python: only compressed blocks, which are rare, need it)."""
-    if not _CRC32C_TABLE:
-        for n in range(256):
-            c = n
-            for _ in range(8):
-                c = (c >> 1) ^ (0x82F63B78 if c & 1 else 0)
-            _CRC32C_TABLE.append(c)
-    crc = 0xFFFFFFFF
-    table = _CRC32C_TABLE
-    for b in data:
-        crc = table[(crc ^ b) & 0xFF] ^ (crc >> 8)
-    crc ^= 0xFFFFFFFF
-    return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _snappy_decompress(data: bytes) -> bytes:
-    try:
-        import cramjam
-    except ImportError:
-        raise CompressedIndex from None
-    try:
-        return bytes(cramjam.snappy.decompress_raw(data))
-    except Exception as e:  # cramjam raises its own DecompressionError
-        raise ValueError(f"snappy: {e}") from None
-
-
-def _table_entries(raw: bytes):
-    """(key, value) pairs of an SSTable (blocks uncompressed or snappy-compressed);
-    None if not understood.  A snappy block without :mod:`cramjam` raises
-    :class:`CompressedIndex`; a block that does not decompress gives None."""
-    import struct
-
-    def block(off: int, size: int):
-        if off < 0 or size < 0 or off + size + 5 > len(raw):
-            return None  # out of range
-        kind = raw[off + size]
-        blk = raw[off:off + size]
-        if kind == 1:
-            if _masked_crc32c(raw[off:off + size + 1]) != struct.unpack_from("<I", raw, off + size + 1)[0]:
-                return None  # corrupt, not compressed: TensorFlow reports the checksum mismatch
-            try:
-                blk = _snappy_decompress(blk)
-            except ValueError:
-                return None
-            size = len(blk)
-        elif kind != 0:
-            return None
-        if size < 4:
-            return None
-        (nr,) = struct.unpack_from("<I", blk, size - 4)
-        end = size - 4 * (nr + 1)
-        if end < 0:
-            return None
-        out, key, i = [], b"", 0
-        while i < end:
-            shared, i = _varint(blk, i)
-            nonshared, i = _varint(blk, i)
-            vlen, i = _varint(blk, i)
-            if shared > len(key) or i + nonshared + vlen > end:
-                return None
-            key = key[:shared] + blk[i:i + nonshared]
-            i += nonshared
-            out.append((key, blk[i:i + vlen]))
-            i += vlen
-        return out
-
-    try:
-        if len(raw) < 48 or struct.unpack_from("<Q", raw, len(raw) - 8)[0] != 0xDB4775248B80FB57:
-            return None
-        footer = raw[-48:]
-        _, i = _varint(footer, 0)
-        _, i = _varint(footer, i)
-        ioff, i = _varint(footer, i)
-        isize, _ = _varint(footer, i)
-        index = block(ioff, isize)
-        if index is None:
-            return None
-        entries = []
-        for _, handle in index:
-            off, j = _varint(handle, 0)
-            size, _ = _varint(handle, j)
-            blk = block(off, size)
-            if blk is None:
-                return None
-            entries += blk
-        return entries
-    except (IndexError, struct.error):
-        return None
-
-
-def _ordered_string(s: bytes) -> bytes:
-    """tensorflow::strings::OrderedCode::WriteString."""
-    out = bytearray()
-    for c in s:
-        out += b"\x00\xff" if c == 0 else (b"\xff\x00" if c == 0xFF else bytes((c,)))
-    return bytes(out) + b"\x00\x01"
-
-
-def _ordered_num(n: int) -> bytes:
-    """OrderedCode::WriteNumIncreasing (n >= 0)."""
-    b = n.to_bytes((n.bit_length() + 7) // 8, "big")
-    return bytes([len(b)]) + b
-
-
-_SIGNED_HEADER = {1: (0x80, 0), 2: (0xC0, 0), 3: (0xE0, 0), 4: (0xF0, 0), 5: (0xF8, 0), 6: (0xFC, 0), 7: (0xFE, 0),
-                  8: (0xFF, 0), 9: (0xFF, 0x80), 10: (0xFF, 0xC0)}
-
-
-def _ordered_signed(v: int) -> bytes:
-    """OrderedCode::WriteSignedNumIncreasing."""
-    x = ~v if v < 0 else v
-    if x < 64:
-        return bytes([(0x80 ^ v) & 0xFF])
-    n = x.bit_length() // 7 + 1
-    buf = bytearray((b"\xff\xff" if v < 0 else b"\x00\x00") + (v & (2**64 - 1)).to_bytes(8, "big"))[10 - n:]
-    buf[0] ^= _SIGNED_HEADER[n][0]
-    buf[1] ^= _SIGNED_HEADER[n][1]
-    return bytes(buf)
-
-
-def _slice_key(name: bytes, extents: list[tuple[int, int]]) -> bytes:
-    """checkpoint::EncodeTensorNameSlice: the key a stored slice is saved under."""
-    key = _ordered_num(0) + _ordered_string(name) + _ordered_num(len(extents))
-    for start, length in extents:
-        key += _ordered_signed(start) + _ordered_signed(length)
-    return key
-
-
-def _key_name(key: bytes) -> str:
-    """An index key for messages: a slice's key (OrderedCode) shown as its variable's name."""
-    if key[:1] == b"\x00":
-        name, i = bytearray(), 1
-        while i + 1 < len(key) and key[i:i + 2] != b"\x00\x01":
-            name.append(key[i])
-            i += 2 if key[i] in (0, 0xFF) else 1  # \x00\xff is NUL, \xff\x00 is 0xff
-        return name.decode("utf-8", "backslashreplace") + " (a stored slice)"
-    return key.decode("utf-8", "backslashreplace")
-
-
-def _tf_itemsize(enum: int) -> int | None:
-    """Bytes per element of a DataType enum value: 0 for strings, None if unsupported."""
-    try:
-        name = _tf_dtype_name(import_tf().dtypes.as_dtype(enum))
-    except (TypeError, ValueError, KeyError):
-        return None
-    return None if name is None else dtypes.itemsize(name)
-
-
-def _check_index(prefix: str) -> None:
-    """What TensorFlow's checkpoint reader assumes of its index and CHECKs (an
-    abort) or does not check at all, verified before it opens the index: every
-    entry parses; no key appears twice; no slice is listed twice; every shape has
-    non-negative dimensions and fewer than 2**63 elements; every tensor's bytes lie inside its
-    data file and have its size (so nothing larger than the files is allocated);
-    every slice of a partitioned variable lies inside the variable and is stored
-    under its key with the variable's dtype and the slice's shape."""
-    index = prefix + INDEX
-    try:
-        with open(index, "rb") as fh:
-            raw = fh.read()
-    except OSError as e:
-        raise EmaError(f"cannot read: {e.strerror}", path=index) from None
-    try:
-        entries = _table_entries(raw)
-    except CompressedIndex:
-        raise EmaError("the index has snappy-compressed blocks, which ema-avg cannot check without a snappy "
-                       f"decompressor (TensorFlow would trust them unchecked): {SNAPPY_HINT}", path=index) from None
-    if entries is None:
-        return  # not understood here: TensorFlow checks the table itself
-    from google.protobuf.message import DecodeError
-    from tensorflow.core.protobuf import tensor_bundle_pb2
-
-    def bad(msg: str, key: bytes | None = None, path: str = index, what: str = "corrupt index"):
-        return EmaError(f"{what}: {msg}", path=path, tensor=None if key is None else _key_name(key))
-
-    if not entries:
-        return  # TensorFlow reports the missing header
-    # as TensorFlow reads it: the first entry is the header (whatever its key),
-    # every later one a tensor entry, which must parse; no key twice
-    try:
-        header = tensor_bundle_pb2.BundleHeaderProto.FromString(entries[0][1])
-    except (DecodeError, ValueError, RuntimeError):
-        return  # TensorFlow reports an unreadable header
-    decoded = []
-    for key, value in entries[1:]:
-        try:
-            decoded.append((key, tensor_bundle_pb2.BundleEntryProto.FromString(value)))
-        except (DecodeError, ValueError, RuntimeError) as e:
-            raise bad(f"unreadable entry ({e})", key) from None
-    table = dict(decoded)
-    if len(table) < len(decoded) or b"" in table and entries[0][0] == b"":
-        # the variable maps keep one entry, lookups find another (with another dtype, shape...)
-        seen: set[bytes] = {entries[0][0]}
-        dup = next(k for k, _ in decoded if k in seen or seen.add(k))
-        raise bad("the index holds this tensor twice", dup)
-
-    def extents_of(sl) -> list[tuple[int, int]]:
-        return [(ext.start, ext.length if ext.HasField("length") else -1) for ext in sl.extent]
-
-    slice_keys = set()
-    for key, e in decoded:
-        for sl in e.slices:
-            skey = _slice_key(key, extents_of(sl))
-            if skey in slice_keys:
-                raise bad(f"the slice {extents_of(sl)} is listed twice", key)
-            slice_keys.add(skey)
-
-    def numel(key: bytes, e) -> int:
-        dims = [d.size for d in e.shape.dim]
-        if len(dims) > 200:
-            raise bad(f"{len(dims)} dimensions", key)
-        n = 1
-        for d in dims:
-            n *= d
-            if d < 0 or n >= 2**63:
-                raise bad(f"invalid shape {dims}", key)
-        return n
-
-    data_size: dict[int, int] = {}
-    for key, e in decoded:
-        n = numel(key, e)
-        if e.slices:
-            continue  # a partitioned variable's data is in its slices, checked below
-        if not 0 <= e.shard_id < max(header.num_shards, 0):
-            raise bad(f"data shard {e.shard_id} of {header.num_shards}", key)
-        if e.shard_id not in data_size:
-            shard = f"{prefix}.data-{e.shard_id:05d}-of-{header.num_shards:05d}"
-            try:
-                data_size[e.shard_id] = os.path.getsize(shard)
-            except OSError:
-                raise EmaError("data file is missing", path=shard) from None
-        if e.offset < 0 or e.size < 0:
-            raise bad(f"stored at offset {e.offset}, {e.size} bytes", key)
-        if e.offset + e.size > data_size[e.shard_id]:
-            raise bad(f"its bytes {e.offset}..{e.offset + e.size} are beyond the end of the file "
-                      f"({data_size[e.shard_id]} bytes)", key, what="truncated or corrupt data",
-                      path=f"{prefix}.data-{e.shard_id:05d}-of-{header.num_shards:05d}")
-        itemsize = _tf_itemsize(e.dtype)
-        if (itemsize and e.size != n * itemsize) or (itemsize == 0 and e.size < n):
-            raise bad(f"{e.size} bytes stored for {n} elements of dtype {e.dtype}", key)
-
-    for key, full in decoded:
-        if not full.slices:
-            continue
-        dims = [d.size for d in full.shape.dim]
-        covered = 0
-        for sl in full.slices:
-            extents = extents_of(sl)
-            if len(extents) != len(dims):
-                raise bad(f"a slice of rank {len(extents)} of a rank-{len(dims)} partitioned variable", key)
-            shape = []
-            for (start, length), dim in zip(extents, dims):
-                if start < 0 or (length != -1 and (length < 0 or start + length > dim)) or (length == -1 and start):
-                    raise bad(f"slice {extents} outside the shape {dims}", key)
-                shape.append(dim if length == -1 else length)
-            stored = table.get(_slice_key(key, extents))
-            if stored is None:
-                raise bad(f"the stored slice {extents} of the partitioned variable is missing", key)
-            sdims = [d.size for d in stored.shape.dim]
-            if stored.dtype != full.dtype or sdims != shape or stored.slices:
-                raise bad(f"the stored slice {extents} (dtype {stored.dtype}, shape {sdims}) does not match the "
-                          f"partitioned variable (dtype {full.dtype}, slice shape {shape})", key)
-            covered += numel(key, stored)
-        if covered < numel(key, full):
-            raise bad(f"its slices hold {covered} of its {numel(key, full)} elements", key)
+CompressedIndex = tf_bundle.CompressedIndex
+SNAPPY_HINT = tf_bundle.SNAPPY_HINT
 
 
 # --------------------------------------------------------------------------- reading
@@ -697,26 +419,14 @@ class TFReader(Reader):
         self._colls: dict[str, set[str]] | None = None
         self._graph = False  # False: not read yet; None: no (readable) object graph
         self._graph_entries: dict = {}
-        self._failed: tuple[str, str, str] | None = None  # the first failed read: (message, path, tensor)
         if not os.path.isfile(prefix + INDEX):
             raise EmaError("the checkpoint's .index file is missing", path=prefix + INDEX)
         self._data = self._check_data_files(prefix)
-        tf = import_tf(prefix)
-        _check_index(prefix)  # before TensorFlow: its reader aborts the process on some corrupt indexes
-        try:
-            self._r = tf.train.load_checkpoint(prefix)
-            shapes = self._r.get_variable_to_shape_map()
-            dts = self._r.get_variable_to_dtype_map()
-        except Exception as e:
-            raise EmaError(f"not a readable TensorFlow checkpoint index: {_tf_message(e)}",
-                           path=prefix + INDEX) from None
+        self._r = tf_bundle.Bundle(prefix)
         self._tensors: dict[str, TensorInfo] = {}
-        for name in sorted(shapes):  # sorted: the bundle's own order, so reads are sequential
-            dt = _tf_dtype_name(dts[name])
-            if dt is None:
-                raise EmaError(f"dtype {getattr(dts[name], 'name', dts[name])} is not supported", path=prefix,
-                               tensor=name)
-            self._tensors[name] = TensorInfo(name, dt, tuple(int(d) for d in shapes[name]))
+        for name in sorted(self._r.tensors):  # sorted: the bundle's own order, so reads are sequential
+            dt, shape = self._r.tensors[name]
+            self._tensors[name] = TensorInfo(name, dt, shape)
 
     @staticmethod
     def _check_data_files(prefix: str) -> list[str]:
@@ -738,35 +448,18 @@ class TFReader(Reader):
         return self._tensors
 
     def read(self, name: str) -> np.ndarray:
-        info = self._tensors[name]
-        with self._lock:
-            if self._failed is not None:
-                # TensorFlow's BundleReader keeps a failed read's status and aborts the
-                # whole process (a CHECK failure) on its next lookup: never call it again
-                raise EmaError(*self._failed[:1], path=self._failed[1], tensor=self._failed[2])
-            try:
-                value = self._r.get_tensor(name)
-            except MemoryError:
-                raise
-            except Exception as e:
-                where = self._data[0] if len(self._data) == 1 else f"{self.path} (data files)"
-                self._failed = (f"truncated or corrupt data: {_tf_message(e)}", where, name)
-                raise EmaError(self._failed[0], path=where, tensor=name) from None
-        if info.dtype == "string":
-            arr = np.empty((), dtype=object)
-            if isinstance(value, np.ndarray):
-                arr = value.astype(object, copy=False)
-            else:
-                arr[()] = value
-            return arr
-        arr = np.asarray(value)
-        want = dtypes.to_numpy(info.dtype)
-        if arr.dtype != want:
-            arr = arr.view(want) if arr.dtype.itemsize == want.itemsize else arr.astype(want)
-        if arr.shape != info.shape:
-            raise EmaError(f"read shape {list(arr.shape)}, the index says {list(info.shape)}", path=self.path,
-                           tensor=name)
-        return arr
+        """The tensor's values: a read-only view of the mapped data file (its
+        crc32c checked on the first read), an object array of bytes for strings,
+        a partitioned variable assembled from its slices."""
+        if self._r is None:
+            raise EmaError("internal: read after close", path=self.path, tensor=name)
+        return self._r.read(name)
+
+    def release(self, name: str, first: int = 0, last: int | None = None) -> None:
+        """Done with the tensor or its elements ``[first, last)``: its mapped pages
+        leave the process (see ``tf_bundle.Bundle.release``)."""
+        if self._r is not None:
+            self._r.release(name, first, last)
 
     def step(self) -> int | None:
         """The object graph's step counter (see :meth:`tf_objgraph.ObjectGraph.step_keys`:
@@ -874,6 +567,8 @@ class TFReader(Reader):
         }
 
     def close(self) -> None:
+        if self._r is not None:
+            self._r.close()
         self._r = None
 
 
@@ -910,7 +605,6 @@ def rename_overrides(reader: TFReader, mapping: dict[str, str]) -> dict[str, np.
 
 # --------------------------------------------------------------------------- writing
 
-BATCH_BYTES = 256 << 20  # per SaveV2 call; EMA_AVG_TF_BATCH_BYTES overrides (tests)
 RESERVE_MARGIN = 1 << 20  # index, string tensors, file system slack
 
 
@@ -947,73 +641,60 @@ def _final_of(path: str) -> str:
 
 
 class TFWriter(Writer):
-    """Writes the checkpoint prefix ``path``: ``.index`` and ``.data-*`` files.
+    """Writes the checkpoint prefix ``path``: ``.index`` and ``.data-*`` files,
+    without TensorFlow (:class:`tf_bundle.BundleWriter`).
 
-    ``write`` converts each array to a tensor of exactly its planned dtype and
-    buffers it; a full batch is saved with SaveV2 to a temporary prefix in a
-    hidden directory beside ``path``; ``close`` merges the batches into
-    ``path`` with MergeV2Checkpoints (one data file per batch) and copies the
-    newest input's ``.meta`` when the dtypes are unchanged.  ``metadata`` is
-    not stored: a TF checkpoint has no place for free-form metadata that every
-    loader would ignore."""
+    Every tensor's place in the data files is fixed when the writer is made
+    (key order; one data file per output shard, or per ``EMA_AVG_TF_BATCH_BYTES``
+    of tensor data when that is set: tests use it to get many data files), and
+    the files' space is reserved then.  ``write`` and ``write_range`` put the
+    bytes at their place as they arrive (the engine streams large tensors range
+    by range: memory does not grow with the largest tensor), each tensor's
+    crc32c computed as its ranges go by; ``close`` appends the string tensors
+    (the TF2 object graph, Keras config JSON: copied byte for byte) and writes
+    the ``.index``, then copies the newest input's ``.meta`` when the dtypes are
+    unchanged.  Every dtype is kept, so ``tf.train.Checkpoint.restore`` and
+    ``Saver.restore`` accept the result.  ``metadata`` is not stored: a TF
+    checkpoint has no place for free-form metadata that every loader would
+    ignore."""
 
     def __init__(self, path: str, shards: list[list[TensorInfo]], metadata: dict[str, str], template=None):
         self.path = path
         self.final = _final_of(path)
         self.infos = {i.name: i for shard in shards for i in shard}
         validate_names(self.infos, path=self.final)
-        self.tf = import_tf(self.final)
-        self._pending = set(self.infos)
-        self._batch: list[tuple[str, object]] = []
-        self._batch_bytes = 0
-        self._parts: list[str] = []
-        self._lock = threading.Lock()
-        self.batch_bytes = int(os.environ.get("EMA_AVG_TF_BATCH_BYTES", BATCH_BYTES))
-        parent, base = os.path.split(os.path.abspath(path))
-        self._parts_dir = os.path.join(parent, f".{base}.parts-{os.getpid()}-{id(self):x}")
-        os.makedirs(self._parts_dir)
-        self._reserve_fd = -1
+        if not self.infos:
+            raise EmaError("nothing to write: a TensorFlow checkpoint needs at least one tensor", path=self.final)
+        for info in self.infos.values():
+            if not can_store(info.dtype):
+                raise EmaError(f"a TensorFlow checkpoint cannot store dtype {info.dtype}", path=self.final,
+                               tensor=info.name)
+        batch = os.environ.get("EMA_AVG_TF_BATCH_BYTES")
+        files: list[list[tuple[str, str, tuple[int, ...]]]] = []
+        for shard in shards:
+            if not shard:
+                continue
+            current, size = [], 0
+            for info in sorted(shard, key=lambda i: i.name.encode("utf-8")):
+                current.append((info.name, info.dtype, info.shape))
+                size += max(info.nbytes if info.dtype != "string" else 1, 1)
+                if batch is not None and size >= int(batch):
+                    files.append(current)
+                    current, size = [], 0
+            if current:
+                files.append(current)
+        self._w = tf_bundle.BundleWriter(path, files, self.final)
         try:
-            self._reserved = self._reserve(sum(i.nbytes for i in self.infos.values() if i.dtype != "string")
-                                           + RESERVE_MARGIN)
+            need = self._w.data_bytes()
+            try:
+                self._w.reserve()
+            except OSError as e:
+                raise EmaError(f"not enough space for the output ({need + RESERVE_MARGIN} bytes needed): "
+                               f"{e.strerror}", path=self.final) from None
             self._meta_src = self._meta_to_copy(template)
         except BaseException:
             self.abort()
             raise
-
-    def _reserve(self, size: int) -> int:
-        """Space for the whole output, taken before any work (``posix_fallocate``
-        of a file in the staging directory) and handed back batch by batch just
-        before SaveV2 writes it: a full disk fails here, not after the compute."""
-        f = os.path.join(self._parts_dir, "space-reservation")
-        try:
-            self._reserve_fd = os.open(f, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-            if hasattr(os, "posix_fallocate"):
-                os.posix_fallocate(self._reserve_fd, 0, size)
-            else:  # pragma: no cover (not Linux)
-                os.ftruncate(self._reserve_fd, size)
-        except OSError as e:
-            raise EmaError(f"not enough space for the output ({size} bytes needed): {e.strerror}",
-                           path=self.final) from None
-        return size
-
-    def _unreserve(self, nbytes: int | None = None) -> None:
-        """Hand back ``nbytes`` of the reservation (all of it: None)."""
-        if self._reserve_fd < 0:
-            return
-        self._reserved = 0 if nbytes is None else max(0, self._reserved - nbytes)
-        with contextlib.suppress(OSError):
-            os.ftruncate(self._reserve_fd, self._reserved)
-        if self._reserved == 0:
-            os.close(self._reserve_fd)
-            self._reserve_fd = -1
-
-    def _error(self, e: BaseException) -> EmaError:
-        """A TensorFlow write error, naming the output rather than the staging paths."""
-        msg = _tf_message(e)
-        staging = os.path.dirname(os.path.abspath(self.path))
-        msg = re.sub(re.escape(staging) + r"[^\s:,;'\"]*", self.final, msg)
-        return EmaError(f"cannot write: {msg}", path=self.final)
 
     def _meta_to_copy(self, template) -> str | None:
         if template is None or getattr(template, "format", None) != NAME:
@@ -1031,73 +712,24 @@ class TFWriter(Writer):
         return meta
 
     def write(self, name: str, array: np.ndarray) -> None:
-        tf = self.tf
-        info = self.infos[name]
-        if info.dtype == "string":
-            arr = np.asarray(array, dtype=object)
-            tdt = tf.string
-            nbytes = sum(len(b) for b in arr.reshape(-1)) + 1
-        else:
-            arr = np.asarray(array, dtype=dtypes.to_numpy(info.dtype))
-            tdt = tf.as_dtype(info.dtype)
-            nbytes = max(info.nbytes, 1)
-        if arr.shape != info.shape:
-            raise EmaError(f"internal: shape {arr.shape} != {info.shape}", tensor=name)
-        try:
-            t = tf.constant(arr, dtype=tdt)
-        except Exception as e:
-            raise EmaError(f"cannot convert to a TensorFlow tensor: {_tf_message(e)}", tensor=name) from None
-        del arr  # the tensor holds its own copy: only the batch counts against memory
-        with self._lock:
-            if name not in self._pending:
-                raise EmaError("internal: tensor written twice or not planned", tensor=name)
-            self._pending.discard(name)
-            self._batch.append((name, t))
-            self._batch_bytes += nbytes
-            if self._batch_bytes >= self.batch_bytes:
-                self._flush()
+        if name not in self.infos:
+            raise EmaError("internal: tensor written twice or not planned", tensor=name)
+        self._w.write(name, array)
 
-    def _flush(self) -> None:
-        """Save the buffered batch to a new temporary prefix (caller holds the lock)."""
-        if not self._batch:
-            return
-        tf = self.tf
-        part = os.path.join(self._parts_dir, f"part-{len(self._parts):05d}")
-        names = [n for n, _ in self._batch]
-        tensors = [t for _, t in self._batch]
-        self._unreserve(self._batch_bytes)
-        try:
-            tf.raw_ops.SaveV2(prefix=part, tensor_names=names, shape_and_slices=[""] * len(names), tensors=tensors)
-        except Exception as e:
-            raise self._error(e) from None
-        self._parts.append(part)
-        self._batch, self._batch_bytes = [], 0
+    def write_range(self, name: str, start: int, flat: np.ndarray) -> None:
+        """Elements ``[start, start + flat.size)`` of a numeric tensor (flat, its dtype)."""
+        self._w.write_range(name, start, flat)
 
     def close(self) -> None:
-        with self._lock:
-            if self._pending:
-                raise EmaError(f"internal: {len(self._pending)} tensors never written", path=self.path)
-            self._flush()
-            if not self._parts:
-                raise EmaError("nothing to write: a TensorFlow checkpoint needs at least one tensor", path=self.final)
-            self._unreserve()
+        self._w.close()
+        if self._meta_src:
             try:
-                self.tf.raw_ops.MergeV2Checkpoints(checkpoint_prefixes=self._parts, destination_prefix=self.path,
-                                                   delete_old_dirs=True)
-            except Exception as e:
-                raise self._error(e) from None
-            shutil.rmtree(self._parts_dir, ignore_errors=True)
-            if self._meta_src:
-                try:
-                    shutil.copyfile(self._meta_src, self.path + META)
-                except OSError as e:
-                    raise EmaError(f"cannot copy the .meta graph: {e.strerror}", path=self._meta_src) from None
+                shutil.copyfile(self._meta_src, self.path + META)
+            except OSError as e:
+                raise EmaError(f"cannot copy the .meta graph: {e.strerror}", path=self._meta_src) from None
 
     def abort(self) -> None:
-        with self._lock:
-            self._batch = []
-            self._unreserve()
-            shutil.rmtree(self._parts_dir, ignore_errors=True)
+        self._w.abort()
 
 
 Writer = TFWriter
@@ -1122,30 +754,16 @@ def _index_shards(index: str) -> int | None:
     """``num_shards`` from an index's header entry, or None if unreadable."""
     try:
         with open(index, "rb") as fh:
-            entries = _table_entries(fh.read())
-    except (OSError, EmaError, CompressedIndex):
+            entries = tf_bundle.read_table(fh.read())
+    except (OSError, EmaError, tf_bundle.TableError, CompressedIndex):
         return None
-    if not entries:
+    if not entries or entries[0][0] != tf_bundle.HEADER_KEY:
         return None
-    # BundleHeaderProto field 1 (num_shards, varint): parsed by hand, no TensorFlow needed
-    hdr = entries[0][1]
     try:
-        i = 0
-        while i < len(hdr):
-            tag, i = _varint(hdr, i)
-            if tag == 0x08:
-                n, _ = _varint(hdr, i)
-                return n
-            if tag & 7 == 0:
-                _, i = _varint(hdr, i)
-            elif tag & 7 == 2:
-                ln, i = _varint(hdr, i)
-                i += ln
-            else:
-                return None
-        return 1  # proto3 default 0 is never written by TensorFlow; 1 shard
-    except IndexError:
+        n = tf_bundle.decode_header(entries[0][1]).num_shards
+    except tf_bundle.WireError:
         return None
+    return n if n > 0 else None
 
 
 def _live_files(prefix: str) -> tuple[list[str], list[str]]:
@@ -1496,8 +1114,6 @@ def write_state_file(directory: str, base: str) -> None:
 
 
 def make_staging(output: str, *, sharded: bool, force: bool) -> TFStaging:
-    """``sharded`` (``--max-shard-size``) needs nothing special: TF data files are
-    already split into batches.  TensorFlow is imported first, so its absence is
-    reported against the output path before anything is created."""
-    import_tf(output)
+    """``sharded`` (``--max-shard-size``): one data file per output shard, which
+    the writer does; the staging needs nothing special."""
     return TFStaging(output, force=force)

@@ -51,13 +51,17 @@ optimizer found (of its innermost ``inner_optimizer``: a Keras 3
 ``checkpoint_key`` follows its tensor's new name, so ``tf.train.Checkpoint.restore``
 finds the renamed values.
 
-The protos come with TensorFlow (imported by the reader before this runs).
+The graph is decoded from (and, for ``rename``, re-encoded to) the protobuf wire
+format by hand: no TensorFlow.  A rewrite changes only the ``checkpoint_key``
+fields; every other field is written back as it was read.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+
+from ema_cli.formats import tf_bundle as _wire
 
 VARIABLE_VALUE = "VARIABLE_VALUE"
 
@@ -109,16 +113,127 @@ class Entry:
         return f"object graph: attribute {self.detail} of {self.path or '(root)'}"
 
 
-def parse(raw: bytes):
-    """The ``TrackableObjectGraph`` proto (GraphError if it does not parse)."""
-    from google.protobuf.message import DecodeError
-    from tensorflow.core.protobuf import trackable_object_graph_pb2
+class _Ref:
+    """``TrackableObject.ObjectReference``: a child edge."""
 
+    __slots__ = ("node_id", "local_name")
+
+    def __init__(self, buf):
+        self.node_id, self.local_name = 0, ""
+        for num, wt, v in _wire.fields(buf):
+            if num == 1 and wt == 0:
+                self.node_id = _wire.signed32(v)
+            elif num == 2 and wt == 2:
+                self.local_name = _text(v)
+
+
+class _Attr:
+    """``TrackableObject.SerializedTensor``: an attribute (``VARIABLE_VALUE`` -> checkpoint key).
+    ``fields`` keeps every field as read, so a rewrite changes only the key."""
+
+    __slots__ = ("name", "full_name", "checkpoint_key", "fields")
+
+    def __init__(self, buf):
+        self.name = self.full_name = self.checkpoint_key = ""
+        self.fields = list(_wire.fields(buf))
+        for num, wt, v in self.fields:
+            if wt == 2 and num in (1, 2, 3):
+                setattr(self, ("name", "full_name", "checkpoint_key")[num - 1], _text(v))
+
+    def encode(self) -> bytes:
+        out, done = bytearray(), False
+        for num, wt, v in self.fields:
+            if num == 3 and wt == 2:
+                if done:
+                    continue
+                v, done = self.checkpoint_key.encode("utf-8", "surrogateescape"), True
+            out += _encode_field(num, wt, v)
+        if not done and self.checkpoint_key:
+            out += _wire.len_field(3, self.checkpoint_key.encode("utf-8", "surrogateescape"))
+        return bytes(out)
+
+
+class _Slot:
+    """``TrackableObject.SlotVariableReference``."""
+
+    __slots__ = ("original_variable_node_id", "slot_name", "slot_variable_node_id")
+
+    def __init__(self, buf):
+        self.original_variable_node_id, self.slot_name, self.slot_variable_node_id = 0, "", 0
+        for num, wt, v in _wire.fields(buf):
+            if num == 1 and wt == 0:
+                self.original_variable_node_id = _wire.signed32(v)
+            elif num == 2 and wt == 2:
+                self.slot_name = _text(v)
+            elif num == 3 and wt == 0:
+                self.slot_variable_node_id = _wire.signed32(v)
+
+
+class _Node:
+    """``TrackableObject``: children, attributes, slot variables (other fields kept as read)."""
+
+    __slots__ = ("children", "attributes", "slot_variables", "fields")
+
+    def __init__(self, buf):
+        self.children, self.attributes, self.slot_variables = [], [], []
+        self.fields = []
+        for num, wt, v in _wire.fields(buf):
+            if wt == 2 and num == 1:
+                self.children.append(_Ref(v))
+            elif wt == 2 and num == 2:
+                a = _Attr(v)
+                self.attributes.append(a)
+                v = a
+            elif wt == 2 and num == 3:
+                self.slot_variables.append(_Slot(v))
+            self.fields.append((num, wt, v))
+
+    def encode(self) -> bytes:
+        return b"".join(_wire.len_field(num, v.encode()) if isinstance(v, _Attr) else _encode_field(num, wt, v)
+                        for num, wt, v in self.fields)
+
+
+class _Graph:
+    """``TrackableObjectGraph``: ``nodes`` (field 1); other fields kept as read."""
+
+    def __init__(self, buf):
+        self.nodes, self.fields = [], []
+        for num, wt, v in _wire.fields(buf):
+            if num == 1 and wt == 2:
+                v = _Node(v)
+                self.nodes.append(v)
+            self.fields.append((num, wt, v))
+
+    def SerializeToString(self) -> bytes:  # noqa: N802  (the protobuf name, for callers)
+        return b"".join(_wire.len_field(num, v.encode()) if isinstance(v, _Node) else _encode_field(num, wt, v)
+                        for num, wt, v in self.fields)
+
+
+def _text(v: bytes) -> str:
+    return bytes(v).decode("utf-8", "surrogateescape")
+
+
+def _encode_field(num: int, wt: int, v) -> bytes:
+    import struct
+
+    if wt == 0:
+        return _wire.varint_field(num, v)
+    if wt == 1:
+        return _wire.tag(num, 1) + struct.pack("<Q", v)
+    if wt == 5:
+        return _wire.tag(num, 5) + struct.pack("<I", v)
+    return _wire.len_field(num, bytes(v))
+
+
+def parse(raw: bytes) -> _Graph:
+    """The ``TrackableObjectGraph`` (GraphError if it does not parse), decoded from
+    the protobuf wire format without TensorFlow: its fields are numbered as in
+    ``tensorflow/core/protobuf/trackable_object_graph.proto``."""
     if isinstance(raw, str):
         raw = raw.encode("latin-1")
     try:
-        g = trackable_object_graph_pb2.TrackableObjectGraph.FromString(bytes(raw))
-    except (DecodeError, ValueError, RuntimeError, TypeError) as e:
+        g = _Graph(bytes(raw))
+    except (_wire.WireError, TypeError) as e:
         raise GraphError(f"not a TrackableObjectGraph ({e})") from None
     n = len(g.nodes)
     if n == 0:
