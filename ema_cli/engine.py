@@ -834,14 +834,15 @@ def _batch(target: "Target", names: list[str], read) -> None:
         for t in tasks:  # which tensor: compute_tensor raises the error naming it
             compute_tensor(plan, t, None, read)
         raise EmaError("internal: a non-finite sum not found again", tensor=names[0])
-    pos = 0
+    pos, items = 0, []
     for t in tasks:
         n = t.info.numel
         arr = out[pos:pos + n].reshape(t.info.shape)
         pos += n
-        writer.write(t.out_name, arr)
+        items.append((t.out_name, arr))
         if sums is not None:
             sums[t.out_name] = digest(arr)
+    writer.write_many(items)
 
 
 @dataclass

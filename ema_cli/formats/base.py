@@ -167,6 +167,13 @@ class Writer(ABC):
     @abstractmethod
     def write(self, name: str, array: np.ndarray) -> None: ...
 
+    def write_many(self, items: list[tuple[str, np.ndarray]]) -> None:
+        """Several whole tensors at once (the engine's batches of small tensors):
+        by default one ``write`` each; a format may coalesce them (safetensors
+        writes a run of neighbours with one system call)."""
+        for name, array in items:
+            self.write(name, array)
+
     @abstractmethod
     def close(self) -> None: ...
 

@@ -761,6 +761,33 @@ class _FileWriter:
             raise EmaError(f"cannot write: {e.strerror}", path=self.shown, tensor=name) from None
         self.pending.discard(name)
 
+    def write_many(self, items: list[tuple[str, np.ndarray]]) -> None:
+        """Whole tensors; neighbours in the file go out in one ``pwrite``."""
+        parts: list[tuple[int, np.ndarray, str]] = []
+        for name, array in items:
+            pos, info = self.offsets[name]
+            arr = np.asarray(array, dtype=dtypes.to_numpy(info.dtype))
+            if arr.shape != info.shape:
+                raise EmaError(f"internal: shape {arr.shape} != {info.shape}", tensor=name)
+            parts.append((pos, np.ascontiguousarray(arr.reshape(-1)).view(np.uint8), name))
+        parts.sort(key=lambda t: t[0])
+        i = 0
+        while i < len(parts):
+            j, end = i + 1, parts[i][0] + parts[i][1].size
+            while j < len(parts) and parts[j][0] == end:
+                end += parts[j][1].size
+                j += 1
+            start = parts[i][0]
+            buf = parts[i][1] if j == i + 1 else np.concatenate([p[1] for p in parts[i:j]])
+            try:
+                _pwrite_all(self.fd, memoryview(buf), self.data_start + start)
+                _start_writeback(self.fd, self.data_start + start, end - start)
+            except OSError as e:
+                raise EmaError(f"cannot write: {e.strerror}", path=self.shown, tensor=parts[i][2]) from None
+            for p in parts[i:j]:
+                self.pending.discard(p[2])
+            i = j
+
     def write_range(self, name: str, start: int, flat: np.ndarray) -> None:
         """Elements ``[start, start + flat.size)`` of the tensor in C order (``flat``:
         1-D, contiguous, the tensor's dtype), copied to the file before returning.
@@ -844,6 +871,13 @@ class SafetensorsWriter(Writer):
 
     def write(self, name: str, array: np.ndarray) -> None:
         self._by_name[name].write(name, array)
+
+    def write_many(self, items: list[tuple[str, np.ndarray]]) -> None:
+        by_file: dict[int, list] = {}
+        for item in items:
+            by_file.setdefault(id(self._by_name[item[0]]), [self._by_name[item[0]]]).append(item)
+        for fw, *group in by_file.values():
+            fw.write_many(group)
 
     def write_range(self, name: str, start: int, flat: np.ndarray) -> None:
         """Part of a tensor (see ``_FileWriter.write_range``): lets the engine stream
