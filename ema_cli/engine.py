@@ -821,14 +821,15 @@ def _batchable(plan: Plan, writer, name: str) -> bool:
     return _narrowing(plan, task, pairs) is None
 
 
-def _batch(target: "Target", names: list[str], read) -> None:
+def _batch(target: "Target", names: list[str], read, read_flat) -> None:
     """Average a group of small tensors of one dtype in one kernel call over their
     concatenation, then write each (per-tensor costs dominate tiny tensors)."""
     plan, writer, sums = target.plan, target.writer, target.checksums
     cks = plan.checkpoints
     pairs = [(cks[i], w) for i, w in zip(plan.selected, plan.weights) if w != 0.0]
     tasks = [plan.task(n) for n in names]
-    srcs = [np.concatenate([np.asarray(read(ck.source, t.name)).reshape(-1) for t in tasks]) for ck, _ in pairs]
+    in_names = [t.name for t in tasks]
+    srcs = [read_flat(ck.source, in_names) for ck, _ in pairs]
     out = np.empty(srcs[0].size, dtype=dtypes.to_numpy(tasks[0].out_dtype))
     if _block_sum(srcs, [w for _, w in pairs], out, not plan.options.allow_nonfinite, task=tasks[0]) is not None:
         for t in tasks:  # which tensor: compute_tensor raises the error naming it
@@ -912,11 +913,14 @@ def run_shard(plan: Plan | list[Target], shard: list[str], pool: ReaderPool, wri
             def read(source: Source, name: str):
                 return readers[source.path].read(name)
 
+            def read_flat(source: Source, names: list[str]):
+                return readers[source.path].read_flat(names)
+
             for group in _groups(first, names):
                 if len(group) > 1 and all(_batchable(t.plan, t.writer, group[0]) for t in targets):
                     with np.errstate(invalid="ignore", over="ignore"):
                         for t in targets:
-                            _batch(t, group, read)
+                            _batch(t, group, read, read_flat)
                     if on_tensor is not None:
                         for name in group:
                             on_tensor(first.task(name))

@@ -500,3 +500,27 @@ def test_header_fast_path_agrees_with_json():
         assert (got_meta or None, got) == (want[0] or None, want[1]), text
 
     check()
+
+
+def test_read_flat_view_equals_the_concatenation(tmp_path):
+    """A batch of neighbours is one zero-copy view of the file; tensors out of
+    file order, of another dtype or in another shard fall back to the
+    concatenation; both give the values tensor by tensor."""
+    from ema_cli.formats.base import Reader, Source
+    from ema_cli.formats.safetensors_fmt import SafetensorsReader
+
+    rng = np.random.default_rng(9)
+    tensors = {f"t{i}": rng.standard_normal((i % 4, 3)).astype(np.float32) for i in range(12)}
+    tensors["h"] = np.ones(5, np.float16)
+    path = save_st(tmp_path / "m.safetensors", tensors)
+    r = SafetensorsReader(Source("safetensors", str(path), (str(path),)))
+    order = list(r.tensors())  # file order
+    f32 = [n for n in order if n != "h"]
+    for names in (f32, f32[3:7], f32[::-1], f32[::2], [f32[0], "h"], [f32[5]]):
+        got = r.read_flat(names)
+        want = np.concatenate([r.read(n).reshape(-1) for n in names])
+        np.testing.assert_array_equal(got, want, err_msg=str(names))
+        assert got.dtype == want.dtype
+    assert not r.read_flat(f32[3:7]).flags.owndata  # the neighbours: a view of the mapping
+    assert Reader.read_flat(r, f32[3:7]).flags.owndata  # the default: a copy
+    r.close()

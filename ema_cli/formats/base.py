@@ -121,6 +121,12 @@ class Reader(ABC):
         String tensors come back as numpy object arrays of bytes.
         """
 
+
+    def read_flat(self, names: list[str]) -> np.ndarray:
+        """Several tensors of one dtype as one flat array, in the order given (the
+        engine's batches of small tensors).  By default their concatenation; a
+        format may return one view when they lie side by side in the file."""
+        return np.concatenate([np.asarray(self.read(n)).reshape(-1) for n in names])
     def metadata(self) -> dict[str, str]:
         """Free-form string metadata the format carries (safetensors ``__metadata__``)."""
         return {}

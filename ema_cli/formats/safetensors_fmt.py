@@ -569,6 +569,26 @@ class SafetensorsReader(Reader):
     def read(self, name: str) -> np.ndarray:
         return self._file(name).read(name)
 
+    def read_flat(self, names: list[str]) -> np.ndarray:
+        """One zero-copy view when the tensors are neighbours in one file, in this
+        order (as a model's small tensors usually are), else their concatenation."""
+        f = self._file(names[0])
+        infos = [f.infos.get(n) for n in names]
+        if self._where is None or all(self._where.get(n) is f for n in names):
+            first = infos[0]
+            end, dt = first.offset, first.dtype
+            for info in infos:
+                if info is None or info.offset != end or info.dtype != dt:
+                    break
+                end += info.nbytes
+            else:
+                view = f.map.view
+                if view is None:
+                    raise EmaError("internal: read after close", path=f.path, tensor=names[0])
+                return np.frombuffer(view, dtype=dtypes.to_numpy(dt), count=sum(i.numel for i in infos),
+                                     offset=f.data_start + first.offset)
+        return super().read_flat(names)
+
     def release(self, name: str, first: int = 0, last: int | None = None) -> None:
         """The engine is done with this tensor or part of it (see ``_File.release``)."""
         self._file(name).release(name, first, last)
