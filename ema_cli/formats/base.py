@@ -13,15 +13,18 @@ which format it handles.  A format module (``formats/<name>_fmt.py``) defines:
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ema_cli import dtypes
+from ema_cli.errors import EmaError
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,3 +196,20 @@ def step_from_scalar(arr: np.ndarray) -> int | None:
     if a.size != 1 or a.dtype.kind not in "iu":
         return None
     return int(a.reshape(-1)[0])
+
+
+def load_weight_map_index(index: Path, what: str) -> dict:
+    """A Hugging Face shard index (``model.safetensors.index.json``,
+    ``pytorch_model.bin.index.json``): its JSON, with a ``weight_map`` object
+    whose every value is a plain file name beside the index.  ``what`` names
+    the kind of index in the errors."""
+    try:
+        doc = json.loads(Path(index).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise EmaError(f"not a readable {what}: {e}", path=str(index)) from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("weight_map"), dict):
+        raise EmaError(f"{what} has no 'weight_map' object", path=str(index))
+    for k, v in doc["weight_map"].items():
+        if not isinstance(v, str) or "/" in v or v in ("", ".", ".."):
+            raise EmaError(f"index maps {k!r} to an invalid file name {v!r}", path=str(index))
+    return doc

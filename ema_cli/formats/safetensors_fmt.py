@@ -27,7 +27,7 @@ import numpy as np
 from ema_cli import dtypes
 from ema_cli.errors import EmaError
 from ema_cli.notices import warn
-from ema_cli.formats.base import Reader, Source, TensorInfo, Writer, step_from_scalar
+from ema_cli.formats.base import Reader, Source, TensorInfo, Writer, load_weight_map_index, step_from_scalar
 
 NAME = "safetensors"
 SUFFIX = ".safetensors"
@@ -96,16 +96,7 @@ def _index_files(index: Path) -> list[str]:
 
 
 def _load_index(index: Path) -> dict:
-    try:
-        doc = json.loads(Path(index).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise EmaError(f"not a readable safetensors index: {e}", path=str(index)) from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("weight_map"), dict):
-        raise EmaError("safetensors index has no 'weight_map' object", path=str(index))
-    for k, v in doc["weight_map"].items():
-        if not isinstance(v, str) or "/" in v or v in ("", ".", ".."):
-            raise EmaError(f"index maps {k!r} to an invalid file name {v!r}", path=str(index))
-    return doc
+    return load_weight_map_index(index, "safetensors index")
 
 
 # --------------------------------------------------------------------------- Hugging Face directories
@@ -893,10 +884,10 @@ class SafetensorsWriter(Writer):
         self._by_name[name].write(name, array)
 
     def write_many(self, items: list[tuple[str, np.ndarray]]) -> None:
-        by_file: dict[int, list] = {}
+        by_file: dict[_FileWriter, list] = {}
         for item in items:
-            by_file.setdefault(id(self._by_name[item[0]]), [self._by_name[item[0]]]).append(item)
-        for fw, *group in by_file.values():
+            by_file.setdefault(self._by_name[item[0]], []).append(item)
+        for fw, group in by_file.items():
             fw.write_many(group)
 
     def write_range(self, name: str, start: int, flat: np.ndarray) -> None:

@@ -30,7 +30,6 @@ in place to the staging path.  Names that share one tensor in the template
 
 from __future__ import annotations
 
-import json
 import mmap
 import os
 import pickle
@@ -45,7 +44,8 @@ import numpy as np
 
 from ema_cli import dtypes
 from ema_cli.errors import EmaError, UsageError
-from ema_cli.formats.base import BUFFER, OTHER, PARAMETER, Reader, Role, Source, TensorInfo, Writer, is_buffer_name
+from ema_cli.formats.base import BUFFER, OTHER, PARAMETER, Reader, Role, Source, TensorInfo, Writer, is_buffer_name, \
+    load_weight_map_index
 from ema_cli.output import Staged, check_target
 
 NAME = "torch"
@@ -187,16 +187,7 @@ def _sharded_source(index: Path) -> Source:
 
 
 def _load_index(index: Path) -> dict:
-    try:
-        doc = json.loads(Path(index).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise EmaError(f"not a readable PyTorch shard index: {e}", path=str(index)) from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("weight_map"), dict):
-        raise EmaError("PyTorch shard index has no 'weight_map' object", path=str(index))
-    for k, v in doc["weight_map"].items():
-        if not isinstance(v, str) or "/" in v or v in ("", ".", ".."):
-            raise EmaError(f"index maps {k!r} to an invalid file name {v!r}", path=str(index))
-    return doc
+    return load_weight_map_index(index, "PyTorch shard index")
 
 
 def _index_files(index: Path) -> list[str]:
