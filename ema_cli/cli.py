@@ -12,7 +12,7 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from ema_cli import __version__, _entry, engine, render, schedule
+from ema_cli import __version__, _entry, engine, formats, render, schedule
 from ema_cli.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, EmaError, UsageError
 
 app = typer.Typer(
@@ -135,8 +135,8 @@ def _execute(inputs, opts, output, fmt, *, force, quiet, as_json, verify, t0, ta
     in_formats = ()
     if fmt is None and first_out.endswith(".ckpt"):  # a TF prefix, or a Lightning file when the inputs are
         paths = inputs or [p for _, ps in first_opts.series for p in ps]
-        in_formats = {s.format for s in engine.formats.resolve_inputs(paths, engine.reader_options(first_opts))}
-    out_format = engine.formats.output_format(first_out, fmt, in_formats)
+        in_formats = {s.format for s in formats.resolve_inputs(paths, engine.reader_options(first_opts))}
+    out_format = formats.output_format(first_out, fmt, in_formats)
     pool = engine.ReaderPool()
     ui = render.UI(quiet=quiet)
     try:

@@ -14,7 +14,7 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from ema_cli import engine, formats, names, render
+from ema_cli import engine, formats, maps, names, render
 from ema_cli.errors import EmaError, UsageError
 from ema_cli.output import Staged, check_target
 
@@ -53,9 +53,9 @@ def restore_map(
         raise UsageError("--json describes the map written with -o; without -o the map itself is printed")
     pool = engine.ReaderPool()
     try:
-        src, r = names.open_one(ckpt, pool, "restore-map")
-        mapping = names.restore_map(r, suffix, include or [], exclude or [])
-        origin = names.averaged_from(r)
+        src, r = maps.open_one(ckpt, pool, "restore-map")
+        mapping = maps.restore_map(r, suffix, include or [], exclude or [])
+        origin = maps.averaged_from(r)
     finally:
         pool.close()
     text = json.dumps(mapping, indent=2) + "\n"
@@ -110,12 +110,12 @@ def rename(
     direction = names.TO_ORIGINAL if to_original else names.TO_SHADOW
     pool = engine.ReaderPool()
     try:
-        plan = names.rename_plan(ckpt, direction, suffix, include=include or [], exclude=exclude or [],
+        plan = maps.rename_plan(ckpt, direction, suffix, include=include or [], exclude=exclude or [],
                                  max_shard_size=engine.parse_size(max_shard_size) if max_shard_size else None,
                                  pool=pool)
         src = plan.checkpoints[0].source
         _check_output_format(output, src.format)
-        result = names.run_rename(plan, output, src.format, force=force, pool=pool,
+        result = maps.run_rename(plan, output, src.format, force=force, pool=pool,
                                   timings={"plan_s": time.perf_counter() - t0})
     finally:
         pool.close()
@@ -142,10 +142,10 @@ def _check_output_format(output: str, fmt: str) -> None:
         if name == fmt:
             continue
         try:
-            mod = formats.module(name)
+            mod = formats.get(name)
         except ModuleNotFoundError:
             continue
-        if mod.is_output(output) and not formats.module(fmt).is_output(output):
+        if mod.is_output(output) and not formats.get(fmt).is_output(output):
             raise UsageError(f"{output}: rename keeps the input's format ({fmt}); this name says {name}")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from ema_cli import engine, formats, names, notices
+from ema_cli import formats, maps, names, notices, plan
 
 
 def inspect(inputs: list[str], *, include: list[str], exclude: list[str], suffix: str,
@@ -13,8 +13,8 @@ def inspect(inputs: list[str], *, include: list[str], exclude: list[str], suffix
     ``averaged`` (the averaged set ``average`` uses: for TF1 with a ``.meta``, its
     collections), ``copied`` (from the newest checkpoint)."""
     names.check_suffix(suffix)
-    engine._compile(include, "--include")
-    engine._compile(exclude, "--exclude")
+    plan.compile_patterns(include, "--include")
+    plan.compile_patterns(exclude, "--exclude")
     docs = []
     sources = formats.resolve_inputs(inputs, options)
     for w in sources.warnings:
@@ -24,7 +24,7 @@ def inspect(inputs: list[str], *, include: list[str], exclude: list[str], suffix
         try:
             rows = []
             tensors = r.tensors()
-            averaged = set(names.averaged_names(r, suffix, include, exclude))
+            averaged = set(maps.averaged_names(r, suffix, include, exclude))
             for name, info in tensors.items():
                 row = {"name": name, "dtype": info.dtype, "shape": list(info.shape), "nbytes": info.nbytes}
                 if names.is_shadow(name, suffix):
@@ -39,10 +39,10 @@ def inspect(inputs: list[str], *, include: list[str], exclude: list[str], suffix
             step = r.step()
             step_from = "tensor"
             if step is None:
-                step, step_from = engine.step_from_name(src.name_hint or src.path), "name"
+                step, step_from = plan.step_from_name(src.name_hint or src.path), "name"
             docs.append({
                 "path": src.path, "format": src.format, "step": step, "step_from": step_from if step is not None else None,
-                "suffix": suffix, "averaged_from": names.averaged_from(r),
+                "suffix": suffix, "averaged_from": maps.averaged_from(r),
                 "files": list(src.files), "metadata": r.metadata(), "structure": r.extras(), "tensors": rows,
                 "totals": {"tensors": len(rows), "bytes": sum(x["nbytes"] for x in rows),
                            "roles": dict(Counter(x["role"] for x in rows))},

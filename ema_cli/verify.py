@@ -10,7 +10,7 @@ import time
 
 from ema_cli import formats
 from ema_cli.formats.base import Source
-from ema_cli.engine import digest
+from ema_cli.execute import digest
 from ema_cli.errors import EmaError
 
 

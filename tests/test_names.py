@@ -128,7 +128,7 @@ def read_model(tf, v1, sess) -> dict[str, np.ndarray]:
 
 
 def test_suffix_rule_and_tf2_keys():
-    from ema_cli import names
+    from ema_cli import maps, names
     from ema_cli.errors import UsageError
 
     assert names.shadow_name("dense/kernel") == "dense/kernel/ExponentialMovingAverage"
@@ -211,16 +211,16 @@ def test_restore_map_averaged_set_in_process(tf, run_default, run_custom, tmp_pa
     (which count the moving_mean as a model weight: TF's map needs the .meta);
     --include/--exclude change it as they change averaging; the TF2 object
     graph is not a variable."""
-    from ema_cli import engine, names
+    from ema_cli import engine, maps, names
 
     pool = engine.ReaderPool()
     try:
-        _, r = names.open_one(run_custom["prefixes"][-1], pool, "restore-map")
-        assert names.averaged_from(r) == "meta collections"
+        _, r = maps.open_one(run_custom["prefixes"][-1], pool, "restore-map")
+        assert maps.averaged_from(r) == "meta collections"
         # the default name on the MyEMA run: MyEMA shadows are ordinary tensors under their own names
-        m = names.restore_map(r, EMA)
+        m = maps.restore_map(r, EMA)
         assert m[f"dense/kernel/{EMA}"] == "dense/kernel" and m[f"dense/kernel/{CUSTOM}"] == f"dense/kernel/{CUSTOM}"
-        m = names.restore_map(r, CUSTOM, exclude=["^dense/bias$"])
+        m = maps.restore_map(r, CUSTOM, exclude=["^dense/bias$"])
         # not averaged: restored from its own name, and its online shadow is just another tensor
         assert m["dense/bias"] == "dense/bias" and m[f"dense/bias/{CUSTOM}"] == f"dense/bias/{CUSTOM}"
         assert m[f"dense/kernel/{CUSTOM}"] == "dense/kernel"
@@ -231,15 +231,15 @@ def test_restore_map_averaged_set_in_process(tf, run_default, run_custom, tmp_pa
         for f in Path(prefix).parent.glob(Path(prefix).name + ".*"):
             if f.suffix != ".meta":
                 shutil.copy(f, bare)
-        _, r = names.open_one(str(bare / Path(prefix).name), pool, "restore-map")
-        assert names.averaged_from(r) == "name rules"
-        m = names.restore_map(r)
+        _, r = maps.open_one(str(bare / Path(prefix).name), pool, "restore-map")
+        assert maps.averaged_from(r) == "name rules"
+        m = maps.restore_map(r)
         assert m[f"bn/moving_mean/{EMA}"] == "bn/moving_mean"  # differs from TF: no .meta to say it is not trained
         assert m["dense/kernel/Adam"] == "dense/kernel/Adam" and m["global_step"] == "global_step"
 
         run2 = gen_tf.train_tf2(tmp_path / "tf2", saves=1)
-        _, r = names.open_one(run2["prefixes"][-1], pool, "restore-map")
-        m = names.restore_map(r)
+        _, r = maps.open_one(run2["prefixes"][-1], pool, "restore-map")
+        m = maps.restore_map(r)
         assert m["w/ExponentialMovingAverage/.ATTRIBUTES/VARIABLE_VALUE"] == "w/.ATTRIBUTES/VARIABLE_VALUE"
         assert m["step/.ATTRIBUTES/VARIABLE_VALUE"] == "step/.ATTRIBUTES/VARIABLE_VALUE"
         assert "_CHECKPOINTABLE_OBJECT_GRAPH" not in m.values()
@@ -323,10 +323,10 @@ def test_rename_to_original_is_the_offline_swapping_saver(tf, run_default, tmp_p
 
 
 def test_rename_custom_suffix_in_process(tf, run_custom, tmp_path):
-    from ema_cli import engine, names
+    from ema_cli import engine, maps, names
 
     prefix = run_custom["prefixes"][-1]
-    plan = names.rename_plan(prefix, names.TO_ORIGINAL, CUSTOM)
+    plan = maps.rename_plan(prefix, names.TO_ORIGINAL, CUSTOM)
     assert plan.use_template is False and plan.describe() is None
     assert {t.name: t.out_name for t in plan.tasks if t.name != t.out_name} == {
         f"{n}/{CUSTOM}": n for n in run_custom["averaged"]}
@@ -340,8 +340,8 @@ def test_rename_custom_suffix_in_process(tf, run_custom, tmp_path):
     run2 = gen_tf.train_tf2(tmp_path / "tf2", saves=1)
     pool = engine.ReaderPool()
     try:
-        _, r = names.open_one(run2["prefixes"][0], pool, "rename")
-        m = names.rename_map(r, names.TO_SHADOW)
+        _, r = maps.open_one(run2["prefixes"][0], pool, "rename")
+        m = maps.rename_map(r, names.TO_SHADOW)
     finally:
         pool.close()
     assert m["w/.ATTRIBUTES/VARIABLE_VALUE"] == "w/ExponentialMovingAverage/.ATTRIBUTES/VARIABLE_VALUE"
@@ -390,18 +390,18 @@ def test_rename_round_trip_safetensors_exactly(tmp_path):
 def test_rename_round_trip_hdf5(tmp_path):
     """HDF5 keeps format, dtypes (bf16 as Keras' tagged opaque) and values; the
     renamed file is written fresh (its groups are the new names)."""
-    from ema_cli import engine, names
+    from ema_cli import engine, maps, names
 
     src = tmp_path / "p.h5"
     t = gen_hdf5.write_plain(src, 100, seed=2)
-    engine.run(names.rename_plan(str(src), names.TO_SHADOW), str(tmp_path / "s.h5"), "hdf5")
+    engine.run(maps.rename_plan(str(src), names.TO_SHADOW), str(tmp_path / "s.h5"), "hdf5")
     with h5py.File(tmp_path / "s.h5") as f:
         assert f[f"model/encoder/embedding/{EMA}"].attrs["dtype"] == "bfloat16"
         assert "optimizer/momentum" in f and f"optimizer/momentum/{EMA}" not in f
-    engine.run(names.rename_plan(str(tmp_path / "s.h5"), names.TO_ORIGINAL), str(tmp_path / "o.h5"), "hdf5")
+    engine.run(maps.rename_plan(str(tmp_path / "s.h5"), names.TO_ORIGINAL), str(tmp_path / "o.h5"), "hdf5")
     pool = engine.ReaderPool()
     try:
-        _, r = names.open_one(str(tmp_path / "o.h5"), pool, "test")
+        _, r = maps.open_one(str(tmp_path / "o.h5"), pool, "test")
         assert set(r.tensors()) == set(t)
         for k, v in t.items():
             got = r.read(k)

@@ -237,9 +237,9 @@ def test_tf2_rename_round_trip_restores_the_averages(tf, runs, averaged, tmp_pat
         assert bits(a) == bits(b)
 
     # --to-shadow on the average (in-process, as the CLI runs it): the graph names the */ExponentialMovingAverage keys
-    from ema_cli import names
+    from ema_cli import maps, names
 
-    names.run_rename(names.rename_plan(str(mean), names.TO_SHADOW), str(shadow), "tf", force=True)
+    maps.run_rename(maps.rename_plan(str(mean), names.TO_SHADOW), str(shadow), "tf", force=True)
     r = tf.train.load_checkpoint(str(shadow))
     keys = set(r.get_variable_to_shape_map())
     graph = pb.TrackableObjectGraph.FromString(r.get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH"))
@@ -248,7 +248,7 @@ def test_tf2_rename_round_trip_restores_the_averages(tf, runs, averaged, tmp_pat
     got_model, _ = restored("keras3", shadow, tf)
     for w, g in zip(want_model.weights, got_model.weights):
         assert bits(g.numpy()) == bits(w.numpy()), g.name
-    names.run_rename(names.rename_plan(str(shadow), names.TO_ORIGINAL), str(back), "tf")
+    maps.run_rename(maps.rename_plan(str(shadow), names.TO_ORIGINAL), str(back), "tf")
     g_back = tf.train.load_checkpoint(str(back)).get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH")
     g_mean = tf.train.load_checkpoint(str(mean)).get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH")
     assert pb.TrackableObjectGraph.FromString(g_back) == pb.TrackableObjectGraph.FromString(g_mean)

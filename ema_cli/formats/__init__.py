@@ -15,7 +15,7 @@ from pathlib import Path
 from types import ModuleType
 
 from ema_cli.errors import EmaError, UsageError
-from ema_cli.formats.base import Reader, Source, TensorInfo, Writer
+from ema_cli.formats.base import Format, Reader, Source, TensorInfo, Writer
 
 # name -> module path; order is the order in which formats are asked to claim a path
 _MODULES = {
@@ -35,14 +35,13 @@ def module(name: str) -> ModuleType:
         raise EmaError(f"unknown format {name!r} (choose from {', '.join(_MODULES)})") from None
 
 
-def _available() -> list[ModuleType]:
-    mods = []
-    for name in _MODULES:
-        try:
-            mods.append(module(name))
-        except ModuleNotFoundError:  # a format whose module is not written yet
-            continue
-    return mods
+def get(name: str) -> Format:
+    """The format called ``name`` (its module's ``FORMAT``)."""
+    return module(name).FORMAT
+
+
+def _available() -> list[Format]:
+    return [get(name) for name in _MODULES]
 
 
 class Inputs(list):
@@ -177,7 +176,7 @@ def _some(items: list[str], n: int = 3) -> str:
 
 
 def open_reader(source: Source) -> Reader:
-    return module(source.format).Reader(source)
+    return get(source.format).reader(source)
 
 
 def is_directory_output(path: str, fmt: str | None = None) -> bool:
@@ -200,13 +199,12 @@ def output_format(path: str, explicit: str | None, input_formats=()) -> str | No
         return explicit
     if is_directory_output(path):
         return None
-    for m in _available():
-        follows = getattr(m, "is_output_given_inputs", None)  # declared by formats that share a suffix
-        if follows is not None and follows(path, input_formats):
-            return m.NAME
-    for m in _available():
-        if m.is_output(path):
-            return m.NAME
+    for f in _available():
+        if f.is_output_given_inputs(path, input_formats):  # formats that share a suffix
+            return f.name
+    for f in _available():
+        if f.is_output(path):
+            return f.name
     raise EmaError(
         "cannot tell the output format from its name: use a .safetensors, .ckpt, "
         ".h5/.hdf5/.weights.h5, .keras, .weights.json or .pt/.pth/.bin suffix, a directory (DIR/) or --format",
@@ -240,18 +238,11 @@ def output_directory(output: str, fmt: str | None, sources: list[Source], newest
             raise UsageError(f"{output}: the inputs are in several formats ({', '.join(found)}): "
                              "give --format for a directory output")
         fmt = found[0]
-    module(fmt)
-    if fmt == "safetensors":
-        name = "" if shards > 1 else "model.safetensors"
-    elif fmt == "tf":
-        name = "model.ckpt"
-    elif fmt == "hdf5":
-        if shards > 1:
-            raise UsageError("HDF5 output is a single file: --max-shard-size applies to safetensors output")
-        name = "model.weights.h5" if newest.format == "hdf5" and newest.path.endswith(".weights.h5") else "model.h5"
-    else:  # a format registered without a directory layout
-        raise UsageError(f"{output}: {fmt} output cannot be a directory; give a file name")
-    return OutputDir(os.path.abspath(output), fmt, name)
+    name = get(fmt).directory_name(shards, newest)
+    from ema_cli import storage
+
+    directory = output.rstrip("/") if storage.is_remote(output) else os.path.abspath(output)
+    return OutputDir(directory, fmt, name)
 
 
 def directory_extras(out: OutputDir, newest: Source) -> tuple[list[str], list[str]]:
@@ -259,12 +250,8 @@ def directory_extras(out: OutputDir, newest: Source) -> tuple[list[str], list[st
     (a loader needs them beside the weights), and warnings about the files left
     out.  Only safetensors output from a safetensors input copies anything: the
     Hugging Face layout (config, tokenizer, remote code; never training state)."""
-    if out.format != "safetensors" or newest.format != "safetensors":
-        return [], []
-    from ema_cli.formats import safetensors_fmt
-
     directory = os.path.dirname(os.path.abspath(newest.path))
-    copies, left_out = safetensors_fmt.loader_files(directory, newest.files)
+    copies, left_out = get(out.format).loader_files(directory, newest)
     warnings = []
     if left_out:
         warnings.append(f"not copied from {directory} into {out.directory}: {_some(left_out, 6)} "
@@ -272,22 +259,25 @@ def directory_extras(out: OutputDir, newest: Source) -> tuple[list[str], list[st
     return copies, warnings
 
 
-def finish_directory(out: OutputDir, stage: str, copies: list[str]) -> None:
-    """Complete a staged directory output after the writer closed: copy the
-    loader files, and (TensorFlow) write the ``checkpoint`` state file."""
+def copy_into(stage: str, copies: list[str]) -> None:
+    """Copy the loader files into a staged local directory output."""
     import shutil
 
+    from ema_cli import storage
+
     for f in copies:
+        dst = os.path.join(stage, storage.basename(f))
         try:
-            shutil.copyfile(f, os.path.join(stage, os.path.basename(f)))
+            if storage.is_remote(f):
+                storage.copy_file(f, dst)
+            else:
+                shutil.copyfile(f, dst)
         except OSError as e:
             raise EmaError(f"cannot copy into the output: {e.strerror}", path=f) from None
-    if out.format == "tf":
-        module("tf").write_state_file(stage, out.name)
 
 
 __all__ = [
-    "FORMAT_NAMES", "OUTPUT_MARKER", "Inputs", "OutputDir", "Reader", "Source", "TensorInfo", "Writer",
-    "directory_extras", "finish_directory", "is_directory_output", "module", "open_reader",
+    "FORMAT_NAMES", "OUTPUT_MARKER", "Format", "Inputs", "OutputDir", "Reader", "Source", "TensorInfo", "Writer",
+    "copy_into", "directory_extras", "get", "is_directory_output", "module", "open_reader",
     "output_directory", "output_format", "resolve_inputs",
 ]

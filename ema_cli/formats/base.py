@@ -1,14 +1,25 @@
-"""What every checkpoint format provides: a reader and a writer.
+"""The format contract: :class:`Format`, :class:`Reader` and :class:`Writer`.
 
 The engine talks to formats only through these classes, so it never knows
-which format it handles.  A format module (``formats/<name>_fmt.py``) defines:
+which format it handles.  A format module (``formats/<name>_fmt.py``) defines
+a :class:`Format` subclass and exposes one instance of it as ``FORMAT``; the
+registry (``formats.get(name)``) hands that instance out.
 
-* ``NAME``: its name on the command line (``--format NAME``);
-* ``claim_path(path, *, skip_missing=False) -> list[Source] | None``: the checkpoints an input path
-  (a file, a prefix, an index) denotes, or None when it is not this format;
-* ``scan_dir(path) -> list[Source]``: the checkpoints directly in a directory;
-* ``is_output(path) -> bool``: whether an output path's suffix means this format;
-* ``Reader(source)`` and ``Writer(...)``, below.
+Optional capabilities are declared, never discovered: a format that can do
+more says so with a class attribute and overrides the method, and every
+method has a default that is right for a format that cannot:
+
+* ranges (``Writer.writes_ranges``, ``Writer.write_range``): averaged tensors
+  stream into the writer chunk by chunk instead of being held whole;
+* page release (``Reader.release``): consumed input pages leave the process;
+* staging (``Format.make_staging``): a format whose output is several files
+  (a TF prefix) stages and commits them itself;
+* shard files (``Format.shard_files``): each output shard is a file of its
+  own, written by its own writer anywhere (a Dask worker), and an index
+  written last by the commit;
+* remote reads (``Format.remote_reads``): the reader reads fsspec URLs with
+  ranged reads; other formats' remote inputs are first copied to a local
+  temporary directory.
 """
 
 from __future__ import annotations
@@ -19,7 +30,7 @@ import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -130,6 +141,19 @@ class Reader(ABC):
         engine's batches of small tensors).  By default their concatenation; a
         format may return one view when they lie side by side in the file."""
         return np.concatenate([np.asarray(self.read(n)).reshape(-1) for n in names])
+
+    def read_stream(self, name: str):
+        """A tensor as a flat array for the kernel to stream through block by block
+        (``x.size``, ``x.dtype``, ``x[a:b]``, ``x.view(dtype)``).  By default the
+        flattened ``read``; a remote reader returns an array-like that fetches its
+        blocks with ranged reads, so no tensor is ever held whole."""
+        return np.asarray(self.read(name)).reshape(-1)
+
+    def release(self, name: str, first: int = 0, last: int | None = None) -> None:
+        """Capability ``page release``: the engine is done with elements
+        ``[first, last)`` of this tensor (all of it by default); a reader of
+        memory-mapped data may drop those pages.  By default: nothing."""
+
     def metadata(self) -> dict[str, str]:
         """Free-form string metadata the format carries (safetensors ``__metadata__``)."""
         return {}
@@ -171,10 +195,23 @@ class Reader(ABC):
 class Writer(ABC):
     """Streams tensors out.  ``write`` may be called from several threads, in any
     order, exactly once per tensor; ``close`` finishes the files.  Writers write
-    into a staging path given by the engine, which renames it into place."""
+    into a staging path given by the engine, which renames it into place.
+
+    Constructed as ``Writer(path, shards, metadata, template=None)``: ``shards``
+    the output's tensors per output shard (``TensorInfo`` lists), ``metadata``
+    string metadata (the recipe), ``template`` the newest input's reader when
+    the output follows its layout (TF ``.meta`` graph, HDF5 groups)."""
+
+    #: capability ``ranges``: ``write_range`` is supported
+    writes_ranges: ClassVar[bool] = False
 
     @abstractmethod
     def write(self, name: str, array: np.ndarray) -> None: ...
+
+    def write_range(self, name: str, start: int, flat: np.ndarray) -> None:
+        """Elements ``[start, start + flat.size)`` of a tensor in C order (``flat``:
+        1-D, contiguous, the tensor's dtype); only where ``writes_ranges``."""
+        raise NotImplementedError(f"{type(self).__name__} does not write ranges")
 
     def write_many(self, items: list[tuple[str, np.ndarray]]) -> None:
         """Several whole tensors at once (the engine's batches of small tensors):
@@ -188,6 +225,82 @@ class Writer(ABC):
 
     def abort(self) -> None:
         """Release handles after a failure (the staging area is removed by the caller)."""
+
+
+class Format:
+    """One checkpoint format.  Subclasses set ``name``, ``reader`` and ``writer``
+    and override what they can do; every default is right for a format that
+    cannot (see the module docstring for the optional capabilities)."""
+
+    name: ClassVar[str] = ""
+    #: ``reader(source) -> Reader`` (a Reader subclass, or a function choosing one)
+    reader: ClassVar[Any] = None
+    #: ``writer(path, shards, metadata, template=None) -> Writer``
+    writer: ClassVar[Any] = None
+    #: capability ``remote reads``: the reader reads fsspec URLs itself, with ranged reads
+    remote_reads: ClassVar[bool] = False
+    #: capability ``shard files``: ``open_shard`` / ``write_index`` (HF sharded layout)
+    shard_files: ClassVar[bool] = False
+
+    # ---- inputs
+    def claim_path(self, path: Path, *, skip_missing: bool = False) -> list[Source] | None:
+        """The checkpoints an input path (a file, a prefix, an index) denotes, or
+        None when it is not this format."""
+        return None
+
+    def scan_dir(self, path: Path) -> list[Source]:
+        """The checkpoints directly in a directory."""
+        return []
+
+    # ---- outputs
+    def is_output(self, path: str) -> bool:
+        """Whether an output path's suffix means this format."""
+        return False
+
+    def is_output_given_inputs(self, path: str, input_formats) -> bool:
+        """For a suffix two formats share (``.ckpt``): whether this format takes
+        the output when the inputs are ``input_formats``.  Default: never."""
+        return False
+
+    def can_store(self, dtype: str) -> bool:
+        """Whether the format can store tensors of this canonical dtype."""
+        return True
+
+    def make_staging(self, output: str, *, sharded: bool, force: bool):
+        """Capability ``staging``: where a file (or prefix) output is written
+        before its commit, an object with ``path``, ``commit()``, ``discard()``
+        and ``final_files``.  Default: one staged file beside the output."""
+        from ema_cli.output import Staged, check_target
+
+        check_target(output, force=force, is_dir=False)
+        return Staged(output, is_dir=False, force=force)
+
+    def directory_name(self, shards: int, newest: Source) -> str:
+        """For a directory output: the name the writer is given inside it (``""``:
+        the directory itself, for shard files)."""
+        from ema_cli.errors import UsageError
+
+        raise UsageError(f"{self.name} output cannot be a directory; give a file name")
+
+    def loader_files(self, directory: str, newest: Source) -> tuple[list[str], list[str]]:
+        """For a directory output from ``newest``: (files of the newest input's
+        directory to copy beside the weights, names left out to warn about)."""
+        return [], []
+
+    def finish_directory(self, stage: str, name: str) -> None:
+        """Complete a staged directory output after its writer closed."""
+
+    # ---- shard files (``shard_files``)
+    def shard_names(self, n: int) -> list[str]:
+        raise NotImplementedError
+
+    def open_shard(self, path: str, infos: list[TensorInfo], metadata: dict[str, str]) -> "Writer":
+        """A writer of one output shard's file."""
+        raise NotImplementedError
+
+    def index_document(self, shard_infos: list[list[TensorInfo]], metadata: dict[str, str]) -> tuple[str, bytes]:
+        """The index the commit writes after every shard is complete: (file name, bytes)."""
+        raise NotImplementedError
 
 
 def step_from_scalar(arr: np.ndarray) -> int | None:

@@ -49,7 +49,7 @@ import numpy as np
 
 from ema_cli import dtypes
 from ema_cli.errors import EmaError, UsageError
-from ema_cli.formats.base import BUFFER, COUNTER, OPTIMIZER, OTHER, PARAMETER, Reader, Role, Source, TensorInfo, Writer
+from ema_cli.formats.base import BUFFER, COUNTER, Format, OPTIMIZER, OTHER, PARAMETER, Reader, Role, Source, TensorInfo, Writer
 from ema_cli.output import Staged, check_target
 
 NAME = "hdf5"
@@ -969,6 +969,8 @@ class Hdf5Writer(Writer):
     """HDF5 output: from an HDF5 template (copy and overwrite in place, or
     rebuild when dtypes change) or from scratch (any other template)."""
 
+    writes_ranges = True
+
     def __init__(self, path: str, shards: list[list[TensorInfo]], metadata: dict[str, str], template=None,
                  *, shown: str | None = None):
         if len(shards) > 1:
@@ -1359,3 +1361,29 @@ def _same_strings(a: np.ndarray, b: np.ndarray) -> bool:
 
 
 Writer = Hdf5Writer
+
+
+class Hdf5Format(Format):
+    name = NAME
+    reader = Hdf5Reader
+    writer = Hdf5Writer
+
+    def claim_path(self, path, *, skip_missing=False):
+        return claim_path(path, skip_missing=skip_missing)
+
+    def scan_dir(self, path):
+        return scan_dir(path)
+
+    def is_output(self, path):
+        return is_output(path)
+
+    def make_staging(self, output, *, sharded, force):
+        return make_staging(output, sharded=sharded, force=force)
+
+    def directory_name(self, shards, newest):
+        if shards > 1:
+            raise UsageError("HDF5 output is a single file: --max-shard-size applies to safetensors output")
+        return "model.weights.h5" if newest.format == NAME and newest.path.endswith(".weights.h5") else "model.h5"
+
+
+FORMAT = Hdf5Format()

@@ -466,6 +466,8 @@ class ShardStaging(_DirStaging):
 class KerasWriter(base.Writer):
     """``model.weights.h5`` inside a ``.keras``, or Keras sharded weights."""
 
+    writes_ranges = True
+
     def __init__(self, path: str, shards: list[list[TensorInfo]], metadata: dict[str, str], template=None):
         self.path = path
         self._writers: list[hdf5_fmt.Hdf5Writer] = []
@@ -579,3 +581,24 @@ class KerasWriter(base.Writer):
 
 
 Writer = KerasWriter
+
+
+class KerasFormat(base.Format):
+    name = NAME
+    reader = staticmethod(Reader)
+    writer = KerasWriter
+
+    def claim_path(self, path, *, skip_missing=False):
+        return claim_path(path, skip_missing=skip_missing)
+
+    def scan_dir(self, path):
+        return scan_dir(path)
+
+    def is_output(self, path):
+        return is_output(path)
+
+    def make_staging(self, output, *, sharded, force):
+        return make_staging(output, sharded=sharded, force=force)
+
+
+FORMAT = KerasFormat()

@@ -27,7 +27,7 @@ import numpy as np
 from ema_cli import dtypes
 from ema_cli.errors import EmaError
 from ema_cli.notices import warn
-from ema_cli.formats.base import Reader, Source, TensorInfo, Writer, load_weight_map_index, step_from_scalar
+from ema_cli.formats.base import Format, Reader, Source, TensorInfo, Writer, load_weight_map_index, step_from_scalar
 
 NAME = "safetensors"
 SUFFIX = ".safetensors"
@@ -714,9 +714,12 @@ def _fit_header(metadata: dict, entries: list[str], shown: str) -> bytes:
     return raw
 
 
-class _FileWriter:
+class _FileWriter(Writer):
     """Writes one safetensors file: the header first (every name, dtype and shape
-    is known before any tensor is computed), then each tensor at its offset."""
+    is known before any tensor is computed), then each tensor at its offset.
+    One shard of a sharded output is one of these (``Format.open_shard``)."""
+
+    writes_ranges = True
 
     def __init__(self, path: str, infos: list[TensorInfo], metadata: dict[str, str]):
         # largest item size first keeps every tensor aligned (as safetensors does)
@@ -816,6 +819,10 @@ class _FileWriter:
         if start + flat.size == info.numel:
             self.pending.discard(name)
 
+    def offsets_infos(self):
+        """The file's tensors, in the order they were given."""
+        return (info for _pos, info in self.offsets.values())
+
     def close(self) -> None:
         if self.pending:
             raise EmaError(f"internal: {len(self.pending)} tensors never written", path=self.shown)
@@ -850,10 +857,26 @@ def shard_file_names(n: int) -> list[str]:
     return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
 
 
+def index_document(shard_infos: list[list[TensorInfo]], metadata: dict[str, str]) -> tuple[str, bytes]:
+    """Hugging Face's ``model.safetensors.index.json`` for these shards (their
+    files named by ``shard_file_names``): ``total_size`` and the weight map."""
+    names = shard_file_names(len(shard_infos))
+    weight_map = {}
+    total = 0
+    for fname, infos in zip(names, shard_infos):
+        for info in infos:
+            weight_map[info.name] = fname
+            total += info.nbytes
+    doc = {"metadata": {"total_size": total, **metadata}, "weight_map": dict(sorted(weight_map.items()))}
+    return "model" + INDEX_SUFFIX, (json.dumps(doc, indent=2) + "\n").encode()
+
+
 class SafetensorsWriter(Writer):
     """``shards`` is the plan's list of output shards.  One shard: ``path`` is the
     file.  Several: ``path`` is a directory that receives the shards and
     ``model.safetensors.index.json`` (Hugging Face's layout)."""
+
+    writes_ranges = True
 
     def __init__(self, path: str, shards: list[list[TensorInfo]], metadata: dict[str, str], template=None):
         self.sharded = len(shards) > 1
@@ -878,7 +901,6 @@ class SafetensorsWriter(Writer):
             for name in fw.offsets:
                 self._by_name[name] = fw
         self._metadata = metadata
-        self._shard_names = shard_file_names(len(shards)) if self.sharded else []
 
     def write(self, name: str, array: np.ndarray) -> None:
         self._by_name[name].write(name, array)
@@ -899,17 +921,11 @@ class SafetensorsWriter(Writer):
         for fw in self._files:
             fw.close()
         if self.sharded:
-            total = sum(fw.total - fw.data_start for fw in self._files)
-            weight_map = {}
-            for fname, fw in zip(self._shard_names, self._files):
-                for name in fw.offsets:
-                    weight_map[name] = fname
-            doc = {"metadata": {"total_size": total, **self._metadata}, "weight_map": dict(sorted(weight_map.items()))}
-            ipath = os.path.join(self.path, "model" + INDEX_SUFFIX)
+            fname, raw = index_document([list(fw.offsets_infos()) for fw in self._files], self._metadata)
+            ipath = os.path.join(self.path, fname)
             try:
-                with open(ipath, "w") as fh:
-                    json.dump(doc, fh, indent=2)
-                    fh.write("\n")
+                with open(ipath, "wb") as fh:
+                    fh.write(raw)
                     fh.flush()
                     os.fsync(fh.fileno())
             except OSError as e:
@@ -921,3 +937,45 @@ class SafetensorsWriter(Writer):
 
 
 Writer = SafetensorsWriter
+
+
+class SafetensorsFormat(Format):
+    name = NAME
+    reader = SafetensorsReader
+    writer = SafetensorsWriter
+    remote_reads = True
+    shard_files = True
+
+    def claim_path(self, path, *, skip_missing=False):
+        return claim_path(path, skip_missing=skip_missing)
+
+    def scan_dir(self, path):
+        return scan_dir(path)
+
+    def is_output(self, path):
+        return is_output(path)
+
+    def can_store(self, dtype):
+        return can_store(dtype)
+
+    def directory_name(self, shards, newest):
+        return "" if shards > 1 else "model.safetensors"
+
+    def loader_files(self, directory, newest):
+        """The Hugging Face layout beside the weights: config, tokenizer, remote
+        code; never training state.  Only from a safetensors input."""
+        if newest.format != NAME:
+            return [], []
+        return loader_files(directory, newest.files)
+
+    def shard_names(self, n):
+        return shard_file_names(n)
+
+    def open_shard(self, path, infos, metadata):
+        return _FileWriter(path, infos, metadata)
+
+    def index_document(self, shard_infos, metadata):
+        return index_document(shard_infos, metadata)
+
+
+FORMAT = SafetensorsFormat()

@@ -56,7 +56,7 @@ from ema_cli import dtypes
 from ema_cli.notices import warn
 from ema_cli.errors import EmaError
 from ema_cli.formats import tf_bundle
-from ema_cli.formats.base import (BUFFER, COUNTER, OPTIMIZER, OTHER, PARAMETER, Reader, Role, Source, TensorInfo,
+from ema_cli.formats.base import (BUFFER, COUNTER, OPTIMIZER, OTHER, PARAMETER, Format, Reader, Role, Source, TensorInfo,
                                   Writer, is_buffer_name, step_from_scalar)
 from ema_cli.output import Staged, _fsync_dir, check_target, fsync_file
 
@@ -658,6 +658,8 @@ class TFWriter(Writer):
     checkpoint has no place for free-form metadata that every loader would
     ignore."""
 
+    writes_ranges = True
+
     def __init__(self, path: str, shards: list[list[TensorInfo]], metadata: dict[str, str], template=None):
         self.path = path
         self.final = _final_of(path)
@@ -1117,3 +1119,33 @@ def make_staging(output: str, *, sharded: bool, force: bool) -> TFStaging:
     """``sharded`` (``--max-shard-size``): one data file per output shard, which
     the writer does; the staging needs nothing special."""
     return TFStaging(output, force=force)
+
+
+class TFFormat(Format):
+    name = NAME
+    reader = TFReader
+    writer = TFWriter
+
+    def claim_path(self, path, *, skip_missing=False):
+        return claim_path(path, skip_missing=skip_missing)
+
+    def scan_dir(self, path):
+        return scan_dir(path)
+
+    def is_output(self, path):
+        return is_output(path)
+
+    def can_store(self, dtype):
+        return can_store(dtype)
+
+    def make_staging(self, output, *, sharded, force):
+        return make_staging(output, sharded=sharded, force=force)
+
+    def directory_name(self, shards, newest):
+        return "model.ckpt"
+
+    def finish_directory(self, stage, name):
+        write_state_file(stage, name)
+
+
+FORMAT = TFFormat()

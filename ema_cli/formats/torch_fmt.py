@@ -44,7 +44,7 @@ import numpy as np
 
 from ema_cli import dtypes
 from ema_cli.errors import EmaError, UsageError
-from ema_cli.formats.base import BUFFER, OTHER, PARAMETER, Reader, Role, Source, TensorInfo, Writer, is_buffer_name, \
+from ema_cli.formats.base import BUFFER, OTHER, PARAMETER, Format, Reader, Role, Source, TensorInfo, Writer, is_buffer_name, \
     load_weight_map_index
 from ema_cli.output import Staged, check_target
 
@@ -605,6 +605,8 @@ class TorchWriter(Writer):
     is left behind), one region per tensor; ``close`` hands tensors viewing those
     regions to ``torch.save``, which writes them to the staging path."""
 
+    writes_ranges = True
+
     def __init__(self, path: str, shards: list[list[TensorInfo]], metadata: dict[str, str], template=None):
         if len(shards) > 1:
             raise UsageError("PyTorch output is a single file: --max-shard-size applies to safetensors output")
@@ -742,3 +744,30 @@ def _same_bytes(a: np.ndarray, b: np.ndarray, chunk: int = 1 << 24) -> bool:
 
 
 Writer = TorchWriter
+
+
+class TorchFormat(Format):
+    name = NAME
+    reader = TorchReader
+    writer = TorchWriter
+
+    def claim_path(self, path, *, skip_missing=False):
+        return claim_path(path, skip_missing=skip_missing)
+
+    def scan_dir(self, path):
+        return scan_dir(path)
+
+    def is_output(self, path):
+        return is_output(path)
+
+    def is_output_given_inputs(self, path, input_formats):
+        return is_output_given_inputs(path, input_formats)
+
+    def can_store(self, dtype):
+        return can_store(dtype)
+
+    def make_staging(self, output, *, sharded, force):
+        return make_staging(output, sharded=sharded, force=force)
+
+
+FORMAT = TorchFormat()

@@ -1,0 +1,560 @@
+"""Tasks and executors: computing output shards from a plan.
+
+A shard task (``ShardTask``: plans, output specs, a shard index) is a pure,
+picklable description of work.  ``run_task`` opens its own readers (a
+``ReaderPool`` of its own, unless the in-process executor lends its pool) and
+its own writer for its own output file, computes every tensor of the shard
+through the kernel, closes the writer and returns a small ``ShardResult``
+(digests, bytes, seconds, where it ran).  No live object crosses a task
+boundary, so the same task runs in this process (``ThreadExecutor``: tensors
+in threads) or on a Dask worker (``DaskExecutor``).
+
+Inside a task, ``run_shard`` computes a shard's tensors: each is a weighted
+sum over the checkpoints, accumulated in float64 in cache-sized blocks and
+rounded once (``ema_cli.kernel``), handed to the writer whole or streamed in
+chunks (``Writer.write_range``); small tensors go in batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import socket
+import tempfile
+import time
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from ema_cli import dtypes, formats, kernel, storage
+from ema_cli.errors import EmaError
+from ema_cli.formats.base import Source
+from ema_cli.plan import Plan, Task
+from ema_cli.readers import ReaderPool
+
+BLOCK = kernel.BLOCK  # elements per float64 accumulation block (512 KiB; two of them stay in L2)
+CHUNK = kernel.CHUNK  # bytes of rounded output a thread stages before handing them to a streaming writer
+STREAM_MIN = 1 << 20  # averaged tensors of at least this many bytes are streamed to writers that write ranges
+RELEASE_STEP = 16 << 20  # while streaming, consumed input pages are unmapped every this many bytes per input
+RELEASE_MIN = 1 << 19  # tensors smaller than this are not released (a reader drops whole pages of >= 512 KiB)
+
+
+def _narrowing(plan: Plan, task: Task, pairs) -> kernel.Narrowing | None:
+    """The overflow guard for this tensor, or None when its sum cannot overflow
+    the output dtype (the normal path: no extra work at all)."""
+    return kernel.narrowing(task.out_name, task.out_dtype, task.info.dtype, plan.weights, plan.options.saturate,
+                            plan.__dict__.setdefault("_can_overflow", {}))
+
+
+def _block_sum(srcs, weights, out_flat: np.ndarray, check: bool, emit=None, narrow=None, *, task: Task | None = None):
+    """``kernel.block_sum`` with the task's canonical dtypes (arrays may hold raw bits)."""
+    return kernel.block_sum(srcs, weights, out_flat, check, emit, narrow,
+                            in_dtype=None if task is None else task.info.dtype,
+                            out_dtype=None if task is None else task.out_dtype)
+
+
+def compute_tensor(plan: Plan, task: Task, pool: ReaderPool, read=None) -> np.ndarray:
+    """The output value of one tensor: a pure function of the plan.  ``read``
+    (``read(source, name)``): readers leased for a batch of small tensors
+    (``run_shard``); default, one lease per read from ``pool``."""
+    cks = plan.checkpoints
+    read = read or pool.read
+    if task.action == "copy":
+        arr = plan.overrides.get(task.name)
+        if arr is None:
+            arr = read(cks[plan.newest].source, task.name)
+        if task.out_dtype != task.info.dtype:
+            arr = dtypes.cast_rounded(arr, task.out_dtype)
+        return arr
+    pairs = [(cks[i], w) for i, w in zip(plan.selected, plan.weights) if w != 0.0]
+    out = np.empty(task.info.shape, dtype=dtypes.to_numpy(task.out_dtype))
+    check = not plan.options.allow_nonfinite
+    spec = plan.options.spec
+    if spec.tf_exact:
+        sel = [cks[i] for i in plan.selected]
+        arrs = [read(ck.source, task.name) for ck in sel]
+        steps = np.array([ck.step or 0 for ck in sel])
+        bad = kernel.tf_exact_replay(arrs, steps, spec.decay, spec.num_updates, out, check, _narrowing(plan, task, pairs))
+    else:
+        srcs = [np.asarray(read(ck.source, task.name)).reshape(-1) for ck, _ in pairs]
+        bad = _block_sum(srcs, [w for _, w in pairs], out.reshape(-1), check, narrow=_narrowing(plan, task, pairs),
+                         task=task)
+    if bad is not None:
+        _raise_nonfinite(pairs, task, read)
+    return out
+
+
+def _raise_nonfinite(pairs, task: Task, read):
+    for ck, w in pairs:
+        if not np.isfinite(read(ck.source, task.name)).all():
+            raise EmaError(f"has NaN or Inf values (weight {w:.6g}); use --allow-nonfinite to average anyway",
+                           path=ck.path, tensor=task.name)
+    raise EmaError("the weighted sum is not finite (overflow)", tensor=task.name)
+
+
+def _streams(plan: Plan, task: Task, writer) -> bool:
+    """Whether the tensor is averaged block by block straight into the writer."""
+    return (task.action == "average" and not plan.options.spec.tf_exact
+            and dtypes.itemsize(task.out_dtype) * task.info.numel >= STREAM_MIN
+            and writer.writes_ranges)
+
+
+def stream_tensor(plan: Plan, task: Task, pool: ReaderPool, writer, hasher=None) -> None:
+    """Average one tensor into ``writer.write_range`` chunk by chunk: the same
+    values as ``compute_tensor``, but only a CHUNK-sized staging buffer per
+    thread is held, whatever the tensor's size.  ``hasher`` (hashlib) is fed the
+    output bytes in order (the same digest as ``digest`` of the whole tensor)."""
+    cks = plan.checkpoints
+    pairs = [(cks[i], w) for i, w in zip(plan.selected, plan.weights) if w != 0.0]
+    srcs = [pool.read_stream(ck.source, task.name) for ck, _ in pairs]
+    stage = kernel.stage_buffer(dtypes.to_numpy(task.out_dtype), min(task.info.numel, BLOCK))
+    write_range, name = writer.write_range, task.out_name
+    # inputs whose reader can drop consumed mapped pages before the tensor is done
+    # (in steps: each call costs a TLB shootdown; the rest goes in _release)
+    releases = [ck.source for ck, _ in pairs]
+    step = max(1, RELEASE_STEP // max(1, dtypes.itemsize(task.info.dtype)))
+    released = 0
+
+    def emit(start: int, part: np.ndarray) -> None:
+        nonlocal released
+        write_range(name, start, part)
+        if hasher is not None:
+            hasher.update(part.view(np.uint8))
+        end = start + part.size
+        if end - released >= step and end < task.info.numel:
+            for src in releases:
+                pool.release(src, task.name, released, end)
+            released = end
+
+    if _block_sum(srcs, [w for _, w in pairs], stage, not plan.options.allow_nonfinite, emit,
+                  narrow=_narrowing(plan, task, pairs), task=task) is not None:
+        _raise_nonfinite(pairs, task, pool.read)
+
+
+def _release(plan: Plan, task: Task, pool: ReaderPool) -> None:
+    """Tell the readers that support it that this tensor is done (safetensors
+    drops its memory-mapped pages from the process: resident memory stays small)."""
+    if task.info.nbytes < RELEASE_MIN:
+        return  # (readers leave ranges this small alone)
+    cks = plan.checkpoints
+    used = plan.selected if task.action == "average" else [plan.newest]
+    for i in used:
+        pool.release(cks[i].source, task.name)
+
+
+UNIT_BYTES = 4 << 20  # small tensors are computed in batches of up to this many input bytes ...
+UNIT_TENSORS = 4096  # ... and this many tensors, each input's reader leased once per batch
+
+
+def _units(plan: Plan, shard: list[str]) -> list[list[str]]:
+    """The shard's tensors in work units: a tensor of at least ``UNIT_BYTES`` on
+    its own, runs of smaller ones together (a header may list millions of tiny
+    tensors: per-tensor costs, not bytes, would then dominate)."""
+    units: list[list[str]] = []
+    cur: list[str] = []
+    size = 0
+    task = plan.task
+    for name in shard:
+        nb = task(name).info.nbytes
+        if nb >= UNIT_BYTES:
+            units.append([name])
+            continue
+        if cur and (size + nb > UNIT_BYTES or len(cur) >= UNIT_TENSORS):
+            units.append(cur)
+            cur, size = [], 0
+        cur.append(name)
+        size += nb
+    if cur:
+        units.append(cur)
+    return units
+
+
+def _groups(plan: Plan, names: list[str]) -> list[list[str]]:
+    """Consecutive tensors of a unit with the same action and dtypes."""
+    out: list[list[str]] = []
+    key = None
+    for name in names:
+        t = plan.task(name)
+        k = (t.action, t.info.dtype, t.out_dtype)
+        if k != key:
+            out.append([])
+            key = k
+        out[-1].append(name)
+    return out
+
+
+def _batchable(plan: Plan, writer, name: str) -> bool:
+    """Whether a group of small averaged tensors (like ``name``) can be summed as
+    one flat array: the kernel works element by element, so the values are the
+    same bits as tensor by tensor.  Not for ``--tf-exact`` (its own recurrence),
+    nor where the sum could overflow the output dtype (the error names one
+    tensor), nor for tensors streamed to the writer."""
+    task = plan.task(name)
+    if task.action != "average" or plan.options.spec.tf_exact or _streams(plan, task, writer):
+        return False
+    pairs = [(plan.checkpoints[i], w) for i, w in zip(plan.selected, plan.weights) if w != 0.0]
+    return _narrowing(plan, task, pairs) is None
+
+
+def _batch(target: "Target", names: list[str], read, read_flat) -> None:
+    """Average a group of small tensors of one dtype in one kernel call over their
+    concatenation, then write each (per-tensor costs dominate tiny tensors)."""
+    plan, writer, sums = target.plan, target.writer, target.checksums
+    cks = plan.checkpoints
+    pairs = [(cks[i], w) for i, w in zip(plan.selected, plan.weights) if w != 0.0]
+    tasks = [plan.task(n) for n in names]
+    in_names = [t.name for t in tasks]
+    srcs = [read_flat(ck.source, in_names) for ck, _ in pairs]
+    out = np.empty(srcs[0].size, dtype=dtypes.to_numpy(tasks[0].out_dtype))
+    if _block_sum(srcs, [w for _, w in pairs], out, not plan.options.allow_nonfinite, task=tasks[0]) is not None:
+        for t in tasks:  # which tensor: compute_tensor raises the error naming it
+            compute_tensor(plan, t, None, read)
+        raise EmaError("internal: a non-finite sum not found again", tensor=names[0])
+    pos, items = 0, []
+    for t in tasks:
+        n = t.info.numel
+        arr = out[pos:pos + n].reshape(t.info.shape)
+        pos += n
+        items.append((t.out_name, arr))
+        if sums is not None:
+            sums[t.out_name] = digest(arr)
+    writer.write_many(items)
+
+
+@dataclass
+class Target:
+    """One output of a run: its plan (the weights), its writer, its digests."""
+
+    plan: Plan
+    writer: object
+    checksums: dict | None = None
+
+
+def run_shard(plan: Plan | list[Target], shard: list[str], pool: ReaderPool, writer=None, *,
+              threads: int = 1, on_tensor: Callable[[Task], None] | None = None,
+              checksums: dict | None = None) -> None:
+    """Compute and write one output shard (a list of output names).  With
+    ``checksums``, record each written tensor's digest for ``--verify``.
+
+    ``plan`` may instead be a list of targets over the same inputs and tensors
+    (post-hoc EMA of several widths): each tensor is then computed for every
+    target while its input data is in memory, so the inputs are read once.
+
+    Work goes in units (``_units``): for a batch of small tensors, every input
+    the batch reads is leased once (when the pool may hold them all open)."""
+    targets = plan if isinstance(plan, list) else [Target(plan, writer, checksums)]
+    first = targets[0].plan
+    cks = first.checkpoints
+    used = sorted({first.newest, *(i for t in targets for i, w in zip(t.plan.selected, t.plan.weights) if w != 0.0)})
+    sources = [cks[i].source for i in used]
+    # lease them all for a batch only if that leaves the pool room (ulimit -n, thousands of inputs)
+    lease_all = len(sources) * max(1, threads) <= max(1, pool.max_open // 2)
+
+    def one(name: str, read) -> None:
+        with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf are reported as errors, not warnings
+            for t in targets:
+                _one(t, name, read)
+        task = first.task(name)
+        for t in targets:
+            _release(t.plan, task, pool)
+        if on_tensor is not None:
+            on_tensor(task)
+
+    def _one(target: Target, name: str, read) -> None:
+        plan, writer, sums = target.plan, target.writer, target.checksums
+        task = plan.task(name)
+        if _streams(plan, task, writer):
+            hasher = hashlib.blake2b(digest_size=16) if sums is not None else None
+            stream_tensor(plan, task, pool, writer, hasher)
+            if hasher is not None:
+                sums[name] = hasher.hexdigest()
+        else:
+            arr = compute_tensor(plan, task, pool, read)
+            writer.write(name, arr)
+            if sums is not None:
+                sums[name] = digest(arr)
+            del arr
+
+    def unit(names: list[str]) -> None:
+        if len(names) == 1 or not lease_all:
+            for name in names:
+                one(name, None)
+            return
+        with contextlib.ExitStack() as stack:
+            readers = {src.path: stack.enter_context(pool.lease(src)) for src in sources}
+
+            def read(source: Source, name: str):
+                return readers[source.path].read(name)
+
+            def read_flat(source: Source, names: list[str]):
+                return readers[source.path].read_flat(names)
+
+            for group in _groups(first, names):
+                if len(group) > 1 and all(_batchable(t.plan, t.writer, group[0]) for t in targets):
+                    with np.errstate(invalid="ignore", over="ignore"):
+                        for t in targets:
+                            _batch(t, group, read, read_flat)
+                    if on_tensor is not None:
+                        for name in group:
+                            on_tensor(first.task(name))
+                else:
+                    for name in group:
+                        one(name, read)
+
+    units = _units(first, shard)
+    if threads <= 1:
+        for u in units:
+            unit(u)
+        return
+    # bounded look-ahead: at most 2 units per thread in flight
+    with ThreadPoolExecutor(max_workers=threads) as ex:
+        pending = set()
+        for u in units:
+            pending.add(ex.submit(unit, u))
+            if len(pending) >= 2 * threads:
+                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                for f in done:
+                    f.result()
+        done, _ = wait(pending, return_when=FIRST_EXCEPTION)
+        for f in done:
+            f.result()
+        for f in pending:
+            f.result()
+
+
+def digest(arr) -> str:
+    """A checksum of a tensor's values (bytes for strings) for ``--verify``."""
+    a = np.asarray(arr)
+    h = hashlib.blake2b(digest_size=16)
+    if a.dtype.kind == "O":
+        for v in a.reshape(-1):
+            b = v if isinstance(v, bytes) else str(v).encode()
+            h.update(len(b).to_bytes(8, "little"))
+            h.update(b)
+    else:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def default_threads() -> int:
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+
+# --------------------------------------------------------------------------- shard tasks
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """One output as a task sees it: picklable, no live object.
+
+    ``write_path`` is where the task's writer writes when the output is local
+    (a staging file, prefix or directory made by ``ema_cli.commit``).  A
+    remote output (``upload_to``: a staging prefix URL) is written by each task
+    into a local temporary directory, then uploaded under that prefix; the
+    commit moves it into place.  ``name`` is the writer's name inside
+    ``write_path`` (``""``: ``write_path`` itself); ``directory``: the output is
+    a directory, which the task finishes (``Format.finish_directory``) when it
+    writes the whole output."""
+
+    format: str
+    write_path: str
+    name: str = ""
+    directory: bool = False
+    metadata: tuple[tuple[str, str], ...] = ()
+    upload_to: str | None = None
+    storage_options: str = ""
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """``plans`` (outputs of one pass: same inputs and tensors, other weights)
+    and their ``outputs``; ``shard``: the index of the output shard this task
+    writes as a file of its own (formats with shard files), or None: every
+    shard, through one writer (one task per output)."""
+
+    plans: tuple[Plan, ...]
+    outputs: tuple[OutputSpec, ...]
+    shard: int | None
+    threads: int = 1
+    checksums: bool = False  # per-tensor digests back to the client (--verify)
+    digest: bool = False  # a digest of the shard's values (the Dask commit waits for every one)
+
+    @property
+    def key(self) -> str:
+        return "all" if self.shard is None else f"shard-{self.shard}"
+
+    def shard_indices(self) -> list[int]:
+        return list(range(len(self.plans[0].shards))) if self.shard is None else [self.shard]
+
+    def tensor_count(self) -> int:
+        return sum(len(self.plans[0].shards[i]) for i in self.shard_indices())
+
+
+@dataclass
+class ShardResult:
+    """What a task reports back: small (its files' digests; per-tensor
+    checksums only with ``--verify``)."""
+
+    shard: int | None
+    worker: str
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+    tensors: int
+    digests: list[str] = field(default_factory=list)  # per output: one digest of the shard's tensors
+    checksums: list[dict] | None = None  # per output: {tensor: digest} (--verify)
+    files: list[list[str]] = field(default_factory=list)  # per output: what the task wrote (relative names)
+
+    def describe(self) -> dict:
+        return {"shard": self.shard, "worker": self.worker, "bytes_read": self.bytes_read,
+                "bytes_written": self.bytes_written, "seconds": round(self.seconds, 6), "tensors": self.tensors}
+
+
+def _worker_name() -> str:
+    try:
+        from distributed import get_worker
+
+        return get_worker().address
+    except (ImportError, ValueError):
+        return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _bytes_read(plan: Plan, names: list[str]) -> int:
+    """The input bytes the shard's tensors read: each averaged tensor from every
+    input with a non-zero weight, each copied one from the newest."""
+    inputs = sum(1 for w in plan.weights if w != 0.0)
+    total = 0
+    task = plan.task
+    for n in names:
+        t = task(n)
+        if t.action == "copy" and t.name in plan.overrides:
+            continue
+        total += t.info.nbytes * (inputs if t.action == "average" else 1)
+    return total
+
+
+def _open_writer(plan: Plan, spec: OutputSpec, shard: int | None, where: str, pool: ReaderPool,
+                 stack: contextlib.ExitStack):
+    fmt = formats.get(spec.format)
+    meta = dict(spec.metadata)
+    if shard is not None:
+        infos = plan.shard_infos()[shard]
+        return fmt.open_shard(os.path.join(where, fmt.shard_names(len(plan.shards))[shard]), infos, meta)
+    path = os.path.join(where, spec.name) if spec.name else where
+    template = None
+    if plan.use_template:  # the newest input's layout: leased for the writer's whole life
+        template = stack.enter_context(pool.lease(plan.checkpoints[plan.newest].source))
+    return fmt.writer(path, plan.shard_infos(), meta, template=template)
+
+
+def run_task(task: ShardTask, pool: ReaderPool | None = None,
+             on_tensor: Callable[[Task], None] | None = None) -> ShardResult:
+    """Compute and write one shard task; see the module docstring.  ``pool``: the
+    in-process executor's readers (else the task opens its own)."""
+    t0 = time.perf_counter()
+    own_pool = pool is None
+    pool = pool or ReaderPool()
+    tmp = None
+    writers: list = []
+    try:
+        with contextlib.ExitStack() as stack:
+            wheres = []
+            for spec in task.outputs:
+                if spec.upload_to is not None:  # remote: written here, then uploaded to its staging prefix
+                    tmp = tmp or tempfile.mkdtemp(prefix="ema-avg-task-")
+                    where = os.path.join(tmp, str(len(wheres)))
+                    os.mkdir(where)
+                else:
+                    where = spec.write_path
+                wheres.append(where)
+            try:
+                for plan, spec, where in zip(task.plans, task.outputs, wheres):
+                    writers.append(_open_writer(plan, spec, task.shard, where, pool, stack))
+                sums = [{} if (task.checksums or task.digest) else None for _ in writers]
+                targets = [Target(p, w, s) for p, w, s in zip(task.plans, writers, sums)]
+                first = task.plans[0]
+                for i in task.shard_indices():
+                    run_shard(targets, first.shards[i], pool, threads=task.threads, on_tensor=on_tensor)
+                for k, w in enumerate(writers):
+                    w.close()
+                    writers[k] = None
+            except BaseException:
+                for w in writers:
+                    if w is not None:
+                        w.abort()
+                raise
+        for plan, spec, where in zip(task.plans, task.outputs, wheres):
+            if task.shard is None and spec.directory:
+                formats.get(spec.format).finish_directory(where, spec.name)
+        files = []
+        for spec, where in zip(task.outputs, wheres):
+            files.append(_task_files(spec, task, where))
+            if spec.upload_to is not None:
+                _upload(where, spec, files[-1])
+        first = task.plans[0]
+        names = [n for i in task.shard_indices() for n in first.shards[i]]
+        digests = []
+        for plan, s in zip(task.plans, sums):
+            if s is None:
+                continue
+            h = hashlib.blake2b(digest_size=16)
+            for n in names:
+                h.update(s[n].encode())
+            digests.append(h.hexdigest())
+        written = sum(dtypes.itemsize(first.task(n).out_dtype) * first.task(n).info.numel for n in names)
+        return ShardResult(task.shard, _worker_name(), _bytes_read(first, names) * len(task.plans),
+                           written * len(task.plans), time.perf_counter() - t0, len(names), digests,
+                           sums if task.checksums else None, files)
+    finally:
+        if own_pool:
+            pool.close()
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _task_files(spec: OutputSpec, task: ShardTask, where: str) -> list[str]:
+    """The files a remote output's task wrote, relative to its local directory."""
+    if spec.upload_to is None:
+        return []
+    if task.shard is not None:
+        fmt = formats.get(spec.format)
+        return [fmt.shard_names(len(task.plans[0].shards))[task.shard]]
+    return sorted(os.path.relpath(os.path.join(r, f), where) for r, _d, fs in os.walk(where) for f in fs)
+
+
+def _upload(base: str, spec: OutputSpec, files: list[str]) -> None:
+    """Put a task's files under its output's staging prefix."""
+    fs, prefix = storage.filesystem(spec.upload_to, spec.storage_options)
+    for f in files:
+        try:
+            fs.put_file(os.path.join(base, f), f"{prefix.rstrip('/')}/{f}")
+        except OSError as e:
+            raise storage.remote_error(e, storage.join(spec.upload_to, f), "cannot upload") from None
+
+
+# --------------------------------------------------------------------------- executors
+
+
+class ThreadExecutor:
+    """Runs shard tasks in this process, one after the other, each with its
+    tensors in ``task.threads`` threads; readers come from one shared pool
+    (the plan's: headers are not parsed twice)."""
+
+    name = "threads"
+
+    def __init__(self, pool: ReaderPool | None = None):
+        self.pool = pool or ReaderPool()
+
+    def run(self, tasks: list[ShardTask], *, on_tensor=None, on_result=None) -> list[ShardResult]:
+        results = []
+        for t in tasks:
+            r = run_task(t, self.pool, on_tensor)
+            if on_result is not None:
+                on_result(t, r)
+            results.append(r)
+        return results

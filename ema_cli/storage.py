@@ -1,0 +1,172 @@
+"""Where checkpoints live: local paths or fsspec URLs.
+
+Local paths (and ``file://`` URLs) keep the fast path: memory maps, ``pwrite``
+and ``fsync``, staging beside the output and an atomic rename.  Any other URL
+(``s3://``, ``gs://``, ``az://``, ``hf://``, ``memory://``, ...) goes through
+fsspec, imported only then.  Credentials and endpoints come from the
+filesystem's own configuration (environment variables, ``~/.aws``, fsspec's
+``FSSPEC_<PROTOCOL>_<OPTION>`` variables); ``--storage-option KEY=VALUE``
+gives the rest.  Storage options travel with the picklable ``Source`` and
+output specs, so a Dask worker opens the same filesystem.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import re
+
+from ema_cli.errors import EmaError, UsageError
+
+_URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
+_LOCAL = ("file", "local")
+# the extra that brings each protocol's fsspec back-end
+_EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
+
+
+def protocol(path: str) -> str | None:
+    m = _URL.match(path)
+    return m.group(1).lower() if m else None
+
+
+def is_remote(path: str) -> bool:
+    """A URL that is not a local file (``file://`` is local)."""
+    p = protocol(path)
+    return p is not None and p not in _LOCAL
+
+
+def local_path(path: str) -> str:
+    """A local path for ``path`` (``file://`` stripped), ``~`` expanded."""
+    if protocol(path) in _LOCAL:
+        path = path.split("://", 1)[1]
+    return path
+
+
+def parse_options(items: list[str] | None) -> dict:
+    """``--storage-option KEY=VALUE`` items as a dict: ``a.b=v`` nests
+    (``client_kwargs.endpoint_url=...``); values read as JSON when they are
+    (``true``, ``3``, ``{"k": 1}``), else as strings."""
+    out: dict = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--storage-option takes KEY=VALUE (got {item!r})")
+        try:
+            v = json.loads(value)
+        except ValueError:
+            v = value
+        d = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            d = d.setdefault(p, {})
+            if not isinstance(d, dict):
+                raise UsageError(f"--storage-option {key}: {p} is given both as a value and as a group")
+        d[parts[-1]] = v
+    return out
+
+
+def options_text(options: dict | None) -> str:
+    """Storage options as the string a ``Source`` carries (picklable, hashable)."""
+    return json.dumps(options or {}, sort_keys=True, separators=(",", ":"))
+
+
+_configured: dict = {}
+
+
+def configure(options: dict | str | None) -> None:
+    """The storage options this process uses where none are given (the CLI's
+    ``--storage-option``); sources and output specs carry their own."""
+    global _configured
+    _configured = json.loads(options) if isinstance(options, str) and options else dict(options or {})
+
+
+def filesystem(url: str, options: dict | str | None = None):
+    """``(fs, path)`` for a URL: fsspec's filesystem with its own configuration
+    plus ``options`` (default: those given to ``configure``).  A missing
+    back-end is a one-line hint."""
+    if not options:
+        options = _configured
+    if isinstance(options, str):
+        options = json.loads(options) if options else {}
+    try:
+        import fsspec.core
+    except ImportError:
+        raise EmaError(f"{url}: remote storage needs fsspec: pip install 'ema-avg[{_extra(url)}]'") from None
+    try:
+        return fsspec.core.url_to_fs(url, **(options or {}))
+    except ImportError as e:
+        raise EmaError(f"{url}: no fsspec back-end for {protocol(url)}:// ({_first_line(e)}): "
+                       f"pip install 'ema-avg[{_extra(url)}]'") from None
+    except ValueError as e:
+        raise EmaError(f"cannot use this URL: {_first_line(e)}", path=url) from None
+
+
+def _extra(url: str) -> str:
+    return _EXTRAS.get(protocol(url) or "", "s3")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def url(fs, path: str) -> str:
+    """The URL of a path on ``fs`` (``fs.unstrip_protocol``)."""
+    return fs.unstrip_protocol(path)
+
+
+def join(base: str, *names: str) -> str:
+    """A URL or local path joined with names."""
+    if is_remote(base):
+        head, rest = base.split("://", 1)
+        return f"{head}://{posixpath.join(rest, *names)}"
+    return os.path.join(base, *names)
+
+
+def parent(path: str) -> str:
+    if is_remote(path):
+        head, rest = path.split("://", 1)
+        return f"{head}://{posixpath.dirname(rest.rstrip('/'))}"
+    return os.path.dirname(path)
+
+
+def basename(path: str) -> str:
+    return posixpath.basename(path.rstrip("/")) if is_remote(path) else os.path.basename(path.rstrip(os.sep))
+
+
+def remote_error(e: BaseException, path: str, doing: str = "cannot read") -> EmaError:
+    """One error line for a failed storage call."""
+    if isinstance(e, EmaError):
+        return e
+    if isinstance(e, FileNotFoundError):
+        return EmaError("no such file or object", path=path)
+    if isinstance(e, PermissionError):
+        return EmaError(f"{doing}: permission denied ({_first_line(e)})", path=path)
+    return EmaError(f"{doing}: {_first_line(e)}", path=path)
+
+
+def copy_file(src: str, dst: str, options: dict | str | None = None) -> None:
+    """Copy one file between any two places (local or URLs), streaming."""
+    import shutil
+
+    try:
+        if not is_remote(src) and not is_remote(dst):
+            shutil.copyfile(local_path(src), local_path(dst))
+            return
+        if not is_remote(src):
+            fs, p = filesystem(dst, options)
+            fs.put_file(local_path(src), p)
+            return
+        fs, p = filesystem(src, options)
+        if not is_remote(dst):
+            fs.get_file(p, local_path(dst))
+            return
+        fs2, p2 = filesystem(dst, options)
+        if fs2 is fs:
+            fs.copy(p, p2)
+            return
+        with fs.open(p, "rb") as fi, fs2.open(p2, "wb") as fo:
+            shutil.copyfileobj(fi, fo, 8 << 20)
+    except OSError as e:
+        raise remote_error(e, src, "cannot copy") from None
