@@ -12,7 +12,7 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from ema_cli import __version__, _entry, engine, formats, render, schedule
+from ema_cli import __version__, _entry, engine, formats, render, schedule, storage
 from ema_cli.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, EmaError, UsageError
 
 app = typer.Typer(
@@ -63,6 +63,8 @@ Force = Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existin
 StateKey = Annotated[Optional[str], typer.Option("--state-key", metavar="KEY[.KEY...]", help="PyTorch: the key holding the state dict (e.g. state_dict_ema); default: state_dict, model, module, model_state_dict or the top level.")]
 SkipMissing = Annotated[bool, typer.Option("--skip-missing", help="Checkpoints a TF 'checkpoint' state file names that are gone: a warning each instead of an error.")]
 AllowCopyOnly = Annotated[bool, typer.Option("--allow-copy-only", help="Accept a plan that averages no tensor (every tensor copied from the newest).")]
+Dask = Annotated[Optional[str], typer.Option("--dask", metavar="ADDRESS", help="Run the shard tasks on a Dask cluster: a scheduler address (tcp://host:8786) or local:N (a LocalCluster of N worker processes). The output must be sharded: --max-shard-size, or a directory (one shard per worker).")]
+StorageOption = Annotated[Optional[List[str]], typer.Option("--storage-option", metavar="KEY=VALUE", help="fsspec option for s3://, gs://, ... paths (repeatable; a.b=v nests), beside the filesystem's own configuration (env vars, ~/.aws, FSSPEC_<PROTOCOL>_<OPTION>).")]
 Saturate = Annotated[bool, typer.Option("--saturate", help="Write averages beyond the output dtype's range as its largest finite value (default: an error).")]
 
 
@@ -110,6 +112,7 @@ def average(
     allow_nonfinite: AllowNonfinite = False, verify: Verify = False, threads: Threads = 0, force: Force = False,
     allow_copy_only: AllowCopyOnly = False, quiet: Quiet = False, as_json: Json = False,
     saturate: Saturate = False, state_key: StateKey = None, skip_missing: SkipMissing = False,
+    dask: Dask = None, storage_option: StorageOption = None,
 ):
     t0 = time.perf_counter()
     if names not in ("original", "shadow"):
@@ -121,17 +124,22 @@ def average(
         maximize=_maximize(maximize, minimize), names=names, suffix=suffix,
         max_shard_size=engine.parse_size(max_shard_size) if max_shard_size else None, threads=threads,
         allow_copy_only=allow_copy_only, saturate=saturate, state_key=state_key, skip_missing=skip_missing,
+        storage_options=storage.parse_options(storage_option),
     )
-    _execute(inputs, opts, output, fmt, force=force, quiet=quiet, as_json=as_json, verify=verify, t0=t0)
+    _execute(inputs, opts, output, fmt, force=force, quiet=quiet, as_json=as_json, verify=verify, t0=t0, dask=dask)
 
 
-def _execute(inputs, opts, output, fmt, *, force, quiet, as_json, verify, t0, targets=None) -> None:
+def _execute(inputs, opts, output, fmt, *, force, quiet, as_json, verify, t0, targets=None, dask=None) -> None:
     """Plan, write, optionally verify, then render: shared by average and posthoc.
 
     ``targets``: ``[(opts, output), ...]`` written in one pass over the inputs
     (post-hoc EMA of several widths) instead of ``opts`` and ``output``."""
     targets = targets or [(opts, output)]
     first_opts, first_out = targets[0]
+    storage.configure(first_opts.storage_options)
+    if dask and first_opts.max_shard_size is None and not formats.is_directory_output(first_out, fmt):
+        raise UsageError(f"{first_out}: a Dask run writes each output shard on a worker: give --max-shard-size, "
+                         "or a directory output (DIR/: one shard per worker)")
     in_formats = ()
     if fmt is None and first_out.endswith(".ckpt"):  # a TF prefix, or a Lightning file when the inputs are
         paths = inputs or [p for _, ps in first_opts.series for p in ps]
@@ -139,16 +147,28 @@ def _execute(inputs, opts, output, fmt, *, force, quiet, as_json, verify, t0, ta
     out_format = formats.output_format(first_out, fmt, in_formats)
     pool = engine.ReaderPool()
     ui = render.UI(quiet=quiet)
+    executor = None
     try:
         plans = [engine.make_plan(inputs, o, out_format=out_format, pool=pool) for o, _ in targets]
         t_plan = time.perf_counter() - t0
         ui.warnings(list(dict.fromkeys(w for p in plans for w in p.warnings)))
+        if dask:
+            from ema_cli.execute import DaskExecutor
+
+            executor = DaskExecutor(dask)
+            if first_opts.max_shard_size is None and formats.is_directory_output(first_out, out_format):
+                n = executor.worker_count()  # a directory output: one shard per worker
+                for p in plans:
+                    p.shards = engine.split_shards(p.tasks, n)
         with ui.progress(plans[0]) as on_tensor:
             results = engine.run_many(plans, [out for _, out in targets], out_format, force=force, pool=pool,
-                                      on_tensor=on_tensor, timings={"plan_s": t_plan}, verify=verify)
+                                      on_tensor=on_tensor, timings={"plan_s": t_plan}, verify=verify,
+                                      executor=executor)
         for result in results:
             result.timings["total_s"] = time.perf_counter() - t0
     finally:
+        if executor is not None:
+            executor.close()
         pool.close()
     for result in results:
         ui.summary(result)

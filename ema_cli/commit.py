@@ -152,11 +152,13 @@ def _output_directory(plan: Plan, output: str, out_format, newest, remote: bool,
         return formats.output_directory(output, out_format, sources, newest, **kw)
     is_dir = output.endswith("/") or os.path.splitext(storage.basename(output))[1] == "" and out_format != "tf"
     if not is_dir:
+        fs, p = storage.filesystem(output, options)
         try:
-            fs, p = storage.filesystem(output, options)
             is_dir = fs.isdir(p)
-        except OSError:
-            is_dir = False
+        except EmaError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the back-end's own errors too
+            raise storage.remote_error(e, output) from None
     if not is_dir and not (out_format == "safetensors" and (kw["max_shard_size"] or kw["shards"] > 1)):
         return None
     return formats.output_directory(output.rstrip("/") + "/", out_format, sources, newest, **kw)
@@ -204,6 +206,8 @@ class RemoteStaging:
         self.force = force
         self.options = options
         self.fs, self.final_key = storage.filesystem(self.final, options)
+        # (s3fs caches listings: what an earlier run of this process wrote must be seen)
+        self.fs.invalidate_cache()
         self.final_key = self.final_key.rstrip("/")
         parent, base = self.final_key.rsplit("/", 1) if "/" in self.final_key else ("", self.final_key)
         self.parent, self.base = parent, base
@@ -223,10 +227,16 @@ class RemoteStaging:
         pattern = f"{self.parent}/.{self.base}{STAGING_TAG}*" if self.parent else f".{self.base}{STAGING_TAG}*"
         try:
             self.fs.invalidate_cache()
-            for stale in self.fs.glob(pattern):
-                self.fs.rm(stale, recursive=True)
-        except (OSError, ValueError):
-            pass
+            stale = self.fs.glob(pattern)
+        except FileNotFoundError:
+            return
+        except Exception as e:  # noqa: BLE001 - the first call to the store: its errors, in one line
+            raise storage.remote_error(e, self.final, "cannot list") from None
+        for path in stale:
+            try:
+                self.fs.rm(path, recursive=True)
+            except (OSError, FileNotFoundError):
+                pass
 
     def _check_target(self) -> None:
         fs, key = self.fs, self.final_key
@@ -242,7 +252,9 @@ class RemoteStaging:
                 raise EmaError("output exists and is not a directory (a directory output needs a directory path)",
                                path=self.final)
             present = [p[len(key) + 1:] for p in fs.find(key)] if fs.isdir(key) else []
-        except OSError as e:
+        except EmaError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the back-end's own errors too
             raise storage.remote_error(e, self.final) from None
         if not present:
             return
@@ -265,7 +277,7 @@ class RemoteStaging:
     def put(self, name: str, raw: bytes) -> None:
         try:
             self.fs.pipe_file(f"{self.prefix}/{name}", raw)
-        except OSError as e:
+        except Exception as e:  # noqa: BLE001
             raise storage.remote_error(e, f"{self.final}/{name}", "cannot write") from None
         self.files.append(name)
 
@@ -289,7 +301,7 @@ class RemoteStaging:
                 for old in sorted(self._old - set(files) - {MARKER}):
                     fs.rm_file(f"{self.final_key}/{old}")
                 self.final_files = [f"{self.final}/{f}" for f in sorted(files)]
-        except OSError as e:
+        except Exception as e:  # noqa: BLE001
             raise storage.remote_error(e, self.final, "cannot commit the output") from None
         self.done = True
         self._delete_prefix()

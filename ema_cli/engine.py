@@ -24,12 +24,12 @@ from ema_cli.commit import Prepared, prepare
 from ema_cli.errors import EmaError, UsageError
 from ema_cli.execute import ShardResult, ShardTask, ThreadExecutor, default_threads, digest, run_shard
 from ema_cli.plan import (Checkpoint, Options, Plan, Task, make_plan, parse_size, reader_options, shard_tasks,
-                          step_from_name)
+                          split_shards, step_from_name)
 from ema_cli.readers import ReaderPool, fd_limit_error
 
 __all__ = [
     "Checkpoint", "Options", "Plan", "ReaderPool", "Result", "Task", "default_threads", "digest", "fd_limit_error",
-    "make_plan", "parse_size", "reader_options", "run", "run_many", "run_shard", "shard_tasks", "step_from_name",
+    "make_plan", "parse_size", "reader_options", "run", "run_many", "run_shard", "shard_tasks", "split_shards", "step_from_name",
 ]
 
 

@@ -29,6 +29,16 @@ class EmaError(Exception):
         msg = f"{prefix}: {message}" if prefix else message
         super().__init__(one_line(msg))
 
+    def __reduce__(self):  # picklable with its path and tensor (errors raised on Dask workers)
+        return (_rebuild, (type(self), str(self), self.path, self.tensor))
+
+
+def _rebuild(cls, text: str, path, tensor):
+    err = cls.__new__(cls)
+    Exception.__init__(err, text)
+    err.path, err.tensor = path, tensor
+    return err
+
 
 def one_line(text: str) -> str:
     """Newlines become spaces; other control characters (e.g. in a tensor name

@@ -31,7 +31,7 @@ from typing import Callable
 import numpy as np
 
 from ema_cli import dtypes, formats, kernel, storage
-from ema_cli.errors import EmaError
+from ema_cli.errors import EmaError, UsageError
 from ema_cli.formats.base import Source
 from ema_cli.plan import Plan, Task
 from ema_cli.readers import ReaderPool
@@ -533,7 +533,7 @@ def _upload(base: str, spec: OutputSpec, files: list[str]) -> None:
     for f in files:
         try:
             fs.put_file(os.path.join(base, f), f"{prefix.rstrip('/')}/{f}")
-        except OSError as e:
+        except Exception as e:  # noqa: BLE001 - the back-end's own errors too
             raise storage.remote_error(e, storage.join(spec.upload_to, f), "cannot upload") from None
 
 
@@ -558,3 +558,107 @@ class ThreadExecutor:
                 on_result(t, r)
             results.append(r)
         return results
+
+
+class DaskExecutor:
+    """Runs shard tasks on a Dask cluster: ``local:N`` starts a ``LocalCluster``
+    of N worker processes (closed with the executor), anything else is the
+    address of a running scheduler (``tcp://scheduler:8786``).
+
+    Each task reads its shard's tensors from storage on the worker, writes its
+    own output shard to the staging location and returns its ``ShardResult``.
+    Dask reruns a task whose worker died (``retries`` more times for a task
+    that raised); the run fails cleanly, committing nothing, when a task still
+    fails.  Workers need ema-avg installed and the inputs and the staging
+    location reachable (object storage, or a shared file system)."""
+
+    name = "dask"
+
+    def __init__(self, address: str, *, retries: int = 2):
+        try:
+            import distributed
+        except ImportError:
+            raise EmaError("--dask needs Dask distributed: pip install 'ema-avg[dask]'") from None
+        import logging
+
+        for name in ("distributed", "distributed.worker", "distributed.nanny", "distributed.scheduler",
+                     "distributed.core", "distributed.comm"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+        self._d = distributed
+        self.address = address
+        self.retries = retries
+        self.cluster = None
+        try:
+            if address.startswith("local:"):
+                try:
+                    n = int(address[len("local:"):])
+                except ValueError:
+                    n = 0
+                if n < 1:
+                    raise UsageError(f"--dask local:N takes a number of workers >= 1 (got {address!r})")
+                self.cluster = distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                                                        dashboard_address=None, silence_logs=logging.ERROR)
+                self.client = distributed.Client(self.cluster)
+            else:
+                self.client = distributed.Client(address, timeout="30s")
+        except (OSError, TimeoutError) as e:
+            self.close()
+            raise EmaError(f"cannot reach the Dask scheduler: {e}", path=address) from None
+
+    def worker_count(self) -> int:
+        return max(1, len(self.client.scheduler_info().get("workers", {})))
+
+    def run(self, tasks: list[ShardTask], *, on_tensor=None, on_result=None) -> list[ShardResult]:
+        import secrets
+
+        d = self._d
+        token = secrets.token_hex(4)
+        futures = {self.client.submit(run_task, t, key=f"ema-avg-{token}-{t.key}", pure=False,
+                                      retries=self.retries): t for t in tasks}
+        results: dict[str, ShardResult] = {}
+        try:
+            for fut in d.as_completed(list(futures)):
+                t = futures[fut]
+                try:
+                    r = fut.result()
+                except EmaError:
+                    raise
+                except d.KilledWorker:
+                    raise EmaError(f"{t.key}: the Dask workers running it died (tried on several); "
+                                   "nothing was committed") from None
+                except (d.CancelledError if hasattr(d, "CancelledError") else ()) as e:  # noqa: B030
+                    raise EmaError(f"{t.key}: cancelled on the Dask cluster ({e}); nothing was committed") from None
+                except Exception as e:
+                    raise EmaError(f"{t.key} failed on a Dask worker: {type(e).__name__}: {e}") from None
+                results[t.key] = r
+                if on_tensor is not None:
+                    first = t.plans[0]
+                    for i in t.shard_indices():
+                        for n in first.shards[i]:
+                            on_tensor(first.task(n))
+                if on_result is not None:
+                    on_result(t, r)
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+        return [results[t.key] for t in tasks]
+
+    def close(self) -> None:
+        for obj in (getattr(self, "client", None), self.cluster):
+            if obj is not None:
+                try:
+                    obj.close()
+                except Exception:  # noqa: BLE001 - closing a cluster that is already gone
+                    pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def executor_for(address: str | None, pool: ReaderPool):
+    """``--dask ADDRESS``: a DaskExecutor; None: threads in this process."""
+    return DaskExecutor(address) if address else ThreadExecutor(pool)

@@ -370,6 +370,23 @@ def _nothing_averaged(tasks: list[Task], reader: Reader, meta: dict[str, TensorI
             "or pass --allow-copy-only to accept a copy")
 
 
+def split_shards(tasks: list[Task], n: int) -> list[list[str]]:
+    """The tasks in ``n`` contiguous shards of about equal bytes (a Dask run into
+    a directory: one shard per worker); fewer when there are fewer tensors."""
+    sizes = [dtypes.itemsize(t.out_dtype) * t.info.numel for t in tasks]
+    total = sum(sizes)
+    n = max(1, min(n, len(tasks)))
+    shards: list[list[str]] = [[]]
+    done = 0
+    for t, nb in zip(tasks, sizes):
+        # start the next shard when this one has reached its share of the bytes
+        if shards[-1] and len(shards) < n and done >= total * len(shards) / n:
+            shards.append([])
+        shards[-1].append(t.out_name)
+        done += nb
+    return shards
+
+
 def shard_tasks(tasks: list[Task], max_size: int | None) -> list[list[str]]:
     """Greedy packing in order, as Hugging Face's ``save_pretrained`` does."""
     if not max_size:

@@ -169,7 +169,13 @@ def result_json(result) -> dict:
         },
         "bytes_written": result.bytes_written,
         "timings": {k: round(v, 6) for k, v in result.timings.items()},
+        "executor": result.executor,
+        "tasks": result.tasks,
     })
+    from ema_cli.formats import remote
+
+    if remote.copied:  # remote inputs of formats read from local files
+        doc["copied"] = list(remote.copied)
     return doc
 
 

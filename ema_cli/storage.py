@@ -136,9 +136,14 @@ def basename(path: str) -> str:
 
 
 def remote_error(e: BaseException, path: str, doing: str = "cannot read") -> EmaError:
-    """One error line for a failed storage call."""
+    """One error line for a failed storage call (OSError, or the back-end's own:
+    botocore's connection errors, ...)."""
     if isinstance(e, EmaError):
         return e
+    if type(e).__name__ in ("EndpointConnectionError", "ConnectTimeoutError", "ConnectionError",
+                            "ClientConnectorError", "NoCredentialsError"):
+        return EmaError(f"{doing}: {_first_line(e)} (check the endpoint and credentials: env vars, ~/.aws, "
+                        "FSSPEC_<PROTOCOL>_<OPTION> or --storage-option)", path=path)
     if isinstance(e, FileNotFoundError):
         return EmaError("no such file or object", path=path)
     if isinstance(e, PermissionError):
@@ -168,5 +173,91 @@ def copy_file(src: str, dst: str, options: dict | str | None = None) -> None:
             return
         with fs.open(p, "rb") as fi, fs2.open(p2, "wb") as fo:
             shutil.copyfileobj(fi, fo, 8 << 20)
-    except OSError as e:
+    except Exception as e:  # noqa: BLE001 - the back-end's own errors too
         raise remote_error(e, src, "cannot copy") from None
+
+
+class RangeArray:
+    """A remote tensor's elements as a flat array-like the kernel streams
+    through (``size``, ``dtype``, ``x[a:b]``, ``view``): each slice is served
+    from a window of about ``WINDOW`` bytes fetched with one ranged read, and
+    the next window is fetched in the background while this one is summed.
+    Memory stays at two windows per input, whatever the tensor's size."""
+
+    ndim = 1
+    WINDOW = 16 << 20
+
+    def __init__(self, get, start: int, size: int, dtype, window: int | None = None):
+        import numpy as np
+
+        self._get = get  # get(first_byte, end_byte) -> bytes
+        self._start = start
+        self.size = size
+        self.shape = (size,)
+        self.dtype = np.dtype(dtype)
+        self._per = max(1, (window or self.WINDOW) // self.dtype.itemsize)
+        self._w0 = 0
+        self._buf = None
+        self._next = None  # (first element, future)
+
+    def view(self, dtype) -> "RangeArray":
+        import numpy as np
+
+        dt = np.dtype(dtype)
+        if dt.itemsize != self.dtype.itemsize:
+            raise ValueError("RangeArray.view keeps the item size")
+        return RangeArray(self._get, self._start, self.size, dt, self._per * self.dtype.itemsize)
+
+    def reshape(self, *shape):
+        if shape in ((-1,), (self.size,)) or shape == ((-1,),):
+            return self
+        raise ValueError(f"RangeArray is flat: cannot reshape to {shape}")
+
+    def __len__(self) -> int:
+        return self.size
+
+    def _fetch(self, a: int):
+        import numpy as np
+
+        item = self.dtype.itemsize
+        end = min(self.size, a + self._per)
+        return np.frombuffer(self._get(self._start + a * item, self._start + end * item), dtype=self.dtype)
+
+    def __getitem__(self, s):
+        if not isinstance(s, slice):
+            raise TypeError("RangeArray takes slices")
+        a, b, step = s.indices(self.size)
+        if step != 1:
+            raise ValueError("RangeArray takes contiguous slices")
+        buf = self._buf
+        if buf is None or a < self._w0 or b > self._w0 + buf.size:
+            nxt = self._next
+            if nxt is not None and nxt[0] == a:
+                buf = nxt[1].result()
+            else:
+                buf = self._fetch(a)
+            self._buf, self._w0, self._next = buf, a, None
+            following = a + buf.size
+            if b <= following < self.size:  # read ahead: the next window while this one is summed
+                self._next = (following, _prefetcher().submit(self._fetch, following))
+        return self._buf[a - self._w0:b - self._w0]
+
+    def __array__(self, dtype=None, copy=None):
+        import numpy as np
+
+        item = self.dtype.itemsize
+        arr = np.frombuffer(self._get(self._start, self._start + self.size * item), dtype=self.dtype)
+        return arr if dtype is None else arr.astype(dtype)
+
+
+_pool = None
+
+
+def _prefetcher():
+    """The threads that read ahead for ``RangeArray`` (I/O: they wait on the network)."""
+    global _pool
+    if _pool is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="ema-avg-prefetch")
+    return _pool

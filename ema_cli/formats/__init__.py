@@ -35,6 +35,12 @@ def module(name: str) -> ModuleType:
         raise EmaError(f"unknown format {name!r} (choose from {', '.join(_MODULES)})") from None
 
 
+def _storage():
+    from ema_cli import storage
+
+    return storage
+
+
 def get(name: str) -> Format:
     """The format called ``name`` (its module's ``FORMAT``)."""
     return module(name).FORMAT
@@ -66,6 +72,10 @@ def resolve_inputs(args: list[str], options: tuple[tuple[str, str], ...] = ()) -
     warnings: list[str] = []
     expanded: list[str] = []
     for arg in args:
+        if _storage().is_remote(arg):  # an fsspec URL: resolved in place, in order
+            expanded.append(arg)
+            continue
+        arg = _storage().local_path(arg)
         if not os.path.lexists(arg) and glob.has_magic(arg):
             matches = sorted(glob.glob(arg))
             if not matches:
@@ -75,7 +85,11 @@ def resolve_inputs(args: list[str], options: tuple[tuple[str, str], ...] = ()) -
             expanded.append(arg)
     for arg in expanded:
         p = Path(arg)
-        if p.is_dir():
+        if _storage().is_remote(arg):
+            from ema_cli.formats import remote
+
+            sources = remote.resolve(arg, dict(options), warnings)
+        elif p.is_dir():
             sources = _scan_directory(p, arg, warnings)
         else:
             sources = None

@@ -252,6 +252,16 @@ class Format:
         """The checkpoints directly in a directory."""
         return []
 
+    # ---- remote inputs (``remote_reads``)
+    def claim_url(self, fs, path: str) -> list[Source] | None:
+        """``claim_path`` for an object on an fsspec filesystem (``path``: without
+        its protocol); Sources carry full URLs."""
+        return None
+
+    def scan_url_dir(self, fs, path: str) -> list[Source]:
+        """``scan_dir`` for a directory (prefix) on an fsspec filesystem."""
+        return []
+
     # ---- outputs
     def is_output(self, path: str) -> bool:
         """Whether an output path's suffix means this format."""
@@ -311,13 +321,14 @@ def step_from_scalar(arr: np.ndarray) -> int | None:
     return int(a.reshape(-1)[0])
 
 
-def load_weight_map_index(index: Path, what: str) -> dict:
+def load_weight_map_index(index: Path | str, what: str, text: str | bytes | None = None) -> dict:
     """A Hugging Face shard index (``model.safetensors.index.json``,
     ``pytorch_model.bin.index.json``): its JSON, with a ``weight_map`` object
     whose every value is a plain file name beside the index.  ``what`` names
-    the kind of index in the errors."""
+    the kind of index in the errors; ``text``: its content, when read already
+    (a remote index)."""
     try:
-        doc = json.loads(Path(index).read_text())
+        doc = json.loads(Path(index).read_text() if text is None else text)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise EmaError(f"not a readable {what}: {e}", path=str(index)) from None
     if not isinstance(doc, dict) or not isinstance(doc.get("weight_map"), dict):

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ema_cli import dtypes
+from ema_cli import dtypes, storage
 from ema_cli.errors import EmaError
 from ema_cli.notices import warn
 from ema_cli.formats.base import Format, Reader, Source, TensorInfo, Writer, load_weight_map_index, step_from_scalar
@@ -99,6 +99,56 @@ def _load_index(index: Path) -> dict:
     return load_weight_map_index(index, "safetensors index")
 
 
+def _load_remote_index(fs, key: str) -> dict:
+    url = storage.url(fs, key)
+    try:
+        text = fs.cat_file(key)
+    except OSError as e:
+        raise storage.remote_error(e, url) from None
+    return load_weight_map_index(url, "safetensors index", text)
+
+
+def _remote_sharded(fs, key: str) -> Source:
+    url = storage.url(fs, key)
+    weight_map = _load_remote_index(fs, key)["weight_map"]
+    files = [storage.join(storage.parent(url), f) for f in dict.fromkeys(weight_map.values())]
+    name = key.rsplit("/", 1)[-1]
+    hint = storage.basename(storage.parent(url)) if name.startswith("model") else name
+    return Source(NAME, url, (url, *files), name_hint=hint)
+
+
+def claim_url(fs, key: str) -> list[Source] | None:
+    """``claim_path`` for an object in remote storage (``key`` without protocol)."""
+    name = key.rsplit("/", 1)[-1]
+    url = storage.url(fs, key)
+    if name.endswith(INDEX_SUFFIX):
+        return [_remote_sharded(fs, key)]
+    if not name.endswith(SUFFIX):
+        return None
+    parent = key.rsplit("/", 1)[0] if "/" in key else ""
+    if _SHARD_RE.search(name):
+        for index in sorted(fs.glob(f"{parent}/*{INDEX_SUFFIX}")):
+            if name in {storage.basename(f) for f in _remote_sharded(fs, index).files}:
+                return [_remote_sharded(fs, index)]
+    hint = name if re.search(r"\d", name[: -len(SUFFIX)]) else (parent.rsplit("/", 1)[-1] or name)
+    return [Source(NAME, url, (url,), name_hint=hint)]
+
+
+def scan_url_dir(fs, key: str) -> list[Source]:
+    """``scan_dir`` for a remote directory (prefix)."""
+    try:
+        entries = fs.ls(key, detail=True)
+    except OSError as e:
+        raise storage.remote_error(e, storage.url(fs, key)) from None
+    files = sorted(e["name"] for e in entries if e.get("type") == "file")
+    out = [_remote_sharded(fs, f) for f in files if f.endswith(INDEX_SUFFIX)]
+    listed = {f for s in out for f in s.files}
+    for f in files:
+        if f.endswith(SUFFIX) and storage.url(fs, f) not in listed:
+            out.extend(claim_url(fs, f) or [])
+    return out
+
+
 # --------------------------------------------------------------------------- Hugging Face directories
 
 # What a Hugging Face checkpoint directory holds beside the weights.  Files a
@@ -153,6 +203,32 @@ def loader_files(directory: str, checkpoint_files) -> tuple[list[str], list[str]
             continue
         elif e.is_file() and is_loader_file(name):
             copies.append(e.path)
+        else:
+            left_out.append(name)
+    return copies, left_out
+
+
+def _remote_loader_files(newest: Source) -> tuple[list[str], list[str]]:
+    """``loader_files`` for a checkpoint in remote storage (URLs to copy)."""
+    directory = storage.parent(newest.path)
+    fs, key = storage.filesystem(directory, dict(newest.options).get("storage_options", ""))
+    own = set(newest.files)
+    copies, left_out = [], []
+    try:
+        entries = sorted(fs.ls(key, detail=True), key=lambda e: e["name"])
+    except OSError as e:
+        raise storage.remote_error(e, directory, "cannot list") from None
+    for e in entries:
+        url = storage.url(fs, e["name"])
+        name = e["name"].rstrip("/").rsplit("/", 1)[-1]
+        if name.startswith(".") or url in own or is_training_state(name):
+            continue
+        if e.get("type") == "directory":
+            left_out.append(name + "/")
+        elif name.endswith(SUFFIX) or name.endswith(INDEX_SUFFIX):
+            continue
+        elif is_loader_file(name):
+            copies.append(url)
         else:
             left_out.append(name)
     return copies, left_out
@@ -324,6 +400,81 @@ class _File:
 
     def close(self):
         self.map.close()
+
+
+    def span(self, offset: int, count: int, dt) -> np.ndarray:
+        """``count`` elements of dtype ``dt`` from data offset ``offset``: a view."""
+        view = self.map.view
+        if view is None:
+            raise EmaError("internal: read after close", path=self.path)
+        return np.frombuffer(view, dtype=dt, count=count, offset=self.data_start + offset)
+
+    def read_stream(self, name: str):
+        return self.read(name).reshape(-1)
+
+
+class _RemoteFile:
+    """One remote .safetensors object, read with ranged requests: the header
+    first (one request for its first 64 KiB, a second only for a longer
+    header), then only the byte ranges of the tensors that are read.  Large
+    tensors stream window by window (``storage.RangeArray``).  Nothing is
+    downloaded whole."""
+
+    HEAD = 1 << 16
+    STREAM = 16 << 20  # tensors from this size on are read window by window
+
+    def __init__(self, url: str, options: str = ""):
+        self.path = url
+        self.fs, self.key = storage.filesystem(url, options)
+        try:
+            size = self.fs.size(self.key)
+            first = self.fs.cat_file(self.key, start=0, end=min(size, self.HEAD))
+        except Exception as e:  # noqa: BLE001 - the back-end's own errors too (botocore): one line
+            raise storage.remote_error(e, url) from None
+        if size < 8:
+            raise EmaError(f"truncated: {size} bytes, no safetensors header", path=url)
+        (n,) = struct.unpack("<Q", first[:8])
+        if n > MAX_HEADER_SIZE:
+            raise EmaError(f"header length {n} is over safetensors' limit of {MAX_HEADER_SIZE} bytes", path=url)
+        if 8 + n > size:
+            raise EmaError(f"header length {n} is larger than the file ({size} bytes)", path=url)
+        raw = first[8:8 + n] if 8 + n <= len(first) else first[8:] + self._get(len(first), 8 + n)
+        self.data_start = 8 + n
+        self.data_len = size - self.data_start
+        self.infos, self.meta = _parse_header(raw, self.data_len, url)
+
+    def _get(self, start: int, end: int) -> bytes:
+        if end <= start:
+            return b""  # (an empty range is not a valid HTTP range)
+        try:
+            return self.fs.cat_file(self.key, start=start, end=end)  # (keywords: s3fs takes version_id second)
+        except Exception as e:  # noqa: BLE001
+            raise storage.remote_error(e, self.path) from None
+
+    def read(self, name: str) -> np.ndarray:
+        info = self.infos[name]
+        return self.span(info.offset, info.numel, dtypes.to_numpy(info.dtype)).reshape(info.shape)
+
+    def span(self, offset: int, count: int, dt) -> np.ndarray:
+        dt = np.dtype(dt)
+        start = self.data_start + offset
+        return np.frombuffer(self._get(start, start + count * dt.itemsize), dtype=dt, count=count)
+
+    def read_stream(self, name: str):
+        info = self.infos[name]
+        if info.nbytes < self.STREAM:
+            return self.read(name).reshape(-1)
+        return storage.RangeArray(self._get, self.data_start + info.offset, info.numel, dtypes.to_numpy(info.dtype))
+
+    def release(self, name: str, first: int = 0, last: int | None = None) -> None:
+        pass  # nothing is mapped
+
+    def close(self) -> None:
+        pass
+
+
+def _open_file(path: str, options: str = ""):
+    return _RemoteFile(path, options) if storage.is_remote(path) else _File(storage.local_path(path))
 
 
 def _bad_header(message: str, path: str, name: str | None = None) -> EmaError:
@@ -513,12 +664,12 @@ class SafetensorsReader(Reader):
         self._files: dict[str, _File] = {}
         self._where: dict[str, _File] | None = None  # sharded: tensor -> its shard
         self._meta: dict[str, str] = {}
-        p = Path(source.path)
+        self._options = dict(source.options).get("storage_options", "")
         try:
             if source.path.endswith(INDEX_SUFFIX):
-                self._open_sharded(p)
+                self._open_sharded(source.path)
             else:
-                f = _File(source.path)
+                f = _open_file(source.path, self._options)
                 self._files[source.path] = f
                 self._single = f
                 self._tensors = f.infos  # shared, not copied
@@ -527,13 +678,23 @@ class SafetensorsReader(Reader):
             self.close()
             raise
 
-    def _open_sharded(self, p: Path) -> None:
-        doc = _load_index(p)
+    def _open_sharded(self, index: str) -> None:
+        remote = storage.is_remote(index)
+        if remote:
+            fs, key = storage.filesystem(index, self._options)
+            doc = _load_remote_index(fs, key)
+        else:
+            doc = _load_index(Path(index))
         for fname in dict.fromkeys(doc["weight_map"].values()):
-            fpath = str(p.parent / fname)
-            if not os.path.exists(fpath):
+            fpath = storage.join(storage.parent(index), fname)
+            if not remote and not os.path.exists(fpath):
                 raise EmaError(f"shard {fname} listed in the index is missing", path=self.source.path)
-            self._files[fname] = _File(fpath)
+            try:
+                self._files[fname] = _open_file(fpath, self._options)
+            except EmaError as e:
+                if remote and "no such file" in str(e):
+                    raise EmaError(f"shard {fname} listed in the index is missing", path=self.source.path) from None
+                raise
         where: dict[str, _File] = {}
         for tname, fname in doc["weight_map"].items():
             f = self._files[fname]
@@ -573,12 +734,11 @@ class SafetensorsReader(Reader):
                     break
                 end += info.nbytes
             else:
-                view = f.map.view
-                if view is None:
-                    raise EmaError("internal: read after close", path=f.path, tensor=names[0])
-                return np.frombuffer(view, dtype=dtypes.to_numpy(dt), count=sum(i.numel for i in infos),
-                                     offset=f.data_start + first.offset)
+                return f.span(first.offset, sum(i.numel for i in infos), dtypes.to_numpy(dt))
         return super().read_flat(names)
+
+    def read_stream(self, name: str):
+        return self._file(name).read_stream(name)
 
     def release(self, name: str, first: int = 0, last: int | None = None) -> None:
         """The engine is done with this tensor or part of it (see ``_File.release``)."""
@@ -958,6 +1118,12 @@ class SafetensorsFormat(Format):
     def can_store(self, dtype):
         return can_store(dtype)
 
+    def claim_url(self, fs, path):
+        return claim_url(fs, path)
+
+    def scan_url_dir(self, fs, path):
+        return scan_url_dir(fs, path)
+
     def directory_name(self, shards, newest):
         return "" if shards > 1 else "model.safetensors"
 
@@ -966,6 +1132,8 @@ class SafetensorsFormat(Format):
         code; never training state.  Only from a safetensors input."""
         if newest.format != NAME:
             return [], []
+        if storage.is_remote(newest.path):
+            return _remote_loader_files(newest)
         return loader_files(directory, newest.files)
 
     def shard_names(self, n):

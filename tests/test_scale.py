@@ -1,0 +1,410 @@
+"""Issue 12: checkpoints in object storage (fsspec) and averaging on a Dask cluster.
+
+Real components, started by the tests themselves: moto's S3 server on
+127.0.0.1 (its own WSGI app, wrapped to count the bytes it serves), reached
+through s3fs with an endpoint URL; ``distributed.LocalCluster``s of 2 worker
+processes.  The checkpoints are written by ``transformers``' own
+``save_pretrained`` (sharded) after real optimizer steps."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import assert_clean_error, run_cli
+
+pytest.importorskip("moto")
+pytest.importorskip("s3fs")
+pytest.importorskip("distributed")
+
+BUCKET = "ckpts"
+
+
+# --------------------------------------------------------------------------- S3 server
+
+
+class _Counting:
+    """WSGI middleware: the bytes of every response body moto sends for a GET."""
+
+    def __init__(self, app):
+        self.app = app
+        self.lock = threading.Lock()
+        self.get_bytes = 0
+        self.requests: list[tuple[str, str, str]] = []
+
+    def __call__(self, environ, start_response):
+        method, path = environ.get("REQUEST_METHOD", ""), environ.get("PATH_INFO", "")
+        rng = environ.get("HTTP_RANGE", "")
+        with self.lock:
+            self.requests.append((method, path, rng))
+        body = self.app(environ, start_response)
+        if method != "GET":
+            return body
+
+        def counted():
+            try:
+                for chunk in body:
+                    with self.lock:
+                        self.get_bytes += len(chunk)
+                    yield chunk
+            finally:
+                close = getattr(body, "close", None)
+                if close:
+                    close()
+        return counted()
+
+    def reset(self):
+        with self.lock:
+            self.get_bytes = 0
+            self.requests.clear()
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A moto S3 server on 127.0.0.1 and the environment that points s3fs at it."""
+    from moto.moto_server.threaded_moto_server import ThreadedMotoServer
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+    from werkzeug.serving import make_server
+
+    counting = _Counting(DomainDispatcherApplication(create_backend_app))
+
+    class Server(ThreadedMotoServer):
+        def _server_entry(self):
+            self._server = make_server(self._ip_address, self._port, counting, True)
+            self._server_ready_event.set()
+            self._server.serve_forever()
+
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    server = Server("127.0.0.1", port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "FSSPEC_S3_ENDPOINT_URL": endpoint}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import s3fs
+
+    fs = s3fs.S3FileSystem(endpoint_url=endpoint, key="testing", secret="testing")
+    fs.mkdir(BUCKET)
+    try:
+        yield {"fs": fs, "env": env, "endpoint": endpoint, "counter": counting}
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()
+
+
+def _objects(fs, prefix: str) -> list[str]:
+    fs.invalidate_cache()
+    try:
+        return sorted(fs.find(f"{BUCKET}/{prefix}"))
+    except FileNotFoundError:
+        return []
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _tiny_gpt2():
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=256, n_positions=32,
+                                      bos_token_id=0, eos_token_id=0))
+
+
+@pytest.fixture(scope="module")
+def hf_ckpts(tmp_path_factory):
+    """``run/checkpoint-{2,4,6}/``: a tiny GPT-2 after real AdamW steps, each saved
+    sharded by ``save_pretrained(max_shard_size="100KB")``."""
+    import torch
+
+    root = tmp_path_factory.mktemp("scale") / "run"
+    model = _tiny_gpt2()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(1)
+    for step in range(1, 7):
+        x = torch.randint(0, 256, (4, 16), generator=g)
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if step % 2 == 0:
+            model.save_pretrained(root / f"checkpoint-{step}", max_shard_size="100KB")
+    assert len(list((root / "checkpoint-2").glob("model-*.safetensors"))) >= 3
+    return root
+
+
+def _upload(s3, local: Path, prefix: str) -> str:
+    s3["fs"].put(str(local), f"{BUCKET}/{prefix}", recursive=True)
+    s3["fs"].invalidate_cache()
+    return f"s3://{BUCKET}/{prefix}"
+
+
+def _tensors(path: Path) -> dict[str, np.ndarray]:
+    """Every tensor of a safetensors file or HF sharded directory, as raw bytes."""
+    from safetensors import safe_open
+
+    files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
+    out = {}
+    for f in files:
+        with safe_open(str(f), framework="numpy") as sf:
+            for k in sf.keys():
+                out[k] = sf.get_tensor(k)
+    return out
+
+
+def _same_bits(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        assert a[k].tobytes() == b[k].tobytes(), k
+
+
+# --------------------------------------------------------------------------- S3
+
+
+def test_s3_inputs_and_outputs_bit_identical(s3, hf_ckpts, tmp_path):
+    """Remote inputs give the local bits; remote outputs (one object, HF shards)
+    hold them too; the index is committed; no staging objects are left."""
+    url = _upload(s3, hf_ckpts, "run1")
+    local = tmp_path / "local.safetensors"
+    r = run_cli(str(hf_ckpts), "--decay", "0.9", "-o", local, "--quiet")
+    assert r.code == 0, r
+    ref = _tensors(local)
+
+    r = run_cli(url, "--decay", "0.9", "-o", tmp_path / "from_s3.safetensors", "--quiet", "--json")
+    assert r.code == 0, r
+    _same_bits(_tensors(tmp_path / "from_s3.safetensors"), ref)
+    assert [c["path"] for c in r.json()["checkpoints"]][0].startswith("s3://")
+
+    out = f"s3://{BUCKET}/out/avg.safetensors"
+    r = run_cli(url, "--decay", "0.9", "-o", out, "--quiet")
+    assert r.code == 0, r
+    s3["fs"].get(f"{BUCKET}/out/avg.safetensors", str(tmp_path / "got.safetensors"))
+    _same_bits(_tensors(tmp_path / "got.safetensors"), ref)
+    assert run_cli(url, "--decay", "0.9", "-o", out, "--quiet").code != 0  # exists: no --force
+    assert run_cli(url, "--decay", "0.9", "-o", out, "--quiet", "--force").code == 0
+
+    out = f"s3://{BUCKET}/out/sharded/"
+    r = run_cli(url, "--decay", "0.9", "-o", out, "--max-shard-size", "60KB", "--quiet", "--json")
+    assert r.code == 0, r
+    keys = [k.rsplit("/", 1)[-1] for k in _objects(s3["fs"], "out/sharded")]
+    assert "model.safetensors.index.json" in keys and ".ema-avg.json" in keys
+    assert sum(k.endswith(".safetensors") for k in keys) >= 3
+    assert "config.json" in keys  # the loader files of the newest checkpoint
+    s3["fs"].get(f"{BUCKET}/out/sharded/", str(tmp_path / "got_sharded"), recursive=True)
+    _same_bits(_tensors(tmp_path / "got_sharded"), ref)
+    from transformers import GPT2LMHeadModel
+
+    GPT2LMHeadModel.from_pretrained(tmp_path / "got_sharded")  # the layout loads
+    assert not [k for k in _objects(s3["fs"], "out") if "ema-avg-staging" in k]
+
+
+def test_s3_failed_and_killed_runs_leave_nothing(s3, hf_ckpts, tmp_path):
+    """A failing run deletes its staging objects and writes no output; a killed
+    run's staging objects are deleted by the next run, which succeeds."""
+    from safetensors.numpy import load_file, save_file
+
+    bad = tmp_path / "bad"
+    import shutil
+
+    shutil.copytree(hf_ckpts, bad)
+    shard = sorted((bad / "checkpoint-6").glob("model-*.safetensors"))[-1]
+    t = load_file(str(shard))
+    name = sorted(t)[-1]
+    t[name] = np.full_like(t[name], np.nan)
+    save_file(t, str(shard), metadata={"format": "pt"})
+    url = _upload(s3, bad, "bad")
+    out = f"s3://{BUCKET}/fail/sharded/"
+    r = run_cli(url, "-o", out, "--max-shard-size", "60KB", "--quiet")
+    assert_clean_error(r, "NaN")
+    assert _objects(s3["fs"], "fail") == []
+
+    # killed: SIGKILL once the first staging object is there
+    url = _upload(s3, hf_ckpts, "run2")
+    out = f"s3://{BUCKET}/killed/avg/"
+    env = dict(os.environ, **s3["env"])
+    proc = subprocess.Popen([sys.executable, "-m", "ema_cli", url, "-o", out, "--max-shard-size", "20KB",
+                             "--threads", "1", "--quiet"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    staged = []
+    while time.time() < deadline and proc.poll() is None:
+        staged = [k for k in _objects(s3["fs"], "killed") if "ema-avg-staging" in k]
+        if staged:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait()
+    if staged:  # (a run that finished first commits: nothing to test then)
+        assert not [k for k in _objects(s3["fs"], "killed/avg") if "staging" not in k]
+        assert [k for k in _objects(s3["fs"], "killed") if "ema-avg-staging" in k]
+    r = run_cli(url, "-o", out, "--max-shard-size", "20KB", "--quiet", "--force")
+    assert r.code == 0, r
+    assert not [k for k in _objects(s3["fs"], "killed") if "ema-avg-staging" in k]
+    assert "model.safetensors.index.json" in [k.rsplit("/", 1)[-1] for k in _objects(s3["fs"], "killed/avg")]
+
+
+def test_s3_reads_are_ranged(s3, tmp_path):
+    """Only the bytes a run needs are requested: the header and the tensors it
+    reads, never whole files."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    big = 8 << 20  # float32 elements: 32 MB per tensor
+    d = tmp_path / "large"
+    d.mkdir()
+    for step in (1, 2, 3):
+        save_file({"big": rng.standard_normal(big, dtype=np.float32),
+                   "small": rng.standard_normal(16, dtype=np.float32)}, str(d / f"ckpt-{step}.safetensors"))
+    url = _upload(s3, d, "large")
+    size = (d / "ckpt-1.safetensors").stat().st_size
+    counter = s3["counter"]
+
+    counter.reset()
+    r = run_cli("plan", f"{url}/*.safetensors", "--json")
+    assert r.code == 0, r
+    assert counter.get_bytes < 3 * 70_000, counter.get_bytes  # headers only (64 KiB read each at most)
+
+    counter.reset()
+    r = run_cli(f"{url}/*.safetensors", "--include", "^small$", "--exclude", "^big$", "-o",
+                tmp_path / "one.safetensors", "--quiet")
+    assert r.code == 0, r
+    # averaging one small tensor: its 3 ranges, the headers, and the newest big tensor (copied)
+    assert counter.get_bytes < 1.05 * size, (counter.get_bytes, size)
+    assert counter.get_bytes < 0.4 * 3 * size
+    ranged = [rq for rq in counter.requests if rq[0] == "GET" and rq[2]]
+    assert ranged and all(rq[2].startswith("bytes=") for rq in ranged)
+
+    counter.reset()
+    r = run_cli(f"{url}/*.safetensors", "-o", tmp_path / "all.safetensors", "--quiet")
+    assert r.code == 0, r
+    assert 3 * size * 0.99 < counter.get_bytes < 3 * size * 1.05  # all of it, once
+
+
+def test_remote_tf_input_is_copied_locally(s3, tmp_path):
+    """A TF checkpoint in S3 is copied to a local temporary directory first (its
+    library needs local files), with a note, and averages like the local one."""
+    from conftest import FIXTURES
+
+    url = _upload(s3, FIXTURES / "tf1", "tf1")
+    r = run_cli(url, "-o", tmp_path / "a.safetensors", "--json")
+    assert r.code == 0, r
+    assert "local temporary directory" in r.err
+    assert r.json().get("copied"), r.out
+    r2 = run_cli(FIXTURES / "tf1", "-o", tmp_path / "b.safetensors", "--quiet")
+    assert r2.code == 0, r2
+    _same_bits(_tensors(tmp_path / "a.safetensors"), _tensors(tmp_path / "b.safetensors"))
+
+
+# --------------------------------------------------------------------------- Dask
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A LocalCluster of 2 worker processes, reached by its address like any cluster."""
+    import logging
+
+    from distributed import Client, LocalCluster
+
+    c = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                     silence_logs=logging.ERROR)
+    client = Client(c)
+    try:
+        yield {"address": c.scheduler_address, "client": client}
+    finally:
+        client.close()
+        c.close()
+
+
+def test_dask_local_bit_identical_and_spread(hf_ckpts, tmp_path):
+    """``--dask local:2``: the in-process bits, the shards computed on both workers."""
+    ref = tmp_path / "ref"
+    r = run_cli(hf_ckpts, "-o", f"{ref}/", "--max-shard-size", "60KB", "--quiet")
+    assert r.code == 0, r
+    out = tmp_path / "dask"
+    r = run_cli(hf_ckpts, "-o", f"{out}/", "--max-shard-size", "60KB", "--dask", "local:2", "--json", "--quiet")
+    assert r.code == 0, r
+    _same_bits(_tensors(out), _tensors(ref))
+    doc = r.json()
+    tasks = doc["tasks"]
+    assert len(tasks) == len(list(out.glob("model-*.safetensors"))) >= 3
+    assert {"shard", "worker", "bytes_read", "bytes_written", "seconds"} <= set(tasks[0])
+    assert len({t["worker"] for t in tasks}) >= 2, tasks
+    assert sum(t["bytes_written"] for t in tasks) == doc["bytes_written"]
+
+
+@pytest.mark.parametrize("mode", [["--decay", "0.8"], ["--half-life", "2", "--decay-per", "step"]],
+                         ids=["ema", "per-step-ema"])
+def test_dask_cluster_address_bit_identical(cluster, hf_ckpts, tmp_path, mode):
+    """``--dask ADDRESS`` (a running scheduler): EMA and per-step EMA give the
+    in-process bits; a directory output is split into one shard per worker."""
+    ref = tmp_path / "ref.safetensors"
+    assert run_cli(hf_ckpts, *mode, "-o", ref, "--quiet").code == 0
+    out = tmp_path / "dask"
+    r = run_cli(hf_ckpts, *mode, "-o", f"{out}/", "--dask", cluster["address"], "--json", "--quiet")
+    assert r.code == 0, r
+    assert len(list(out.glob("model-*-of-00002.safetensors"))) == 2
+    _same_bits(_tensors(out), _tensors(ref))
+    assert len({t["worker"] for t in r.json()["tasks"]}) == 2
+
+
+def test_dask_worker_killed_mid_task(cluster, tmp_path):
+    """A worker killed while tasks run: Dask reruns its task elsewhere and the
+    output is the in-process one, or the run fails cleanly with nothing
+    committed.  (The nanny restarts the worker.)"""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(3)
+    d = tmp_path / "in"
+    d.mkdir()
+    for step in (1, 2, 3):
+        save_file({f"layer{i}": rng.standard_normal(1 << 20, dtype=np.float32) for i in range(16)},
+                  str(d / f"ckpt-{step}.safetensors"))
+    ref = tmp_path / "ref.safetensors"
+    assert run_cli(d, "-o", ref, "--quiet").code == 0
+    client = cluster["client"]
+    pids = client.run(os.getpid)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "ema_cli", str(d), "-o", f"{out}/", "--max-shard-size", "4MB",
+                             "--dask", cluster["address"], "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    killed = False
+    while time.time() < deadline and proc.poll() is None:
+        staged = [p for p in tmp_path.glob(".out.ema-avg-*") if any(p.glob("model-*.safetensors"))]
+        if staged:
+            os.kill(next(iter(pids.values())), signal.SIGKILL)
+            killed = True
+            break
+        time.sleep(0.01)
+    _, err = proc.communicate(timeout=300)
+    print("killed:", killed, "exit:", proc.returncode, err[-300:])
+    assert "Traceback" not in err, err
+    if proc.returncode == 0:
+        _same_bits(_tensors(out), _tensors(ref))
+    else:
+        assert err.strip().startswith("error: "), err
+        assert not out.exists()
+    assert killed, "the run finished before a worker could be killed: make it longer"
+    client.wait_for_workers(2, timeout=60)
+
+
+def test_dask_needs_sharded_output(hf_ckpts, tmp_path):
+    r = run_cli(hf_ckpts, "-o", tmp_path / "one.h5", "--dask", "local:1", "--quiet")
+    assert_clean_error(r, "shard")
