@@ -24,7 +24,7 @@ import shutil
 import socket
 import tempfile
 import time
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_EXCEPTION, CancelledError, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -416,12 +416,16 @@ class ShardResult:
 
 
 def _worker_name() -> str:
-    try:
-        from distributed import get_worker
+    """The Dask worker's address when the task runs on one, else host:pid
+    (distributed is only looked at when it is loaded: a worker has it)."""
+    import sys
 
-        return get_worker().address
-    except (ImportError, ValueError):
-        return f"{socket.gethostname()}:{os.getpid()}"
+    if "distributed" in sys.modules:
+        try:
+            return sys.modules["distributed"].get_worker().address
+        except (AttributeError, ValueError):
+            pass
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def _bytes_read(plan: Plan, names: list[str]) -> int:
@@ -626,7 +630,7 @@ class DaskExecutor:
                 except d.KilledWorker:
                     raise EmaError(f"{t.key}: the Dask workers running it died (tried on several); "
                                    "nothing was committed") from None
-                except (d.CancelledError if hasattr(d, "CancelledError") else ()) as e:  # noqa: B030
+                except CancelledError as e:
                     raise EmaError(f"{t.key}: cancelled on the Dask cluster ({e}); nothing was committed") from None
                 except Exception as e:
                     raise EmaError(f"{t.key} failed on a Dask worker: {type(e).__name__}: {e}") from None

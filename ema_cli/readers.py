@@ -256,15 +256,11 @@ class PooledReader:
     def __exit__(self, *exc):
         pass
 
-    def __getattr__(self, attr: str):
-        # format-specific attributes and methods (a TF reader's meta_file, an
-        # HDF5 reader's datasets for its writer's template): methods run under
-        # a lease of their own when called
-        if attr.startswith("__") or attr in ("_pool", "source"):
-            raise AttributeError(attr)
-        value = self._call("__getattribute__", attr)
-        if callable(value) and getattr(value, "__self__", None) is not None:
-            def call(*args):
-                return self._call(attr, *args)
-            return call
-        return value
+    def read_flat(self, names: list[str]):
+        return self._call("read_flat", names)
+
+    def read_stream(self, name: str):
+        return self._call("read_stream", name)
+
+    def release(self, name: str, first: int = 0, last: int | None = None) -> None:
+        self._pool.release(self.source, name, first, last)

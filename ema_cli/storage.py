@@ -177,28 +177,64 @@ def copy_file(src: str, dst: str, options: dict | str | None = None) -> None:
         raise remote_error(e, src, "cannot copy") from None
 
 
+class _Windows:
+    """The fetch state of one remote byte range, shared by its dtype views:
+    the current window and the one being fetched ahead."""
+
+    __slots__ = ("get", "start", "nbytes", "window", "w0", "buf", "next")
+
+    def __init__(self, get, start: int, nbytes: int, window: int):
+        self.get = get  # get(first_byte, end_byte) -> bytes
+        self.start = start
+        self.nbytes = nbytes
+        self.window = window
+        self.w0 = 0
+        self.buf = None
+        self.next = None  # (first byte, future)
+        self.ahead(0)  # the first window: fetched while the other inputs' are (one pool for all)
+
+    def fetch(self, a: int) -> bytes:
+        return self.get(self.start + a, self.start + min(self.nbytes, a + self.window))
+
+    def ahead(self, a: int) -> None:
+        if a < self.nbytes:
+            self.next = (a, _prefetcher().submit(self.fetch, a))
+
+    def bytes(self, a: int, b: int) -> memoryview:
+        """Bytes ``[a, b)`` of the range (``b - a`` at most one window)."""
+        buf = self.buf
+        if buf is None or a < self.w0 or b > self.w0 + len(buf):
+            nxt = self.next
+            buf = nxt[1].result() if nxt is not None and nxt[0] == a else self.fetch(a)
+            self.buf, self.w0, self.next = buf, a, None
+            if b <= a + len(buf):  # read ahead: the next window while this one is summed
+                self.ahead(a + len(buf))
+        return memoryview(self.buf)[a - self.w0:b - self.w0]
+
+
 class RangeArray:
     """A remote tensor's elements as a flat array-like the kernel streams
-    through (``size``, ``dtype``, ``x[a:b]``, ``view``): each slice is served
-    from a window of about ``WINDOW`` bytes fetched with one ranged read, and
-    the next window is fetched in the background while this one is summed.
-    Memory stays at two windows per input, whatever the tensor's size."""
+    through (``size``, ``dtype``, ``x[a:b]``, ``view``).  Slices are served from
+    windows of about ``WINDOW`` bytes, each fetched with one ranged read; the
+    first window is requested as soon as the array is made (so every input of
+    a tensor is fetched at once) and each next one while the current one is
+    summed.  Memory stays at two windows per input, whatever the tensor's size."""
 
     ndim = 1
     WINDOW = 16 << 20
 
-    def __init__(self, get, start: int, size: int, dtype, window: int | None = None):
+    def __init__(self, get, start: int, size: int, dtype, window: int | None = None, _state=None):
         import numpy as np
 
-        self._get = get  # get(first_byte, end_byte) -> bytes
-        self._start = start
+        self.dtype = np.dtype(dtype)
         self.size = size
         self.shape = (size,)
-        self.dtype = np.dtype(dtype)
-        self._per = max(1, (window or self.WINDOW) // self.dtype.itemsize)
-        self._w0 = 0
-        self._buf = None
-        self._next = None  # (first element, future)
+        item = self.dtype.itemsize
+        if _state is None:
+            per = max(1, (window or self.WINDOW) // item)
+            per = -(-per // 65536) * 65536  # whole kernel blocks: a block never straddles two windows
+            _state = _Windows(get, start, size * item, per * item)
+        self._w = _state
 
     def view(self, dtype) -> "RangeArray":
         import numpy as np
@@ -206,47 +242,32 @@ class RangeArray:
         dt = np.dtype(dtype)
         if dt.itemsize != self.dtype.itemsize:
             raise ValueError("RangeArray.view keeps the item size")
-        return RangeArray(self._get, self._start, self.size, dt, self._per * self.dtype.itemsize)
+        return RangeArray(None, 0, self.size, dt, _state=self._w)
 
     def reshape(self, *shape):
-        if shape in ((-1,), (self.size,)) or shape == ((-1,),):
+        if shape in ((-1,), (self.size,), ((-1,),)):
             return self
         raise ValueError(f"RangeArray is flat: cannot reshape to {shape}")
 
     def __len__(self) -> int:
         return self.size
 
-    def _fetch(self, a: int):
+    def __getitem__(self, s):
         import numpy as np
 
-        item = self.dtype.itemsize
-        end = min(self.size, a + self._per)
-        return np.frombuffer(self._get(self._start + a * item, self._start + end * item), dtype=self.dtype)
-
-    def __getitem__(self, s):
         if not isinstance(s, slice):
             raise TypeError("RangeArray takes slices")
         a, b, step = s.indices(self.size)
         if step != 1:
             raise ValueError("RangeArray takes contiguous slices")
-        buf = self._buf
-        if buf is None or a < self._w0 or b > self._w0 + buf.size:
-            nxt = self._next
-            if nxt is not None and nxt[0] == a:
-                buf = nxt[1].result()
-            else:
-                buf = self._fetch(a)
-            self._buf, self._w0, self._next = buf, a, None
-            following = a + buf.size
-            if b <= following < self.size:  # read ahead: the next window while this one is summed
-                self._next = (following, _prefetcher().submit(self._fetch, following))
-        return self._buf[a - self._w0:b - self._w0]
+        item = self.dtype.itemsize
+        return np.frombuffer(self._w.bytes(a * item, b * item), dtype=self.dtype)
 
     def __array__(self, dtype=None, copy=None):
         import numpy as np
 
-        item = self.dtype.itemsize
-        arr = np.frombuffer(self._get(self._start, self._start + self.size * item), dtype=self.dtype)
+        w = self._w
+        arr = np.frombuffer(w.get(w.start, w.start + w.nbytes), dtype=self.dtype)
         return arr if dtype is None else arr.astype(dtype)
 
 

@@ -288,7 +288,8 @@ def test_store_does_not_allocate_per_block():
 
 def test_safetensors_path_imports_neither_ml_dtypes_nor_tensorflow(tmp_path):
     """A whole CLI average of float32/float16 safetensors (and the kernel on
-    raw bf16 bits) runs without importing ml_dtypes or TensorFlow."""
+    raw bf16 bits) runs without importing ml_dtypes or TensorFlow (nor torch,
+    nor the remote-storage and cluster back-ends)."""
     from safetensors.numpy import save_file
 
     rng = np.random.default_rng(4)
@@ -298,7 +299,8 @@ def test_safetensors_path_imports_neither_ml_dtypes_nor_tensorflow(tmp_path):
     code = textwrap.dedent(f"""
         import atexit, sys
         def report():
-            sys.stderr.write("MODULES " + " ".join(m for m in ("ml_dtypes", "tensorflow", "torch") if m in sys.modules) + "\\n")
+            sys.stderr.write("MODULES " + " ".join(m for m in ("ml_dtypes", "tensorflow", "torch", "fsspec", "dask",
+                                                               "distributed") if m in sys.modules) + "\\n")
         atexit.register(report)
         import numpy as np
         from ema_cli import kernel

@@ -13,10 +13,12 @@ expanded by the filesystem.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import glob
 import os
 import shutil
+import sys
 import tempfile
 
 from ema_cli import storage
@@ -131,20 +133,40 @@ def _download(fs, keys: list[str], parent: str) -> str:
         except OSError:
             sizes[k] = 0
         total += sizes[k]
-    first = storage.url(fs, keys[0])
     warn(f"copying {len(keys)} file(s) ({total / 1e6:.1f} MB) from {storage.url(fs, parent or keys[0])} to a local "
          f"temporary directory: this format is read from local files")
-    for k in keys:
-        rel = k[len(parent):].lstrip("/") if parent and k.startswith(parent + "/") else k.rsplit("/", 1)[-1]
-        dst = os.path.join(tmp, rel)
-        os.makedirs(os.path.dirname(dst), exist_ok=True)
-        try:
-            fs.get_file(k, dst)
-        except OSError as e:
-            raise storage.remote_error(e, storage.url(fs, k), "cannot copy") from None
-        copied.append({"from": storage.url(fs, k), "to": dst, "bytes": sizes[k]})
-    del first
+    with _progress(total) as advance:
+        for k in keys:
+            rel = k[len(parent):].lstrip("/") if parent and k.startswith(parent + "/") else k.rsplit("/", 1)[-1]
+            dst = os.path.join(tmp, rel)
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            try:
+                with fs.open(k, "rb") as src, open(dst, "wb") as out:
+                    while True:
+                        chunk = src.read(8 << 20)
+                        if not chunk:
+                            break
+                        out.write(chunk)
+                        advance(len(chunk))
+            except Exception as e:  # noqa: BLE001 - the back-end's own errors too
+                raise storage.remote_error(e, storage.url(fs, k), "cannot copy") from None
+            copied.append({"from": storage.url(fs, k), "to": dst, "bytes": sizes[k]})
     return tmp
+
+
+@contextlib.contextmanager
+def _progress(total: int):
+    """A progress bar on stderr while copying, when stderr is a terminal."""
+    if not sys.stderr.isatty():
+        yield lambda n: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    with Progress(TextColumn("copying"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  console=Console(stderr=True), transient=True) as prog:
+        tid = prog.add_task("copying", total=total)
+        yield lambda n: prog.update(tid, advance=n)
 
 
 def _cleanup() -> None:
