@@ -431,7 +431,7 @@ def _library_call(labels_box: list | None = None):
 
 def _issue(warnings: list[str]) -> None:
     for w in warnings:
-        _warnings.warn(w, EmaWarning, stacklevel=4)
+        _warnings.warn(w, EmaWarning, stacklevel=3)
 
 
 def _output_format(paths: list[str], first_opts, first_out: str, fmt: str | None) -> str | None:
