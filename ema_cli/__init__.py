@@ -11,7 +11,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 _API = (
-    "average", "plan", "posthoc", "inspect", "restore_map", "rename", "expand_path",
+    "average", "plan", "posthoc", "inspect", "restore_map", "rename", "watch", "expand_path",
     "Result", "Plan", "Select", "CheckpointRow", "TensorRow", "RenameResult", "Progress", "EmaWarning",
 )
 __all__ = ["__version__", "EmaError", *_API]

@@ -658,6 +658,65 @@ def plan(
     return out
 
 
+def watch(
+    directory: PathLike,
+    output: PathLike,
+    *,
+    decay: float | None = None,
+    num_updates: bool = False,
+    decay_per: Literal["checkpoint", "step"] = "checkpoint",
+    interp: Literal["linear", "hold"] = "linear",
+    half_life: float | None = None,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    dtype: str = "keep",
+    format: str | None = None,
+    allow_nonfinite: bool = False,
+    state_key: str | None = None,
+    until_step: int | None = None,
+    poll: float = 2.0,
+    stop: threading.Event | None = None,
+    on_update: Callable[[Result], None] | None = None,
+) -> Result | None:
+    """Keep ``output`` the running average of the checkpoints appearing in
+    ``directory`` (what ``ema-avg --watch DIR`` does): each new complete
+    checkpoint is read once and folded into the float64 state (the uniform mean:
+    bit for bit the batch :func:`average`; an EMA: within float64 rounding), and
+    the output is rewritten atomically.
+
+    Args:
+        directory: where training writes checkpoints (files or checkpoint sub-directories).
+        output: the running average (outside ``directory``, or ignored in it).
+        decay, num_updates, decay_per, interp, half_life: the EMA (default: the uniform mean).
+        include, exclude, dtype, format, allow_nonfinite, state_key: as for :func:`average`.
+        until_step: return once a checkpoint with this step or later is averaged.
+        poll: seconds between scans of ``directory``.
+        stop: set this event to return (from another thread).
+        on_update: called with a :class:`Result` after each update.
+
+    Returns:
+        The last update's :class:`Result` (None if no checkpoint was averaged).
+
+    Raises:
+        EmaError: bad options, a checkpoint that does not match the earlier ones.
+    """
+    from ema_cli import watching as watch_mod
+
+    with _library_call():
+        spec = _spec(decay=decay, num_updates=num_updates, decay_per=decay_per, interp=interp, half_life=half_life)
+        opts = _options(spec, include=include, exclude=exclude, dtype=dtype, allow_nonfinite=allow_nonfinite,
+                        state_key=state_key, allow_copy_only=True)
+        cb = None
+        if on_update is not None:
+            cb = lambda r: on_update(_result_from_doc(_doc_of(r, {}), []))  # noqa: E731
+        w = watch_mod.Watcher(expand_path(directory), expand_path(output), opts, fmt=format,
+                              until_step=until_step, poll=poll, on_update=cb)
+        if stop is not None:
+            w.stop_event = stop
+        last = w.run()
+        return None if last is None else _result_from_doc(_doc_of(last, {}), [])
+
+
 def _series(series) -> list[tuple[float, list[str]]]:
     """``{sigma_rel: dir_or_glob_or_paths}`` or ``[(sigma_rel, ...), ...]`` ->
     the engine's ``[(gamma, paths), ...]``."""
@@ -899,5 +958,5 @@ def rename(path: PathLike, output: PathLike, *, to: Literal["original", "shadow"
 
 __all__ = [
     "CheckpointRow", "EmaError", "EmaWarning", "Inputs", "Plan", "Progress", "RenameResult", "Result", "Select",
-    "TensorRow", "average", "expand_path", "inspect", "plan", "posthoc", "rename", "restore_map",
+    "TensorRow", "average", "expand_path", "inspect", "plan", "posthoc", "rename", "restore_map", "watch",
 ]

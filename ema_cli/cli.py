@@ -139,8 +139,15 @@ def average(
     allow_nonfinite: AllowNonfinite = False, verify: Verify = False, threads: Threads = 0, force: Force = False,
     allow_copy_only: AllowCopyOnly = False, quiet: Quiet = False, as_json: Json = False,
     saturate: Saturate = False, state_key: StateKey = None, skip_missing: SkipMissing = False,
+    watch: Annotated[bool, typer.Option("--watch", help="Sidecar mode, `--watch DIR`: keep OUT the running average of the checkpoints appearing in the one INPUT directory (mean or EMA, updated incrementally, written atomically); stops on SIGTERM or --until-step.")] = False,
+    until_step: Annotated[Optional[int], typer.Option("--until-step", metavar="STEP", help="--watch: stop once a checkpoint with this step or later is averaged.")] = None,
+    poll: Annotated[float, typer.Option("--poll", metavar="SECONDS", help="--watch: seconds between scans of DIR.")] = 2.0,
 ):
     t0 = time.perf_counter()
+    if not watch and (until_step is not None or poll != 2.0):
+        raise UsageError("--until-step and --poll go with --watch DIR")
+    if watch and len(inputs) != 1:
+        raise UsageError(f"--watch DIR watches one directory (got {len(inputs)} inputs)")
     opts = api._options(
         _spec(swa, decay, num_updates, zero_debias, weights, decay_per, interp, half_life, sigma_rel, gamma, tf_exact),
         select=api.Select(last_n=last_n, start_step=start_step, every=every, metrics=metrics, metric=metric,
@@ -149,8 +156,37 @@ def average(
         names=names, suffix=suffix, max_shard_size=max_shard_size or None, threads=threads,
         allow_copy_only=allow_copy_only, saturate=saturate, state_key=state_key, skip_missing=skip_missing,
     )
+    if watch:
+        _watch(api.expand_path(inputs[0]), opts, api.expand_path(output), fmt, until_step=until_step, poll=poll,
+               quiet=quiet, as_json=as_json)
+        return
     _execute(_paths(inputs), opts, api.expand_path(output), fmt, force=force, quiet=quiet, as_json=as_json,
              verify=verify, t0=t0)
+
+
+def _watch(directory, opts, output, fmt, *, until_step, poll, quiet, as_json) -> None:
+    """--watch: one update per new checkpoint; --json prints one compact JSON document per update
+    (JSON lines).  SIGTERM stops it (exit 0): the output is the last complete average."""
+    from ema_cli import watching as watch_mod
+
+    ui = render.UI(quiet=quiet)
+
+    def on_update(result) -> None:
+        if as_json:
+            sys.stdout.write(json.dumps(render.result_json(result), default=str) + "\n")
+            sys.stdout.flush()
+        if ui.live:
+            w = result.plan.recipe["watch"]
+            ui.console.print(f"updated {result.output}: {w['checkpoints']} checkpoint(s), newest "
+                             f"{result.plan.recipe['newest']}", markup=False)
+
+    opts.allow_copy_only = True
+    watcher = watch_mod.Watcher(directory, output, opts, fmt=fmt, until_step=until_step, poll=poll,
+                                on_update=on_update)
+    try:
+        watcher.run()
+    except _entry.Terminated:
+        pass  # a sidecar's normal end; an update in progress was discarded (its staging removed)
 
 
 def _execute(inputs, opts, output, fmt, *, force, quiet, as_json, verify, t0, targets=None) -> None:

@@ -17,6 +17,11 @@ from ema_cli import dtypes, notices
 _RICH_TERMINAL_ENV = ("FORCE_COLOR", "TTY_INTERACTIVE", "TTY_COMPATIBLE", "JUPYTER_COLUMNS", "JUPYTER_LINES")
 
 
+def _is_averaged(plan, task) -> bool:
+    """Averaged in this output (a --watch plan writes its running averages as overrides)."""
+    return task.action == "average" or task.name in getattr(plan, "averaged", ())
+
+
 def human_bytes(n: float) -> str:
     """SI units (powers of 1000, like ``--max-shard-size 40kB``): B, kB, MB, GB, TB."""
     for unit in ("B", "kB", "MB", "GB", "TB"):
@@ -147,7 +152,7 @@ class UI:
         if not self.live:
             return
         p = result.plan
-        n_avg = sum(t.action == "average" for t in p.tasks)
+        n_avg = sum(_is_averaged(p, t) for t in p.tasks)
         desc = p.options.spec.describe()
         self.console.print(
             f"[bold green]wrote[/] {result.output} ({result.format}, {human_bytes(result.bytes_written)}): "
@@ -223,7 +228,7 @@ def output_dtypes(plan) -> dict:
     """``{"averaged": dtype or None, "tensors": {dtype: count}}``: what the output holds."""
     from collections import Counter
 
-    avg = sorted({t.out_dtype for t in plan.tasks if t.action == "average"})
+    avg = sorted({t.out_dtype for t in plan.tasks if _is_averaged(plan, t)})
     return {"averaged": avg[0] if len(avg) == 1 else (avg or None),
             "tensors": dict(Counter(t.out_dtype for t in plan.tasks))}
 
@@ -240,8 +245,8 @@ def result_json(result) -> dict:
         "dtypes": dts["tensors"],
         "verified": "verify_s" in result.timings,
         "tensors": {
-            "averaged": sum(t.action == "average" for t in p.tasks),
-            "copied": sum(t.action == "copy" for t in p.tasks),
+            "averaged": sum(_is_averaged(p, t) for t in p.tasks),
+            "copied": sum(not _is_averaged(p, t) for t in p.tasks),
             "skipped": list(p.skipped),
         },
         "bytes_written": result.bytes_written,
