@@ -152,6 +152,7 @@ class RenameResult:
     renamed: int
     dropped: int
     tensors: int
+    rewritten: list[str]  # tensors whose value was rewritten for the new names (a TF2 object graph)
     names: dict[str, str]  # {input name: output name} for the renamed tensors
     bytes_written: int
     timings: dict[str, float]
@@ -159,7 +160,8 @@ class RenameResult:
 
     def as_dict(self) -> dict:
         d = {k: getattr(self, k) for k in ("output", "format", "files", "checkpoint", "direction", "suffix",
-                                           "renamed", "dropped", "tensors", "names", "bytes_written")}
+                                           "renamed", "dropped", "tensors", "rewritten", "names",
+                                           "bytes_written")}
         d["timings"] = {k: round(v, 6) for k, v in self.timings.items()}
         return d
 
@@ -203,7 +205,14 @@ def _result_from_doc(doc: dict, warnings: list[str]) -> Result:
 def expand_path(path: PathLike) -> str:
     """``~`` and ``$VAR`` expanded, unless the path exists as written (a file really
     named ``$x``).  Used for every path ema-avg itself interprets: quoted globs,
-    ``--output=~/x``, ``--metrics``, ``--from S=~/snapshots``."""
+    ``--output=~/x``, ``--metrics``, ``--from S=~/snapshots``.
+
+    Args:
+        path: a path or glob, as given.
+
+    Returns:
+        The path to use (unchanged when it exists or holds no ``~``/``$``).
+    """
     p = os.fspath(path)
     if os.path.lexists(p) or ("~" not in p and "$" not in p):
         return p
@@ -950,7 +959,7 @@ def rename(path: PathLike, output: PathLike, *, to: Literal["original", "shadow"
     info = p.rename
     res = RenameResult(os.path.abspath(out), result.format, [os.path.abspath(f) for f in result.files],
                        os.path.abspath(src.path), direction, suffix, info["renamed"], info["dropped"], len(p.tasks),
-                       {t.name: t.out_name for t in p.tasks if t.name != t.out_name}, result.bytes_written,
+                       list(info["rewritten"]), {t.name: t.out_name for t in p.tasks if t.name != t.out_name}, result.bytes_written,
                        dict(result.timings), list(captured) + list(p.warnings))
     _issue(res.warnings)
     return res

@@ -68,7 +68,7 @@ def restore_map(
         return
     _write_text(output, text, force=force)
     if as_json:
-        _emit_json({"output": output, "checkpoint": src.path, "format": src.format, "suffix": suffix,
+        _emit_json({"output": os.path.abspath(output), "checkpoint": os.path.abspath(src.path), "format": src.format, "suffix": suffix,
                     "averaged_from": origin, "entries": len(mapping), "from_shadow": n_shadow})
     _summary(ui, f"wrote {output}: {len(mapping)} entries, {n_shadow} restored from */{suffix} "
                  f"(averaged set from {origin})")

@@ -40,7 +40,7 @@ def _plain_table(title: str | None, cols: list[str], rows: list[list[str]], righ
         out = [cell.rjust(w) if col in right else cell.ljust(w) for col, cell, w in zip(cols, cells, widths)]
         return "  ".join(out).rstrip()
 
-    text = ([title] if title else []) + [line(cols)] + [line(r) for r in rows]
+    text = ([title.rstrip()] if title else []) + [line(cols)] + [line(r) for r in rows]
     return "\n".join(text) + "\n"
 
 

@@ -156,9 +156,10 @@ def test_cli_sidecar_killed_anywhere_leaves_the_previous_average(tmp_path):
     assert "avg.safetensors" in visible  # staging files are hidden and removed by the next run
 
     # a new sidecar picks the run up from the start (the state is in memory), SIGTERM ends it cleanly
-    proc = _start(d, out, "--decay", "0.5", "--dtype", "float64")
+    out_b = tmp_path / "avg-b.safetensors"
+    proc = _start(d, out_b, "--decay", "0.5", "--dtype", "float64")
     try:
-        wait_for(lambda: n_averaged(out) == len(files))
+        wait_for(lambda: n_averaged(out_b) == len(files))
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=20)
     finally:
