@@ -383,6 +383,14 @@ def _resolved_inputs(inputs):
         return
     if isinstance(inputs, Mapping):
         inputs = [inputs]
+    if isinstance(inputs, Iterator):  # a generator: of paths (Path.glob) or of checkpoints (consumed lazily)
+        import itertools
+
+        try:
+            first = next(inputs)
+        except StopIteration:
+            raise UsageError("no input checkpoints (the inputs were empty)") from None
+        inputs = [first, *inputs] if _is_pathlike(first) else itertools.chain([first], inputs)
     if isinstance(inputs, Sequence) and inputs and all(_is_pathlike(x) for x in inputs):
         yield [expand_path(x) for x in inputs], {}
         return

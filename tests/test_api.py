@@ -135,6 +135,8 @@ def test_plan_reads_no_data_and_matches_average(run):
     assert p2.weights == [0.5, 0.5] and [c.selected for c in p2.checkpoints] == [False, False, True, True]
     p3 = ema_cli.plan(files, select={"start_step": 30}, mode="swa")
     assert p3.weights == [0.5, 0.5]
+    p4 = ema_cli.plan(files[0].parent.glob("ckpt-*.safetensors"))  # a generator of paths
+    assert [c.step for c in p4.checkpoints] == [10, 20, 30, 40]
 
 
 def test_posthoc_weights_reconstruct_the_output(tmp_path):
