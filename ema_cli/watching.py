@@ -105,6 +105,7 @@ class Watcher:
         self.result: engine.Result | None = None
         self.stop_event = threading.Event()
         self.taken: list[str] = []  # the checkpoints averaged so far, in step order
+        self._warned: set[str] = set()
         self.keep_prev = mode == "ema-per-step"  # its recurrence interpolates from the previous checkpoint
 
     # ----------------------------------------------------------------- discovery
@@ -117,13 +118,20 @@ class Watcher:
                 return True  # the output (a file, a TF prefix's files, a directory)
         return False
 
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            notices.warn(message)
+
     def new_checkpoints(self) -> list[tuple[int, formats.Source]]:
         """Complete checkpoints not taken yet, by step."""
         with notices.capture():  # a scan's notes (left-out directories) would repeat every poll
             try:
                 sources = formats.resolve_inputs([self.directory], engine.reader_options(self.opts))
-            except EmaError:
-                return []  # nothing there yet (or only partial files)
+            except EmaError as e:  # nothing there yet, or a layout to fix (said once; waiting)
+                if "no checkpoints" not in str(e) and "no such file" not in str(e):
+                    self._warn_once(str(e), f"{e} (--watch keeps waiting)")
+                return []
         ready = []
         for src in sources:
             if src.path in self.paths or self._excluded(src) or _hf_incomplete(src):
@@ -134,8 +142,9 @@ class Watcher:
                 continue
             try:
                 r = formats.open_reader(src)
-            except EmaError:
-                continue  # not complete yet
+            except EmaError as e:  # not complete yet (or corrupt: said once, retried)
+                self._warn_once(src.path + repr(sig), f"{e} (--watch retries it)")
+                continue
             try:
                 if "ema_avg" in r.metadata():
                     continue  # another ema-avg output in the directory

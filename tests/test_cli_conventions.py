@@ -161,9 +161,13 @@ def test_outputs_never_create_parent_directories_but_create_themselves(run, tmp_
     assert res.code == 0 and (tmp_path / "shards" / "model.safetensors.index.json").is_file(), res
 
 
-def test_shell_completion():
+def test_shell_completion(tmp_path):
     res = run_cli("--show-completion", "bash")
     assert res.code == 0 and "_EMA_AVG_COMPLETE" in res.out, res
+    res = run_cli("--install-completion", "bash", env={"HOME": str(tmp_path), "SHELL": "/bin/bash"})
+    script = tmp_path / ".bash_completions" / "ema-avg.sh"
+    assert res.code == 0 and script.is_file() and str(script) in (tmp_path / ".bashrc").read_text(), res
+    assert "_EMA_AVG_COMPLETE" in script.read_text()
     res = run_cli(env={"_EMA_AVG_COMPLETE": "complete_bash", "COMP_WORDS": "ema-avg ins", "COMP_CWORD": "1"})
     assert res.code == 0 and res.out.split() == ["inspect"], res
     res = run_cli(env={"_EMA_AVG_COMPLETE": "complete_bash", "COMP_WORDS": "ema-avg average --half",

@@ -174,3 +174,28 @@ def test_cli_sidecar_killed_anywhere_leaves_the_previous_average(tmp_path):
     assert proc.returncode == 0, err
     docs = [json.loads(ln) for ln in stdout.splitlines()]
     assert [len(doc["checkpoints"]) for doc in docs][-1] == 3 and docs[-1]["mode"] == "mean"
+
+
+def test_incomplete_trainer_checkpoints_wait_for_their_state_file(tmp_path):
+    """An HF Trainer checkpoint-N/ is taken once trainer_state.json (written last) is there."""
+    d = tmp_path / "out"
+    d.mkdir()
+    out = tmp_path / "avg.safetensors"
+    rng = np.random.default_rng(5)
+    updates, stop = [], threading.Event()
+    th = threading.Thread(target=lambda: ema_cli.watch(d, out, poll=0.02, stop=stop, on_update=updates.append))
+    th.start()
+    try:
+        for k, step in enumerate((5, 10), 1):
+            ck = d / f"checkpoint-{step}"
+            ck.mkdir()
+            save_st(ck / "model.safetensors", {"w": rng.standard_normal(4).astype(np.float32)}, {"format": "pt"})
+            time.sleep(0.3)  # many polls: the weights alone are not a complete checkpoint
+            assert len(updates) == k - 1
+            (ck / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+            wait_for(lambda: len(updates) == k)
+    finally:
+        stop.set()
+        th.join(10)
+    assert [c.step for c in updates[-1].checkpoints] == [5, 10]
+    assert updates[-1].files == [str(out)]
