@@ -9,20 +9,20 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from typing import Annotated, List, Optional
 
 import typer
 
-from ema_cli import engine, formats, maps, names, render
+from ema_cli import api, maps, names, render, storage
 from ema_cli.errors import EmaError, UsageError
+from ema_cli import engine
 from ema_cli.output import Staged, check_target
 
-Ckpt = Annotated[str, typer.Argument(help="One checkpoint: file, TF prefix, sharded index or directory holding one.",
+Ckpt = Annotated[str, typer.Argument(metavar="CHECKPOINT", help="One checkpoint: file, TF prefix, sharded index or directory holding one.",
                                      show_default=False)]
-Suffix = Annotated[str, typer.Option("--suffix", help="Shadow-name suffix: the shadow of x is x/SUFFIX.")]
-Include = Annotated[Optional[List[str]], typer.Option("--include", help="Also count tensors matching REGEX as averaged (repeatable).")]
-Exclude = Annotated[Optional[List[str]], typer.Option("--exclude", help="Do not count tensors matching REGEX as averaged (repeatable).")]
+Suffix = Annotated[str, typer.Option("--suffix", metavar="NAME", help="Shadow-name suffix: the shadow of x is x/SUFFIX.")]
+Include = Annotated[Optional[List[str]], typer.Option("--include", metavar="REGEX", help="Also count tensors matching REGEX as averaged (repeatable).")]
+Exclude = Annotated[Optional[List[str]], typer.Option("--exclude", metavar="REGEX", help="Do not count tensors matching REGEX as averaged (repeatable).")]
 Force = Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing output.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No summary or warnings on stderr.")]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
@@ -41,7 +41,7 @@ def _summary(ui: render.UI, msg: str) -> None:
 
 def restore_map(
     ckpt: Ckpt,
-    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Write the map to this JSON file (default: stdout).")] = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", metavar="FILE", help="Write the map to this JSON file (default: stdout).")] = None,
     suffix: Suffix = names.DEFAULT_SUFFIX,
     include: Include = None, exclude: Exclude = None,
     force: Force = False, quiet: Quiet = False, as_json: Json = False,
@@ -51,6 +51,8 @@ def restore_map(
     names.check_suffix(suffix)
     if as_json and output is None:
         raise UsageError("--json describes the map written with -o; without -o the map itself is printed")
+    ckpt = api.expand_path(ckpt)
+    output = api.expand_path(output) if output is not None else None
     pool = engine.ReaderPool()
     try:
         src, r = maps.open_one(ckpt, pool, "restore-map")
@@ -66,7 +68,7 @@ def restore_map(
         return
     _write_text(output, text, force=force)
     if as_json:
-        _emit_json({"output": output, "checkpoint": src.path, "format": src.format, "suffix": suffix,
+        _emit_json({"output": os.path.abspath(output), "checkpoint": storage.absolute(src.path), "format": src.format, "suffix": suffix,
                     "averaged_from": origin, "entries": len(mapping), "from_shadow": n_shadow})
     _summary(ui, f"wrote {output}: {len(mapping)} entries, {n_shadow} restored from */{suffix} "
                  f"(averaged set from {origin})")
@@ -94,59 +96,29 @@ def _write_text(path: str, text: str, *, force: bool) -> None:
 
 def rename(
     ckpt: Ckpt,
-    output: Annotated[str, typer.Option("--output", "-o", help="Output path, in the input's format.", show_default=False)],
+    output: Annotated[str, typer.Option("--output", "-o", metavar="OUT", help="Output path, in the input's format.", show_default=False)],
     to_original: Annotated[bool, typer.Option("--to-original", help="Write each x/SUFFIX under x and drop the shadow names (offline swapping_saver).")] = False,
     to_shadow: Annotated[bool, typer.Option("--to-shadow", help="Rename the averaged set x to x/SUFFIX; other tensors unchanged.")] = False,
     suffix: Suffix = names.DEFAULT_SUFFIX,
     include: Include = None, exclude: Exclude = None,
-    max_shard_size: Annotated[Optional[str], typer.Option("--max-shard-size", help="safetensors: write HF-style shards of at most SIZE into the OUTPUT directory.")] = None,
+    max_shard_size: Annotated[Optional[str], typer.Option("--max-shard-size", metavar="SIZE", help="safetensors: write HF-style shards of at most SIZE into the OUTPUT directory.")] = None,
     force: Force = False, quiet: Quiet = False, as_json: Json = False,
 ):
     """Rename a checkpoint's tensors between original and shadow names, keeping format and dtypes."""
-    t0 = time.perf_counter()
     ui = render.UI(quiet=quiet)  # also silences library warnings with --quiet
     if to_original == to_shadow:
         raise UsageError("give exactly one of --to-original and --to-shadow")
-    direction = names.TO_ORIGINAL if to_original else names.TO_SHADOW
-    pool = engine.ReaderPool()
-    try:
-        plan = maps.rename_plan(ckpt, direction, suffix, include=include or [], exclude=exclude or [],
-                                 max_shard_size=engine.parse_size(max_shard_size) if max_shard_size else None,
-                                 pool=pool)
-        src = plan.checkpoints[0].source
-        _check_output_format(output, src.format)
-        result = maps.run_rename(plan, output, src.format, force=force, pool=pool,
-                                  timings={"plan_s": time.perf_counter() - t0})
-    finally:
-        pool.close()
-    result.timings["total_s"] = time.perf_counter() - t0
-    info = plan.rename
+    res = api.rename(ckpt, output, to="original" if to_original else "shadow", suffix=suffix,
+                     include=include or [], exclude=exclude or [], max_shard_size=max_shard_size or None, force=force)
+    ui.warnings(res.warnings)
     if as_json:
-        _emit_json({
-            "output": output, "format": result.format, "files": result.files, "checkpoint": src.path,
-            "direction": direction, "suffix": suffix, "renamed": info["renamed"], "dropped": info["dropped"],
-            "tensors": len(plan.tasks), "rewritten": info["rewritten"],
-            "names": {t.name: t.out_name for t in plan.tasks if t.name != t.out_name},
-            "bytes_written": result.bytes_written,
-            "timings": {k: round(v, 6) for k, v in result.timings.items()},
-        })
+        _emit_json(res.as_dict())
+    info = {"renamed": res.renamed, "dropped": res.dropped}
+    direction = res.direction
     what = (f"{info['renamed']} */{suffix} written under the original names, {info['dropped']} replaced"
             if direction == names.TO_ORIGINAL else f"{info['renamed']} tensor(s) renamed to */{suffix}")
-    _summary(ui, f"wrote {output} ({result.format}, {render.human_bytes(result.bytes_written)}): {what}, "
-                 f"{len(plan.tasks) - info['renamed']} unchanged")
-
-
-def _check_output_format(output: str, fmt: str) -> None:
-    """rename keeps the input's format: refuse an output name that says another one."""
-    for name in formats.FORMAT_NAMES:
-        if name == fmt:
-            continue
-        try:
-            mod = formats.get(name)
-        except ModuleNotFoundError:
-            continue
-        if mod.is_output(output) and not formats.get(fmt).is_output(output):
-            raise UsageError(f"{output}: rename keeps the input's format ({fmt}); this name says {name}")
+    _summary(ui, f"wrote {res.output} ({res.format}, {render.human_bytes(res.bytes_written)}): {what}, "
+                 f"{res.tensors - info['renamed']} unchanged")
 
 
 def register(app: typer.Typer) -> None:

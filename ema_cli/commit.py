@@ -30,7 +30,7 @@ from ema_cli.errors import EmaError, UsageError
 from ema_cli.execute import OutputSpec, ShardResult
 from ema_cli.notices import warn
 from ema_cli.output import MARKER, Staged, check_target
-from ema_cli.plan import Plan
+from ema_cli.planning import Plan
 from ema_cli.readers import ReaderPool
 
 

@@ -44,6 +44,18 @@ FLOATING = AVERAGED_BY_DEFAULT | frozenset(
 )
 #: dtypes --dtype may convert to
 OUTPUT_CHOICES = ("keep", "float32", "float16", "bfloat16", "float64")
+#: the short names --dtype (and ``ema_cli.average(dtype=...)``) also accept
+OUTPUT_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "f16": "float16",
+                  "fp32": "float32", "float": "float32", "f32": "float32", "single": "float32",
+                  "fp64": "float64", "double": "float64", "f64": "float64"}
+
+
+def output_choice(name: str) -> str:
+    """``--dtype``'s value in canonical form: ``bf16`` -> ``bfloat16``, ``fp16``/``half``
+    -> ``float16``, ``fp32``/``float`` -> ``float32``, ``fp64``/``double`` -> ``float64``
+    (case-insensitive); unknown names are returned unchanged (the plan refuses them)."""
+    key = str(name).strip().lower()
+    return OUTPUT_ALIASES.get(key, key if key in OUTPUT_CHOICES else name)
 
 _BY_NUMPY = {dt: name for name, dt in _NUMPY.items() if dt is not None}
 _ITEMSIZE = {**{name: dt.itemsize for dt, name in _BY_NUMPY.items()}, "bfloat16": 2,

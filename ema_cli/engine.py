@@ -1,6 +1,6 @@
 """The run: inputs -> plan -> tasks -> executor -> commit.
 
-``make_plan`` (``ema_cli.plan``) reads the inputs' headers and decides
+``make_plan`` (``ema_cli.planning``) reads the inputs' headers and decides
 everything; ``run`` / ``run_many`` stage each output (``ema_cli.commit``),
 cut the work into shard tasks (``ema_cli.execute``), hand them to an
 executor (threads in this process, or a Dask cluster) and commit the outputs
@@ -23,7 +23,7 @@ from ema_cli import dtypes, formats, storage
 from ema_cli.commit import Prepared, prepare
 from ema_cli.errors import EmaError, UsageError
 from ema_cli.execute import ShardResult, ShardTask, ThreadExecutor, default_threads, digest, run_shard
-from ema_cli.plan import (Checkpoint, Options, Plan, Task, make_plan, parse_size, reader_options, shard_tasks,
+from ema_cli.planning import (Checkpoint, Options, Plan, Task, make_plan, parse_size, reader_options, shard_tasks,
                           split_shards, step_from_name)
 from ema_cli.readers import ReaderPool, fd_limit_error
 

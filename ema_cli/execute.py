@@ -33,7 +33,7 @@ import numpy as np
 from ema_cli import dtypes, formats, kernel, storage
 from ema_cli.errors import EmaError, UsageError
 from ema_cli.formats.base import Source
-from ema_cli.plan import Plan, Task
+from ema_cli.planning import Plan, Task
 from ema_cli.readers import ReaderPool
 
 BLOCK = kernel.BLOCK  # elements per float64 accumulation block (512 KiB; two of them stay in L2)

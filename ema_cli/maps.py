@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ema_cli import engine, formats, plan as plan_mod
+from ema_cli import engine, formats, planning as plan_mod
 from ema_cli.errors import EmaError, UsageError
 from ema_cli.names import (DEFAULT_SUFFIX, OBJECT_GRAPH_KEY, TO_ORIGINAL, TO_SHADOW, check_suffix, is_shadow,
                            original_name, other_suffixes, shadow_name)

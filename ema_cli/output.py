@@ -27,7 +27,8 @@ def check_target(final: str, *, force: bool, is_dir: bool) -> None:
     """Refuse before any work: missing or unwritable directory, existing output."""
     parent = os.path.dirname(os.path.abspath(final))
     if not os.path.isdir(parent):
-        raise EmaError("output directory does not exist", path=parent)
+        raise EmaError("output directory does not exist (ema-avg creates the output itself, a file, TF prefix "
+                       "or directory, never its parent directories: create it first)", path=parent)
     if not os.access(parent, os.W_OK | os.X_OK):
         raise EmaError("output directory is not writable", path=parent)
     if is_dir:

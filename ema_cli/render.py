@@ -17,21 +17,54 @@ from ema_cli import dtypes, notices
 _RICH_TERMINAL_ENV = ("FORCE_COLOR", "TTY_INTERACTIVE", "TTY_COMPATIBLE", "JUPYTER_COLUMNS", "JUPYTER_LINES")
 
 
+def _is_averaged(plan, task) -> bool:
+    """Averaged in this output (a --watch plan writes its running averages as overrides)."""
+    return task.action == "average" or task.name in getattr(plan, "averaged", ())
+
+
 def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
+    """SI units (powers of 1000, like ``--max-shard-size 40kB``): B, kB, MB, GB, TB."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
         if abs(n) < 1000 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n} B"
 
 
+def _plain_table(title: str | None, cols: list[str], rows: list[list[str]], right: set[str]) -> str:
+    """A table for pipes and files: a header line and one line per row, columns
+    aligned with two spaces (``ema-avg inspect X | grep kernel`` finds the row)."""
+    widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(cols)]
+
+    def line(cells):
+        out = [cell.rjust(w) if col in right else cell.ljust(w) for col, cell, w in zip(cols, cells, widths)]
+        return "  ".join(out).rstrip()
+
+    text = ([title.rstrip()] if title else []) + [line(cols)] + [line(r) for r in rows]
+    return "\n".join(text) + "\n"
+
+
+def _stdout_is_terminal() -> bool:
+    if any(k in os.environ for k in _RICH_TERMINAL_ENV):
+        from rich.console import Console
+
+        return Console(file=sys.stdout).is_terminal
+    try:
+        return sys.stdout.isatty()
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
 class UI:
     """Progress and summaries on stderr: shown only on a terminal, never with --quiet.
-    Tables asked for explicitly (plan, inspect) are printed whenever not --quiet."""
+    The primary output of plan and inspect (their tables) goes to stdout: rich
+    tables on a terminal, plain aligned text otherwise (``--quiet`` does not
+    silence it)."""
 
     def __init__(self, quiet: bool, force_terminal: bool | None = None):
         self._force_terminal = force_terminal
         self._console = None
+        self._out_console = None
         self.quiet = quiet
         self.live = not quiet and self.is_terminal
         notices.set_quiet(quiet)
@@ -45,6 +78,38 @@ class UI:
             if not self._console.is_terminal:  # a file or a pipe: tables as wide as their content, names never folded
                 self._console.width = 4096
         return self._console
+
+    @property
+    def out_console(self):
+        """A rich console on stdout, or None when stdout is not a terminal (plain text then)."""
+        if self._out_console is None:
+            if not _stdout_is_terminal():
+                return None
+            from rich.console import Console
+
+            self._out_console = Console(file=sys.stdout, highlight=False, soft_wrap=True)
+        return self._out_console
+
+    def table(self, title: str | None, cols: list[str], rows: list[list[str]], *, right: set[str] = frozenset(),
+              fold: set[str] = frozenset(), footer: list[str] = ()) -> None:
+        """Print a table on stdout (rich on a terminal, plain text otherwise), then footer lines."""
+        con = self.out_console
+        if con is None:
+            sys.stdout.write(_plain_table(title, cols, rows, set(right)) + "".join(f + "\n" for f in footer))
+            sys.stdout.flush()
+            return
+        from rich.markup import escape
+        from rich.table import Table
+
+        t = Table(title=escape(title) if title else None)
+        for col in cols:
+            t.add_column(escape(col), justify="right" if col in right else "left", overflow="fold",
+                         no_wrap=col not in fold)
+        for r in rows:
+            t.add_row(*(escape(c) for c in r))
+        con.print(t)
+        for f in footer:
+            con.print(f, markup=False)
 
     @property
     def is_terminal(self) -> bool:
@@ -87,61 +152,63 @@ class UI:
         if not self.live:
             return
         p = result.plan
-        n_avg = sum(t.action == "average" for t in p.tasks)
+        n_avg = sum(_is_averaged(p, t) for t in p.tasks)
         desc = p.options.spec.describe()
         self.console.print(
             f"[bold green]wrote[/] {result.output} ({result.format}, {human_bytes(result.bytes_written)}): "
             f"{desc['mode']} of {len(p.selected)} checkpoint(s), {n_avg} tensor(s) averaged, "
             f"{len(p.tasks) - n_avg} copied from {p.checkpoints[p.newest].path}"
             + (f", {len(p.skipped)} left out" if p.skipped else "")
-            + f" in {result.timings.get('total_s', 0):.2f} s"
+            + (", verified" if "verify_s" in result.timings else "")
+            + f" in {result.timings.get('total_s', 0):.2f} s",
+            markup=True, highlight=False,
         )
 
     def plan_table(self, plan, doc) -> None:
-        from rich.table import Table
-
         params = {k: v for k, v in doc["params"].items() if k not in ("selection", "dtype")}
-        t = Table(title=f"{doc['mode']}  " + "  ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}"
-                                                      for k, v in params.items()))
+        title = f"{doc['mode']}  " + "  ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}"
+                                               for k, v in params.items())
         sel = doc["params"].get("selection", {})
-        from rich.markup import escape
-
-        metric = escape(sel["metric"]) if "metrics" in sel and sel.get("metric") else None
-        cols = ("#", "checkpoint", "step") + ((metric,) if metric else ()) + ("weight", "")
-        for col in cols:
-            t.add_column(col, justify="left" if col in ("checkpoint", "") else "right",
-                         overflow="fold", no_wrap=col != "checkpoint")
+        metric = sel["metric"] if "metrics" in sel and sel.get("metric") else None
+        plain = self.out_console is None
+        cols = ["#", "checkpoint", "step"] + ([metric] if metric else []) + ["weight", "selected" if plain else ""]
         wmax = max((abs(c["weight"]) for c in doc["checkpoints"]), default=1.0) or 1.0
+        rows = []
         for i, c in enumerate(doc["checkpoints"]):
-            bar = "█" * int(round(24 * abs(c["weight"]) / wmax)) if c["selected"] else "[dim]not selected[/]"
-            mcol = (("-" if c.get("metric") is None else f"{c['metric']:.6g}"),) if metric else ()
-            t.add_row(str(i), c["path"], "" if c["step"] is None else str(c["step"]), *mcol,
-                      f"{c['weight']:.6f}" if c["selected"] else "-", bar)
-        self.console.print(t)
+            if plain:
+                last = "yes" if c["selected"] else "no"
+            else:
+                last = "█" * int(round(24 * abs(c["weight"]) / wmax)) if c["selected"] else "not selected"
+            mcol = (["-" if c.get("metric") is None else f"{c['metric']:.6g}"]) if metric else []
+            rows.append([str(i), c["path"], "" if c["step"] is None else str(c["step"]), *mcol,
+                         f"{c['weight']:.6f}" if c["selected"] else "-", last])
+        footer = []
         if sel.get("top_k") is not None:
-            self.console.print(f"top {sel['top_k']} by {metric} ({sel.get('direction')}) from {escape(sel['metrics'])}")
+            footer.append(f"top {sel['top_k']} by {metric} ({sel.get('direction')}) from {sel['metrics']}")
         extra = f"sum |w| = {doc['sum_abs_weights']:.6f}"
         for key in ("half_life_steps", "half_life_checkpoints", "sigma_rel"):
             if key in doc["params"]:
                 extra += f"   {key} = {doc['params'][key]:.6g}"
-        self.console.print(extra)
+        footer.append(extra)
+        right = {"#", "step", "weight"} | ({metric} if metric else set())
+        self.table(title, cols, rows, right=right, fold={"checkpoint"}, footer=footer)
 
     def inspect_tables(self, docs) -> None:
-        from rich.table import Table
-
+        cols = ["tensor", "dtype", "shape", "size", "role", "kind", "why"]
         for doc in docs:
-            t = Table(title=f"{doc['path']}  ({doc['format']}, step {doc['step']})")
-            for col in ("tensor", "dtype", "shape", "size", "role", "kind", "why"):
-                t.add_column(col, justify="right" if col == "size" else "left", overflow="fold")
-            for r in doc["tensors"]:
-                t.add_row(r["name"], r["dtype"], str(r["shape"]), human_bytes(r["nbytes"]), r["role"],
-                          r.get("kind", ""), r.get("why", ""))
-            self.console.print(t)
+            rows = [[r["name"], r["dtype"], str(r["shape"]), human_bytes(r["nbytes"]), r["role"],
+                     r.get("kind", ""), r.get("why", "")] for r in doc["tensors"]]
             tot = doc["totals"]
-            self.console.print(
-                f"{tot['tensors']} tensors, {human_bytes(tot['bytes'])}; "
-                + ", ".join(f"{k}: {v}" for k, v in tot["roles"].items())
-            )
+            footer = [f"{tot['tensors']} tensors, {human_bytes(tot['bytes'])}; "
+                      + ", ".join(f"{k}: {v}" for k, v in tot["roles"].items())]
+            self.table(f"{doc['path']}  ({doc['format']}, step {doc['step']})", cols, rows,
+                       right={"size"}, fold=set(cols), footer=footer)
+
+
+def _abs(path):
+    from ema_cli import storage
+
+    return storage.absolute(path) if isinstance(path, str) and path and not path.startswith("<") else path
 
 
 def plan_json(plan) -> dict:
@@ -151,20 +218,37 @@ def plan_json(plan) -> dict:
     tool = d.pop("tool")
     sum_abs = d.pop("sum_abs_weights")
     newest = d.pop("newest")
+    # paths in JSON are absolute, all of them (inputs, newest, output, files, metrics)
+    cks = [{**c, "path": _abs(c["path"])} for c in cks]
+    if "metrics" in d.get("selection", {}):
+        d["selection"] = {**d["selection"], "metrics": _abs(d["selection"]["metrics"])}
     return {"tool": tool, "mode": mode, "params": d, "checkpoints": cks, "sum_abs_weights": sum_abs,
-            "newest": newest, "warnings": list(plan.warnings)}
+            "newest": _abs(newest), "warnings": list(plan.warnings)}
+
+
+def output_dtypes(plan) -> dict:
+    """``{"averaged": dtype or None, "tensors": {dtype: count}}``: what the output holds."""
+    from collections import Counter
+
+    avg = sorted({t.out_dtype for t in plan.tasks if _is_averaged(plan, t)})
+    return {"averaged": avg[0] if len(avg) == 1 else (avg or None),
+            "tensors": dict(Counter(t.out_dtype for t in plan.tasks))}
 
 
 def result_json(result) -> dict:
     p = result.plan
     doc = plan_json(p)
+    dts = output_dtypes(p)
     doc.update({
-        "output": result.output,
+        "output": _abs(result.output),
         "format": result.format,
-        "files": result.files,
+        "files": [_abs(f) for f in result.files],
+        "dtype": dts["averaged"],
+        "dtypes": dts["tensors"],
+        "verified": "verify_s" in result.timings,
         "tensors": {
-            "averaged": sum(t.action == "average" for t in p.tasks),
-            "copied": sum(t.action == "copy" for t in p.tasks),
+            "averaged": sum(_is_averaged(p, t) for t in p.tasks),
+            "copied": sum(not _is_averaged(p, t) for t in p.tasks),
             "skipped": list(p.skipped),
         },
         "bytes_written": result.bytes_written,

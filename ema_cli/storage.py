@@ -43,6 +43,11 @@ def local_path(path: str) -> str:
     return path
 
 
+def absolute(path: str) -> str:
+    """An absolute local path (``os.path.abspath``); a URL as it is."""
+    return path if is_remote(path) else os.path.abspath(path)
+
+
 def parse_options(items: list[str] | None) -> dict:
     """``--storage-option KEY=VALUE`` items as a dict: ``a.b=v`` nests
     (``client_kwargs.endpoint_url=...``); values read as JSON when they are

@@ -101,10 +101,10 @@ def test_windows_then_top_k_and_recipe_records_windows(hf_run, tmp_path):
     assert _selected(doc) == [600]  # one metric in the file: --metric is not needed
     assert doc["params"]["selection"] == {"start_step": 450, "top_k": 1, "metric": "eval_loss",
                                           "metrics": str(only_loss), "direction": "minimize"}
-    # the table shows the metric column (stderr, not a terminal: printed without --json)
+    # the table shows the metric column (stdout, the primary output: plain text off a terminal)
     res = run_cli("plan", run, "--metrics", only_loss, "--top-k", "1", "--minimize")
     assert res.code == 0, res
-    assert "eval_loss" in res.err and "0.42" in res.err and "top 1 by eval_loss (minimize)" in res.err
+    assert "eval_loss" in res.out and "0.42" in res.out and "top 1 by eval_loss (minimize)" in res.out
 
 
 def test_ambiguous_metric_lists_the_candidates(hf_run):

@@ -597,18 +597,18 @@ def test_inspect_every_fixture_format(tf, run_default, hdf5_fixtures, tmp_path):
 
 
 def test_inspect_suffix_and_table(tf, run_custom):
-    """--suffix decides which tensors are shadows; the table (stderr) lists them."""
+    """--suffix decides which tensors are shadows; the table (stdout) lists them."""
     res = run_cli("inspect", run_custom["prefixes"][-1], "--suffix", CUSTOM, "--json")
     assert res.code == 0, res
     doc = res.json()
     roles = {t["name"]: t["role"] for t in doc["tensors"]}
     assert roles["bn/moving_mean"] == "averaged" and roles[f"bn/moving_mean/{CUSTOM}"] == "shadow"
     assert doc["totals"]["roles"] == {"copied": 9, "averaged": 4, "shadow": 4}
-    # without --json, the table goes to stderr (under --json off a terminal, only the JSON is printed)
+    # without --json, the table is the primary output: stdout (with --json, only the JSON is printed)
     assert res.err == ""
     res = run_cli("inspect", run_custom["prefixes"][-1], "--suffix", CUSTOM)
-    assert res.code == 0 and res.out == ""
-    assert f"bn/moving_mean/{CUSTOM}" in res.err and "shadow: 4" in res.err
+    assert res.code == 0 and res.err == ""
+    assert f"bn/moving_mean/{CUSTOM}" in res.out and "shadow: 4" in res.out
 
 
 def test_names_shadow_then_to_original_equals_names_original(tmp_path):

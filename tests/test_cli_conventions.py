@@ -1,0 +1,181 @@
+"""Unix conventions of the command line (issue 14): primary output on stdout,
+usage errors, readable help, dtype aliases, ~/$VAR, JSON on error, completion."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from conftest import assert_clean_error, load_st, run_cli, save_st
+
+
+@pytest.fixture
+def run(tmp_path):
+    d = tmp_path / "ck"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    files = []
+    for k in (1, 2, 3):
+        files.append(save_st(d / f"ckpt-{k}.safetensors", {
+            "vars/10": rng.standard_normal(4).astype(np.float32),
+            "vars/2": rng.standard_normal(4).astype(np.float32),
+            "dense/kernel": rng.standard_normal((25, 20)).astype(np.float32),  # 2000 bytes
+            "global_step": np.array(100 * k, np.int64),
+        }))
+    return d, files
+
+
+def test_bare_command_prints_usage_and_exits_2():
+    res = run_cli()
+    assert res.code == 2 and res.out == "", res
+    assert res.err.startswith("Usage: ema-avg") and "inspect" in res.err and "error:" not in res.err, res
+    assert len(res.err.splitlines()) < 10  # the usage, not the whole help
+
+
+def test_misspelled_command_names_the_right_one(run):
+    res = run_cli("inpsect", "x")
+    assert_clean_error(res, code=2)
+    assert res.err.strip() == "error: unknown command 'inpsect' (did you mean 'inspect'?)"
+    res = run_cli("restore-mpa", "x", "--json")
+    assert res.code == 2 and "did you mean 'restore-map'" in res.err
+    assert res.json() == {"error": {"message": "unknown command 'restore-mpa' (did you mean 'restore-map'?)",
+                                    "path": None, "tensor": None, "exit_code": 2}}
+    # a first argument that is a path stays an input of `average` (here: -o is missing)
+    d, files = run
+    assert_clean_error(run_cli(d), "--output", code=2)
+
+
+def test_help_lists_version_and_completion_with_readable_placeholders():
+    res = run_cli("--help")
+    assert res.code == 0 and "--version" in res.out and "--install-completion" in res.out, res
+    res = run_cli("average", "--help")
+    assert res.code == 0, res
+    assert "Usage: ema-avg average [OPTIONS] INPUT..." in res.out
+    assert "--weights W1,W2,..." in res.out and "-o, --output OUT" in res.out
+    assert "<list[str]>" not in res.out and "{inputs}" not in res.out and "<str>" not in res.out
+    for cmd in ("posthoc", "plan", "inspect", "restore-map", "rename"):
+        out = run_cli(cmd, "--help").out
+        assert "<str>" not in out and "<list[str]>" not in out and "<float>" not in out, (cmd, out)
+
+
+def test_inspect_table_goes_to_stdout_in_natural_order(run):
+    d, files = run
+    res = run_cli("inspect", files[0])
+    assert res.code == 0 and res.err == "", res
+    kernel = [ln for ln in res.out.splitlines() if "kernel" in ln]  # `ema-avg inspect X | grep kernel`
+    assert len(kernel) == 1 and "float32" in kernel[0] and "[25, 20]" in kernel[0] and "2.0 kB" in kernel[0]
+    assert "┃" not in res.out  # plain text off a terminal
+    names = [ln.split()[0] for ln in res.out.splitlines()[2:-1]]
+    assert names == ["dense/kernel", "global_step", "vars/2", "vars/10"]
+    doc = run_cli("inspect", files[0], "--json").json()
+    assert [t["name"] for t in doc["tensors"]] == names and doc["path"] == str(files[0])
+
+
+def test_plan_table_on_stdout_plain_or_rich(run):
+    d, files = run
+    res = run_cli("plan", d, "--decay", "0.5")
+    assert res.code == 0 and res.err == "", res
+    rows = [ln.split() for ln in res.out.splitlines() if "ckpt-" in ln]
+    assert [r[1] for r in rows] == [str(f) for f in files] and [r[2] for r in rows] == ["100", "200", "300"]
+    assert [float(r[3]) for r in rows] == [0.25, 0.25, 0.5] and "sum |w| = 1.000000" in res.out
+    rich = run_cli("plan", d, "--decay", "0.5", env={"FORCE_COLOR": "1", "COLUMNS": "200"})
+    assert rich.code == 0 and "┃" in rich.out and "0.500000" in rich.out, rich
+    # with --json stdout is one JSON document, table or not
+    assert run_cli("plan", d, "--json", env={"FORCE_COLOR": "1"}).json()["mode"] == "mean"
+
+
+@pytest.mark.parametrize("alias,canonical", [("bf16", "bfloat16"), ("half", "float16"), ("FP64", "float64"),
+                                             ("float", "float32")])
+def test_dtype_aliases(run, tmp_path, alias, canonical):
+    d, files = run
+    out = tmp_path / "avg.safetensors"
+    res = run_cli(d, "-o", out, "--dtype", alias, "--json")
+    assert res.code == 0, res
+    doc = res.json()
+    assert doc["dtype"] == canonical and doc["params"]["dtype"] == canonical
+    assert doc["dtypes"] == {canonical: 3, "int64": 1}
+    got, _ = load_st(out)
+    want = np.dtype(ml_dtypes.bfloat16) if canonical == "bfloat16" else np.dtype(canonical)
+    assert got["vars/2"].dtype == want and got["global_step"].dtype == np.int64
+
+
+def test_tilde_and_vars_expanded_in_quoted_globs_and_output(run, tmp_path):
+    d, files = run
+    env = {"HOME": str(tmp_path), "CKDIR": str(d)}
+    res = run_cli("~/ck/ckpt-*.safetensors", "--output=~/a.safetensors", "--json", env=env)
+    assert res.code == 0, res
+    doc = res.json()
+    assert doc["output"] == str(tmp_path / "a.safetensors") and (tmp_path / "a.safetensors").is_file()
+    assert [c["path"] for c in doc["checkpoints"]] == [str(f) for f in files]
+    res = run_cli("plan", "$CKDIR/*.safetensors", "--json", env=env)
+    assert res.code == 0 and len(res.json()["checkpoints"]) == 3, res
+
+
+def test_json_paths_absolute_and_verified(run, tmp_path):
+    d, files = run
+    res = run_cli("ck/ckpt-1.safetensors", "ck/ckpt-2.safetensors", "-o", "out/", "--verify", "--json", cwd=tmp_path)
+    assert res.code == 0, res
+    doc = res.json()
+    paths = [doc["output"], doc["newest"], *doc["files"], *(c["path"] for c in doc["checkpoints"])]
+    assert all(os.path.isabs(p) for p in paths), paths
+    assert doc["output"] == str(tmp_path / "out") and doc["verified"] is True
+    res = run_cli(d, "-o", tmp_path / "v.safetensors", "--verify", env={"FORCE_COLOR": "1", "COLUMNS": "300"})
+    assert res.code == 0 and "verified" in res.err and "wrote" in res.err, res
+    res = run_cli(d, "-o", tmp_path / "n.safetensors", "--json")
+    assert res.json()["verified"] is False
+
+
+def test_error_with_json_is_a_json_document_on_stdout(run, tmp_path):
+    d, files = run
+    missing = tmp_path / "nope.safetensors"
+    res = run_cli(missing, "-o", tmp_path / "o.safetensors", "--json")
+    line = assert_clean_error(res, str(missing), code=1)
+    err = res.json()["error"]
+    assert err == {"message": line[len("error: "):], "path": str(missing), "tensor": None, "exit_code": 1}
+    # a tensor-level error names the tensor
+    save_st(d / "ckpt-4.safetensors", {"vars/10": np.zeros(5, np.float32), "vars/2": np.zeros(4, np.float32),
+                                       "dense/kernel": np.zeros((25, 20), np.float32),
+                                       "global_step": np.array(400, np.int64)})
+    res = run_cli("plan", d, "--json")
+    assert res.code == 1 and res.json()["error"]["tensor"] == "vars/10", res
+    # usage errors too (exit 2)
+    res = run_cli(d, "-o", tmp_path / "o.safetensors", "--dtype", "int3", "--json")
+    assert res.code == 2 and res.json()["error"]["exit_code"] == 2 and "--dtype" in res.json()["error"]["message"]
+
+
+def test_outputs_never_create_parent_directories_but_create_themselves(run, tmp_path):
+    """One rule for every writer: the output (file, TF prefix, directory) is created,
+    its parent directory must exist."""
+    d, files = run
+    for out in (tmp_path / "missing" / "model.ckpt", tmp_path / "missing" / "a.safetensors",
+                tmp_path / "missing" / "a.h5"):
+        assert_clean_error(run_cli(d, "-o", out), "does not exist", "never its parent", code=1)
+        assert not (tmp_path / "missing").exists()
+    res = run_cli(d, "-o", f"{tmp_path / 'tfdir'}/", "--format", "tf", "--quiet")
+    assert res.code == 0 and (tmp_path / "tfdir" / "model.ckpt.index").is_file(), res
+    res = run_cli(d, "-o", tmp_path / "shards", "--max-shard-size", "1kB", "--quiet")
+    assert res.code == 0 and (tmp_path / "shards" / "model.safetensors.index.json").is_file(), res
+
+
+def test_shell_completion(tmp_path):
+    res = run_cli("--show-completion", "bash")
+    assert res.code == 0 and "_EMA_AVG_COMPLETE" in res.out, res
+    res = run_cli("--install-completion", "bash", env={"HOME": str(tmp_path), "SHELL": "/bin/bash"})
+    script = tmp_path / ".bash_completions" / "ema-avg.sh"
+    assert res.code == 0 and script.is_file() and str(script) in (tmp_path / ".bashrc").read_text(), res
+    assert "_EMA_AVG_COMPLETE" in script.read_text()
+    res = run_cli(env={"_EMA_AVG_COMPLETE": "complete_bash", "COMP_WORDS": "ema-avg ins", "COMP_CWORD": "1"})
+    assert res.code == 0 and res.out.split() == ["inspect"], res
+    res = run_cli(env={"_EMA_AVG_COMPLETE": "complete_bash", "COMP_WORDS": "ema-avg average --half",
+                       "COMP_CWORD": "2"})
+    assert res.code == 0 and "--half-life" in res.out.split(), res
+
+
+def test_version_answered_early():
+    res = run_cli("--version")
+    assert res.code == 0 and res.out.strip() == "ema-avg 0.1.0" and res.err == ""
+    assert json.dumps(run_cli("-V").out.strip()) == json.dumps("ema-avg 0.1.0")
