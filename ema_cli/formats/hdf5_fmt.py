@@ -1368,17 +1368,10 @@ class Hdf5Format(Format):
     reader = Hdf5Reader
     writer = Hdf5Writer
 
-    def claim_path(self, path, *, skip_missing=False):
-        return claim_path(path, skip_missing=skip_missing)
-
-    def scan_dir(self, path):
-        return scan_dir(path)
-
-    def is_output(self, path):
-        return is_output(path)
-
-    def make_staging(self, output, *, sharded, force):
-        return make_staging(output, sharded=sharded, force=force)
+    claim_path = staticmethod(claim_path)
+    scan_dir = staticmethod(scan_dir)
+    is_output = staticmethod(is_output)
+    make_staging = staticmethod(make_staging)
 
     def directory_name(self, shards, newest):
         if shards > 1:

@@ -1106,23 +1106,12 @@ class SafetensorsFormat(Format):
     remote_reads = True
     shard_files = True
 
-    def claim_path(self, path, *, skip_missing=False):
-        return claim_path(path, skip_missing=skip_missing)
-
-    def scan_dir(self, path):
-        return scan_dir(path)
-
-    def is_output(self, path):
-        return is_output(path)
-
-    def can_store(self, dtype):
-        return can_store(dtype)
-
-    def claim_url(self, fs, path):
-        return claim_url(fs, path)
-
-    def scan_url_dir(self, fs, path):
-        return scan_url_dir(fs, path)
+    claim_path = staticmethod(claim_path)
+    scan_dir = staticmethod(scan_dir)
+    is_output = staticmethod(is_output)
+    can_store = staticmethod(can_store)
+    claim_url = staticmethod(claim_url)
+    scan_url_dir = staticmethod(scan_url_dir)
 
     def directory_name(self, shards, newest):
         return "" if shards > 1 else "model.safetensors"
@@ -1136,14 +1125,12 @@ class SafetensorsFormat(Format):
             return _remote_loader_files(newest)
         return loader_files(directory, newest.files)
 
-    def shard_names(self, n):
-        return shard_file_names(n)
+    shard_names = staticmethod(shard_file_names)
 
     def open_shard(self, path, infos, metadata):
         return _FileWriter(path, infos, metadata)
 
-    def index_document(self, shard_infos, metadata):
-        return index_document(shard_infos, metadata)
+    index_document = staticmethod(index_document)
 
 
 FORMAT = SafetensorsFormat()

@@ -751,23 +751,12 @@ class TorchFormat(Format):
     reader = TorchReader
     writer = TorchWriter
 
-    def claim_path(self, path, *, skip_missing=False):
-        return claim_path(path, skip_missing=skip_missing)
-
-    def scan_dir(self, path):
-        return scan_dir(path)
-
-    def is_output(self, path):
-        return is_output(path)
-
-    def is_output_given_inputs(self, path, input_formats):
-        return is_output_given_inputs(path, input_formats)
-
-    def can_store(self, dtype):
-        return can_store(dtype)
-
-    def make_staging(self, output, *, sharded, force):
-        return make_staging(output, sharded=sharded, force=force)
+    claim_path = staticmethod(claim_path)
+    scan_dir = staticmethod(scan_dir)
+    is_output = staticmethod(is_output)
+    is_output_given_inputs = staticmethod(is_output_given_inputs)
+    can_store = staticmethod(can_store)
+    make_staging = staticmethod(make_staging)
 
 
 FORMAT = TorchFormat()
