@@ -18,6 +18,7 @@ chunks (``Writer.write_range``); small tensors go in batches.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -564,6 +565,11 @@ class ThreadExecutor:
         return results
 
 
+def _run_with_plans(plans: tuple, task: ShardTask) -> ShardResult:
+    """A Dask task: the scattered plans joined to the task that came without them."""
+    return run_task(dataclasses.replace(task, plans=tuple(plans)))
+
+
 class DaskExecutor:
     """Runs shard tasks on a Dask cluster: ``local:N`` starts a ``LocalCluster``
     of N worker processes (closed with the executor), anything else is the
@@ -617,8 +623,12 @@ class DaskExecutor:
 
         d = self._d
         token = secrets.token_hex(4)
-        futures = {self.client.submit(run_task, t, key=f"ema-avg-{token}-{t.key}", pure=False,
-                                      retries=self.retries): t for t in tasks}
+        # the plans go to the cluster once, to every worker (a worker that dies leaves the others'
+        # copies), not pickled into each task: a plan holds a Task per tensor
+        [plans] = self.client.scatter([tasks[0].plans], broadcast=True, hash=False)
+        futures = {self.client.submit(_run_with_plans, plans, dataclasses.replace(t, plans=()),
+                                      key=f"ema-avg-{token}-{t.key}", pure=False, retries=self.retries): t
+                   for t in tasks}
         results: dict[str, ShardResult] = {}
         try:
             for fut in d.as_completed(list(futures)):
