@@ -113,6 +113,76 @@ def is_float(name: str) -> bool:
     return name in FLOATING
 
 
+# --------------------------------------------------------------------------- raw bits
+
+#: canonical dtypes the engine carries as their raw bits, in a numpy integer type
+#: of the same width (the *storage* dtype), wherever the reader and the writer
+#: declare they can (``Reader.reads_bits``, ``Writer.writes_bits``): numpy has
+#: no type of its own for them, and ml_dtypes' costs 0.5 s and more to import.
+#: The kernel widens and rounds bfloat16 from its uint16 bits (ema_cli/kernel.py).
+BITS: dict[str, np.dtype] = {"bfloat16": np.dtype(np.uint16)}
+
+
+def storage_numpy(name: str) -> np.dtype:
+    """The numpy dtype a tensor of canonical dtype ``name`` is carried in by the
+    engine: uint16 for bfloat16 (its bits, no ml_dtypes), else ``to_numpy(name)``."""
+    bits = BITS.get(name)
+    return bits if bits is not None else to_numpy(name)
+
+
+def is_bits(arr, name: str) -> bool:
+    """Whether ``arr`` holds the raw bits of a ``name`` tensor (bfloat16 as uint16)."""
+    bits = BITS.get(name)
+    return bits is not None and np.asarray(arr).dtype == bits
+
+
+def as_storage(arr, name: str) -> np.ndarray:
+    """``arr`` (values or raw bits of a ``name`` tensor) in ``storage_numpy(name)``:
+    a zero-copy view of an ml_dtypes bfloat16 array's bits; any other array is
+    converted to ``name``'s values first (``np.asarray(arr, dtype=...)``)."""
+    a = np.asarray(arr)
+    bits = BITS.get(name)
+    if bits is None:
+        return np.asarray(a, dtype=to_numpy(name))
+    if a.dtype == bits:
+        return a
+    if a.dtype.name == name:  # ml_dtypes' type: it is imported already
+        return a.view(bits)
+    return np.asarray(a, dtype=to_numpy(name)).view(bits)  # a value conversion (imports ml_dtypes)
+
+
+def as_values(arr, name: str) -> np.ndarray:
+    """``arr`` with ``name``'s own numpy type: raw bits viewed as ml_dtypes'
+    bfloat16 without a copy (imports ml_dtypes); other arrays unchanged.  For
+    code that computes on the values (``--tf-exact``) and formats that do not
+    take raw bits."""
+    a = np.asarray(arr)
+    if is_bits(a, name):
+        return a.view(to_numpy(name))
+    return a
+
+
+def widen(arr, name: str) -> np.ndarray:
+    """The values of a ``name`` tensor (raw bits or values) as float64, exactly."""
+    a = np.asarray(arr)
+    if name in BITS:
+        bits = a if a.dtype == BITS[name] else a.view(BITS[name])
+        return (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    return a.astype(np.float64)
+
+
+def all_finite(arr, name: str) -> bool:
+    """Whether a ``name`` tensor (raw bits or values) holds no NaN or Inf: for
+    bfloat16 bits, non-finite is an all-ones exponent, ``(bits & 0x7f80) == 0x7f80``."""
+    a = np.asarray(arr)
+    if name in BITS:
+        bits = a if a.dtype == BITS[name] else a.view(BITS[name])
+        return not bool(np.any((bits & 0x7F80) == 0x7F80))
+    if a.dtype.kind not in "fc" and a.dtype.name not in _ML_DTYPES:
+        return True
+    return bool(np.isfinite(a).all())
+
+
 def store_rounded(src: np.ndarray, dst: np.ndarray) -> None:
     """``dst[...] = src`` (src float64), correctly rounded to dst's dtype (ema_cli/kernel.py)."""
     from ema_cli import kernel
@@ -120,11 +190,18 @@ def store_rounded(src: np.ndarray, dst: np.ndarray) -> None:
     kernel.store_rounded(src, dst)
 
 
-def cast_rounded(src: np.ndarray, dtype_name: str) -> np.ndarray:
-    out = np.empty(np.shape(src), dtype=to_numpy(dtype_name))
+def cast_rounded(src: np.ndarray, dtype_name: str, *, src_dtype: str | None = None,
+                 storage: bool = False) -> np.ndarray:
+    """``src`` correctly rounded to ``dtype_name``.  ``src_dtype``: src's canonical
+    dtype when it may hold raw bits (a bfloat16 tensor as uint16, see ``BITS``);
+    ``storage``: return the result in ``storage_numpy(dtype_name)`` (bfloat16 as
+    its uint16 bits: no ml_dtypes), else in ``to_numpy(dtype_name)``."""
     from ema_cli import kernel
 
     src = np.asarray(src)
+    if src_dtype is not None and is_bits(src, src_dtype):
+        src = widen(src, src_dtype)
+    out = np.empty(np.shape(src), dtype=storage_numpy(dtype_name) if storage else to_numpy(dtype_name))
     if src.dtype != np.float32 or dtype_name != "bfloat16":
         src = src.astype(np.float64)  # (float32 -> bfloat16 rounds from the float32 bits directly)
     kernel.store_rounded(src, out, dtype_name)

@@ -58,28 +58,50 @@ def _block_sum(srcs, weights, out_flat: np.ndarray, check: bool, emit=None, narr
                             out_dtype=None if task is None else task.out_dtype)
 
 
+def for_writer(writer, arr, dtype: str):
+    """``arr`` (a tensor of canonical dtype ``dtype``) as ``writer`` takes it: the
+    one place where the engine's raw bits meet the writers.  The engine carries
+    bfloat16 as its uint16 bits (``dtypes.storage_numpy``; the kernel's outputs,
+    and the reads of readers with ``Reader.reads_bits``); a writer with
+    ``Writer.writes_bits`` gets them as they are (ml_dtypes arrays from other
+    readers viewed as bits), any other writer an ml_dtypes view of them, without
+    a copy (which imports ml_dtypes: those formats' own libraries need it)."""
+    if dtype not in dtypes.BITS:
+        return arr
+    return dtypes.as_storage(arr, dtype) if writer.writes_bits else dtypes.as_values(arr, dtype)
+
+
 def compute_tensor(plan: Plan, task: Task, pool: ReaderPool, read=None) -> np.ndarray:
     """The output value of one tensor: a pure function of the plan.  ``read``
     (``read(source, name)``): readers leased for a batch of small tensors
-    (``run_shard``); default, one lease per read from ``pool``."""
+    (``run_shard``); default, one lease per read from ``pool``.
+
+    Averaged tensors come in ``dtypes.storage_numpy(task.out_dtype)`` (bfloat16
+    as its uint16 bits); copies as read (bits or ml_dtypes' type, by the reader),
+    or in the storage dtype when the copy changes dtype.  Hand the result to a
+    writer through ``for_writer``."""
     cks = plan.checkpoints
     read = read or pool.read
     if task.action == "copy":
         arr = plan.overrides.get(task.name)
-        if arr is None:
-            arr = read(cks[plan.newest].source, task.name)
+        if arr is not None:
+            return arr  # (overrides hold output values, in the output dtype already)
+        arr = read(cks[plan.newest].source, task.name)
         if task.out_dtype != task.info.dtype:
-            arr = dtypes.cast_rounded(arr, task.out_dtype)
+            arr = dtypes.cast_rounded(arr, task.out_dtype, src_dtype=task.info.dtype, storage=True)
         return arr
     pairs = [(cks[i], w) for i, w in zip(plan.selected, plan.weights) if w != 0.0]
-    out = np.empty(task.info.shape, dtype=dtypes.to_numpy(task.out_dtype))
+    out = np.empty(task.info.shape, dtype=dtypes.storage_numpy(task.out_dtype))
     check = not plan.options.allow_nonfinite
     spec = plan.options.spec
     if spec.tf_exact:
+        # TensorFlow's recurrence computes in the variables' own dtype: on values
+        # (ml_dtypes' bfloat16 for bf16 variables), never on raw bits
         sel = [cks[i] for i in plan.selected]
-        arrs = [read(ck.source, task.name) for ck in sel]
+        arrs = [dtypes.as_values(read(ck.source, task.name), task.info.dtype) for ck in sel]
         steps = np.array([ck.step or 0 for ck in sel])
-        bad = kernel.tf_exact_replay(arrs, steps, spec.decay, spec.num_updates, out, check, _narrowing(plan, task, pairs))
+        bad = kernel.tf_exact_replay(arrs, steps, spec.decay, spec.num_updates, dtypes.as_values(out, task.out_dtype),
+                                     check, _narrowing(plan, task, pairs))
     else:
         srcs = [np.asarray(read(ck.source, task.name)).reshape(-1) for ck, _ in pairs]
         bad = _block_sum(srcs, [w for _, w in pairs], out.reshape(-1), check, narrow=_narrowing(plan, task, pairs),
@@ -91,7 +113,7 @@ def compute_tensor(plan: Plan, task: Task, pool: ReaderPool, read=None) -> np.nd
 
 def _raise_nonfinite(pairs, task: Task, read):
     for ck, w in pairs:
-        if not np.isfinite(read(ck.source, task.name)).all():
+        if not dtypes.all_finite(read(ck.source, task.name), task.info.dtype):  # (values or raw bits)
             raise EmaError(f"has NaN or Inf values (weight {w:.6g}); use --allow-nonfinite to average anyway",
                            path=ck.path, tensor=task.name)
     raise EmaError("the weighted sum is not finite (overflow)", tensor=task.name)
@@ -112,8 +134,8 @@ def stream_tensor(plan: Plan, task: Task, pool: ReaderPool, writer, hasher=None)
     cks = plan.checkpoints
     pairs = [(cks[i], w) for i, w in zip(plan.selected, plan.weights) if w != 0.0]
     srcs = [pool.read_stream(ck.source, task.name) for ck, _ in pairs]
-    stage = kernel.stage_buffer(dtypes.to_numpy(task.out_dtype), min(task.info.numel, BLOCK))
-    write_range, name = writer.write_range, task.out_name
+    stage = kernel.stage_buffer(dtypes.storage_numpy(task.out_dtype), min(task.info.numel, BLOCK))
+    write_range, name, out_dtype = writer.write_range, task.out_name, task.out_dtype
     # inputs whose reader can drop consumed mapped pages before the tensor is done
     # (in steps: each call costs a TLB shootdown; the rest goes in _release)
     releases = [ck.source for ck, _ in pairs]
@@ -122,7 +144,7 @@ def stream_tensor(plan: Plan, task: Task, pool: ReaderPool, writer, hasher=None)
 
     def emit(start: int, part: np.ndarray) -> None:
         nonlocal released
-        write_range(name, start, part)
+        write_range(name, start, for_writer(writer, part, out_dtype))
         if hasher is not None:
             hasher.update(part.view(np.uint8))
         end = start + part.size
@@ -210,7 +232,7 @@ def _batch(target: "Target", names: list[str], read, read_flat) -> None:
     tasks = [plan.task(n) for n in names]
     in_names = [t.name for t in tasks]
     srcs = [read_flat(ck.source, in_names) for ck, _ in pairs]
-    out = np.empty(srcs[0].size, dtype=dtypes.to_numpy(tasks[0].out_dtype))
+    out = np.empty(srcs[0].size, dtype=dtypes.storage_numpy(tasks[0].out_dtype))
     if _block_sum(srcs, [w for _, w in pairs], out, not plan.options.allow_nonfinite, task=tasks[0]) is not None:
         for t in tasks:  # which tensor: compute_tensor raises the error naming it
             compute_tensor(plan, t, None, read)
@@ -220,7 +242,7 @@ def _batch(target: "Target", names: list[str], read, read_flat) -> None:
         n = t.info.numel
         arr = out[pos:pos + n].reshape(t.info.shape)
         pos += n
-        items.append((t.out_name, arr))
+        items.append((t.out_name, for_writer(writer, arr, t.out_dtype)))
         if sums is not None:
             sums[t.out_name] = digest(arr)
     writer.write_many(items)
@@ -275,7 +297,7 @@ def run_shard(plan: Plan | list[Target], shard: list[str], pool: ReaderPool, wri
                 sums[name] = hasher.hexdigest()
         else:
             arr = compute_tensor(plan, task, pool, read)
-            writer.write(name, arr)
+            writer.write(name, for_writer(writer, arr, task.out_dtype))
             if sums is not None:
                 sums[name] = digest(arr)
             del arr

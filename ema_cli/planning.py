@@ -100,7 +100,8 @@ class Plan:
     # input's TF .meta graph and HDF5 groups name the old tensors)
     use_template: bool = True
     # {input name: value} copied instead of the newest input's value (rename: the
-    # TF2 object graph rewritten for the new names)
+    # TF2 object graph rewritten for the new names; --watch: the running averages),
+    # already in the task's output dtype (bfloat16 may be its raw uint16 bits)
     overrides: dict = field(default_factory=dict)
 
     def task(self, out_name: str) -> Task:

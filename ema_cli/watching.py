@@ -232,7 +232,7 @@ class Watcher:
                 new_state[t.name] = s
                 if self.keep_prev:
                     new_prev[t.name] = x64
-                overrides[t.name] = dtypes.cast_rounded(value, t.out_dtype)
+                overrides[t.name] = dtypes.cast_rounded(value, t.out_dtype, storage=True)  # (bf16: raw bits)
             wplan = self._write_plan(plan, overrides, steps, w, src)
             result = engine.run(wplan, self.output, self._out_format(src.path), force=True, pool=pool)
         finally:

@@ -19,7 +19,13 @@ method has a default that is right for a format that cannot:
   written last by the commit;
 * remote reads (``Format.remote_reads``): the reader reads fsspec URLs with
   ranged reads; other formats' remote inputs are first copied to a local
-  temporary directory.
+  temporary directory;
+* raw bits (``Reader.reads_bits``, ``Writer.writes_bits``): tensors of the
+  dtypes in ``dtypes.BITS`` (bfloat16) are read, or taken by the writer, as
+  their raw bits in ``dtypes.storage_numpy`` (uint16), so that they flow from
+  file to kernel to file without ml_dtypes.  The engine computes in raw bits;
+  where a writer does not take them it views them as ml_dtypes' type, in one
+  place (``execute.for_writer``).
 """
 
 from __future__ import annotations
@@ -116,6 +122,13 @@ class Reader(ABC):
     """Lists tensors without loading data; reads one tensor at a time."""
 
     format: str = ""
+    #: capability ``raw bits``: ``read``, ``read_flat`` and ``read_stream`` return
+    #: tensors of a dtype in ``dtypes.BITS`` (bfloat16) as their raw bits, in
+    #: ``dtypes.storage_numpy(dtype)`` (uint16), never as ml_dtypes arrays.  Without
+    #: it they come in ``dtypes.to_numpy(dtype)`` (ml_dtypes' bfloat16).  Consumers
+    #: of read arrays go by the tensor's canonical dtype (``dtypes.is_bits``,
+    #: ``dtypes.all_finite``, ``dtypes.as_values``), so both are handled.
+    reads_bits: ClassVar[bool] = False
 
     def __init__(self, source: Source):
         self.source = source
@@ -204,13 +217,19 @@ class Writer(ABC):
 
     #: capability ``ranges``: ``write_range`` is supported
     writes_ranges: ClassVar[bool] = False
+    #: capability ``raw bits``: ``write``, ``write_many`` and ``write_range`` take
+    #: tensors of a dtype in ``dtypes.BITS`` (bfloat16) as their raw bits
+    #: (``dtypes.storage_numpy``: uint16; ml_dtypes arrays are taken too).  Without
+    #: it the engine hands them over as ml_dtypes arrays (``execute.for_writer``).
+    writes_bits: ClassVar[bool] = False
 
     @abstractmethod
     def write(self, name: str, array: np.ndarray) -> None: ...
 
     def write_range(self, name: str, start: int, flat: np.ndarray) -> None:
         """Elements ``[start, start + flat.size)`` of a tensor in C order (``flat``:
-        1-D, contiguous, the tensor's dtype); only where ``writes_ranges``."""
+        1-D, contiguous, the tensor's dtype: ``dtypes.storage_numpy`` where
+        ``writes_bits``, else ``dtypes.to_numpy``); only where ``writes_ranges``."""
         raise NotImplementedError(f"{type(self).__name__} does not write ranges")
 
     def write_many(self, items: list[tuple[str, np.ndarray]]) -> None:

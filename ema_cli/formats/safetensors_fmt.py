@@ -371,7 +371,7 @@ class _File:
 
     def read(self, name: str) -> np.ndarray:
         info = self.infos[name]
-        dt = dtypes.to_numpy(info.dtype)
+        dt = dtypes.storage_numpy(info.dtype)  # (bfloat16: its uint16 bits, Reader.reads_bits)
         view = self.map.view
         if view is None:
             raise EmaError("internal: read after close", path=self.path, tensor=name)
@@ -453,7 +453,7 @@ class _RemoteFile:
 
     def read(self, name: str) -> np.ndarray:
         info = self.infos[name]
-        return self.span(info.offset, info.numel, dtypes.to_numpy(info.dtype)).reshape(info.shape)
+        return self.span(info.offset, info.numel, dtypes.storage_numpy(info.dtype)).reshape(info.shape)
 
     def span(self, offset: int, count: int, dt) -> np.ndarray:
         dt = np.dtype(dt)
@@ -464,7 +464,8 @@ class _RemoteFile:
         info = self.infos[name]
         if info.nbytes < self.STREAM:
             return self.read(name).reshape(-1)
-        return storage.RangeArray(self._get, self.data_start + info.offset, info.numel, dtypes.to_numpy(info.dtype))
+        return storage.RangeArray(self._get, self.data_start + info.offset, info.numel,
+                                  dtypes.storage_numpy(info.dtype))
 
     def release(self, name: str, first: int = 0, last: int | None = None) -> None:
         pass  # nothing is mapped
@@ -657,7 +658,11 @@ def _parse_header(raw: bytes, data_len: int, path: str):
 
 
 class SafetensorsReader(Reader):
+    """Zero-copy views of memory-mapped files (ranged reads for URLs); bfloat16
+    tensors as their uint16 bits (``reads_bits``: no ml_dtypes)."""
+
     format = NAME
+    reads_bits = True
 
     def __init__(self, source: Source):
         super().__init__(source)
@@ -734,7 +739,7 @@ class SafetensorsReader(Reader):
                     break
                 end += info.nbytes
             else:
-                return f.span(first.offset, sum(i.numel for i in infos), dtypes.to_numpy(dt))
+                return f.span(first.offset, sum(i.numel for i in infos), dtypes.storage_numpy(dt))
         return super().read_flat(names)
 
     def read_stream(self, name: str):
@@ -880,6 +885,7 @@ class _FileWriter(Writer):
     One shard of a sharded output is one of these (``Format.open_shard``)."""
 
     writes_ranges = True
+    writes_bits = True  # bfloat16 as uint16 bits (or ml_dtypes arrays): the bytes are the same
 
     def __init__(self, path: str, infos: list[TensorInfo], metadata: dict[str, str]):
         # largest item size first keeps every tensor aligned (as safetensors does)
@@ -923,7 +929,7 @@ class _FileWriter(Writer):
 
     def write(self, name: str, array: np.ndarray) -> None:
         pos, info = self.offsets[name]
-        arr = np.asarray(array, dtype=dtypes.to_numpy(info.dtype))
+        arr = dtypes.as_storage(array, info.dtype)
         if not arr.flags.c_contiguous:  # (np.ascontiguousarray would turn 0-d into 1-d)
             arr = arr.copy(order="C")
         if arr.shape != info.shape:
@@ -940,7 +946,7 @@ class _FileWriter(Writer):
         parts: list[tuple[int, np.ndarray, str]] = []
         for name, array in items:
             pos, info = self.offsets[name]
-            arr = np.asarray(array, dtype=dtypes.to_numpy(info.dtype))
+            arr = dtypes.as_storage(array, info.dtype)
             if arr.shape != info.shape:
                 raise EmaError(f"internal: shape {arr.shape} != {info.shape}", tensor=name)
             parts.append((pos, np.ascontiguousarray(arr.reshape(-1)).view(np.uint8), name))
@@ -967,7 +973,9 @@ class _FileWriter(Writer):
         1-D, contiguous, the tensor's dtype), copied to the file before returning.
         The range that ends at the tensor's last element completes it."""
         pos, info = self.offsets[name]
-        dt = dtypes.to_numpy(info.dtype)
+        dt = dtypes.storage_numpy(info.dtype)
+        if flat.dtype != dt and flat.dtype.name == info.dtype:
+            flat = flat.view(dt)  # (ml_dtypes' bfloat16: the same bytes)
         if flat.dtype != dt or flat.ndim != 1 or not flat.flags.c_contiguous or not 0 <= start <= info.numel - flat.size:
             raise EmaError(f"internal: bad range {start}+{flat.size} ({flat.dtype}) of {info.numel} {dt}", tensor=name)
         where = self.data_start + pos + start * dt.itemsize
@@ -1037,6 +1045,7 @@ class SafetensorsWriter(Writer):
     ``model.safetensors.index.json`` (Hugging Face's layout)."""
 
     writes_ranges = True
+    writes_bits = True
 
     def __init__(self, path: str, shards: list[list[TensorInfo]], metadata: dict[str, str], template=None):
         self.sharded = len(shards) > 1
