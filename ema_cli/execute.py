@@ -22,8 +22,6 @@ import dataclasses
 import hashlib
 import os
 import shutil
-import socket
-import tempfile
 import time
 from concurrent.futures import FIRST_EXCEPTION, CancelledError, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -414,9 +412,6 @@ class ShardTask:
     def shard_indices(self) -> list[int]:
         return list(range(len(self.plans[0].shards))) if self.shard is None else [self.shard]
 
-    def tensor_count(self) -> int:
-        return sum(len(self.plans[0].shards[i]) for i in self.shard_indices())
-
 
 @dataclass
 class ShardResult:
@@ -448,6 +443,8 @@ def _worker_name() -> str:
             return sys.modules["distributed"].get_worker().address
         except (AttributeError, ValueError):
             pass
+    import socket
+
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
@@ -470,7 +467,7 @@ def _open_writer(plan: Plan, spec: OutputSpec, shard: int | None, where: str, po
     fmt = formats.get(spec.format)
     meta = dict(spec.metadata)
     if shard is not None:
-        infos = plan.shard_infos()[shard]
+        infos = plan.shard_info(shard)  # (this shard's only: a task per shard)
         return fmt.open_shard(os.path.join(where, fmt.shard_names(len(plan.shards))[shard]), infos, meta)
     path = os.path.join(where, spec.name) if spec.name else where
     template = None
@@ -493,6 +490,8 @@ def run_task(task: ShardTask, pool: ReaderPool | None = None,
             wheres = []
             for spec in task.outputs:
                 if spec.upload_to is not None:  # remote: written here, then uploaded to its staging prefix
+                    import tempfile
+
                     tmp = tmp or tempfile.mkdtemp(prefix="ema-avg-task-")
                     where = os.path.join(tmp, str(len(wheres)))
                     os.mkdir(where)

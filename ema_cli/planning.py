@@ -110,13 +110,18 @@ class Plan:
     def __post_init__(self):
         self._by_out = {t.out_name: t for t in self.tasks}
 
-    def shard_infos(self) -> list[list[TensorInfo]]:
-        def out_info(t: Task) -> TensorInfo:
-            i = t.info
-            return i if (i.name == t.out_name and i.dtype == t.out_dtype) else TensorInfo(t.out_name, t.out_dtype, i.shape)
-
+    def shard_info(self, index: int) -> list[TensorInfo]:
+        """The output tensors of shard ``index`` (names and dtypes as written)."""
         by_out = self._by_out
-        return [[out_info(by_out[n]) for n in shard] for shard in self.shards]
+        out = []
+        for n in self.shards[index]:
+            t = by_out[n]
+            i = t.info
+            out.append(i if (i.name == t.out_name and i.dtype == t.out_dtype) else TensorInfo(t.out_name, t.out_dtype, i.shape))
+        return out
+
+    def shard_infos(self) -> list[list[TensorInfo]]:
+        return [self.shard_info(k) for k in range(len(self.shards))]
 
     def describe(self) -> dict:
         """The recipe: recorded in the output, printed by ``plan`` and ``--json``."""

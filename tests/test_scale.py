@@ -260,6 +260,21 @@ def test_s3_failed_and_killed_runs_leave_nothing(s3, hf_ckpts, tmp_path):
     assert "model.safetensors.index.json" in [k.rsplit("/", 1)[-1] for k in _objects(s3["fs"], "killed/avg")]
 
 
+def test_s3_bad_inputs_and_foreign_outputs_are_clean_errors(s3, hf_ckpts, tmp_path):
+    """A missing object, and a remote output directory holding an object
+    ema-avg did not write (refused even with --force, the object kept): one
+    error line each, nothing written."""
+    url = _upload(s3, hf_ckpts, "run3")
+    r = run_cli(f"s3://{BUCKET}/nothing/here.safetensors", "-o", tmp_path / "x.safetensors")
+    assert_clean_error(r, f"s3://{BUCKET}/nothing/here.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()
+    s3["fs"].pipe_file(f"{BUCKET}/theirs/notes.txt", b"keep me")
+    for extra in ([], ["--force"]):
+        r = run_cli(url, "-o", f"s3://{BUCKET}/theirs/", "--max-shard-size", "60KB", "--quiet", *extra)
+        assert_clean_error(r, "did not write", "notes.txt")
+    assert _objects(s3["fs"], "theirs") == [f"{BUCKET}/theirs/notes.txt"]
+
+
 def test_s3_reads_are_ranged(s3, tmp_path):
     """Only the bytes a run needs are requested: the header and the tensors it
     reads, never whole files."""

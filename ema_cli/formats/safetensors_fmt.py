@@ -987,10 +987,6 @@ class _FileWriter(Writer):
         if start + flat.size == info.numel:
             self.pending.discard(name)
 
-    def offsets_infos(self):
-        """The file's tensors, in the order they were given."""
-        return (info for _pos, info in self.offsets.values())
-
     def close(self) -> None:
         if self.pending:
             raise EmaError(f"internal: {len(self.pending)} tensors never written", path=self.shown)
@@ -1039,70 +1035,17 @@ def index_document(shard_infos: list[list[TensorInfo]], metadata: dict[str, str]
     return "model" + INDEX_SUFFIX, (json.dumps(doc, indent=2) + "\n").encode()
 
 
-class SafetensorsWriter(Writer):
-    """``shards`` is the plan's list of output shards.  One shard: ``path`` is the
-    file.  Several: ``path`` is a directory that receives the shards and
-    ``model.safetensors.index.json`` (Hugging Face's layout)."""
-
-    writes_ranges = True
-    writes_bits = True
+class SafetensorsWriter(_FileWriter):
+    """The format's writer (``Writer(path, shards, metadata, template=None)``):
+    one file at ``path``.  A sharded output is written shard by shard, each by
+    its own task (``SafetensorsFormat.open_shard``), and its index by the
+    commit (``index_document``)."""
 
     def __init__(self, path: str, shards: list[list[TensorInfo]], metadata: dict[str, str], template=None):
-        self.sharded = len(shards) > 1
-        self._by_name: dict[str, _FileWriter] = {}
-        self._files: list[_FileWriter] = []
-        self.path = path
-        try:
-            if not self.sharded:
-                self._files.append(_FileWriter(path, shards[0] if shards else [], metadata))
-            else:
-                try:
-                    os.makedirs(path, exist_ok=True)
-                except OSError as e:
-                    raise EmaError(f"cannot create: {e.strerror}", path=shown_path(path)) from None
-                names = shard_file_names(len(shards))
-                for fname, infos in zip(names, shards):
-                    self._files.append(_FileWriter(os.path.join(path, fname), infos, metadata))
-        except BaseException:
-            self.abort()
-            raise
-        for fw in self._files:
-            for name in fw.offsets:
-                self._by_name[name] = fw
-        self._metadata = metadata
-
-    def write(self, name: str, array: np.ndarray) -> None:
-        self._by_name[name].write(name, array)
-
-    def write_many(self, items: list[tuple[str, np.ndarray]]) -> None:
-        by_file: dict[_FileWriter, list] = {}
-        for item in items:
-            by_file.setdefault(self._by_name[item[0]], []).append(item)
-        for fw, group in by_file.items():
-            fw.write_many(group)
-
-    def write_range(self, name: str, start: int, flat: np.ndarray) -> None:
-        """Part of a tensor (see ``_FileWriter.write_range``): lets the engine stream
-        large tensors in chunks instead of holding them whole."""
-        self._by_name[name].write_range(name, start, flat)
-
-    def close(self) -> None:
-        for fw in self._files:
-            fw.close()
-        if self.sharded:
-            fname, raw = index_document([list(fw.offsets_infos()) for fw in self._files], self._metadata)
-            ipath = os.path.join(self.path, fname)
-            try:
-                with open(ipath, "wb") as fh:
-                    fh.write(raw)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-            except OSError as e:
-                raise EmaError(f"cannot write: {e.strerror}", path=shown_path(ipath)) from None
-
-    def abort(self) -> None:
-        for fw in self._files:
-            fw.abort()
+        if len(shards) > 1:
+            raise EmaError("internal: a sharded safetensors output is written through Format.open_shard",
+                           path=shown_path(path))
+        super().__init__(path, shards[0] if shards else [], metadata)
 
 
 Writer = SafetensorsWriter
