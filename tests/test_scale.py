@@ -470,4 +470,7 @@ def test_range_array_serves_the_bytes():
     bits = ra.view(np.uint32)
     assert np.array_equal(bits[70000:70016], ref.view(np.uint32)[70000:70016])
     assert np.array_equal(np.asarray(ra), ref)
-    assert max(b - a for a, b in calls[:-1]) <= 1 << 18  # window-sized requests (the last: the whole, asked for)
+    # window-sized requests, but for the whole range np.asarray asked for (read-ahead
+    # threads may append theirs after it: not by position)
+    whole = (8, 8 + len(data))
+    assert max(b - a for a, b in calls if (a, b) != whole) <= 1 << 18
