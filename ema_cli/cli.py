@@ -13,8 +13,10 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from ema_cli import __version__, _entry, api, engine, render, storage
+from ema_cli import __version__, _entry, _typer_plain, api, engine, render, storage
 from ema_cli.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, EmaError, UsageError
+
+_typer_plain.install()  # str/int/float options without pydantic (start-up time)
 
 app = typer.Typer(
     name="ema-avg",

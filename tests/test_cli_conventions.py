@@ -179,3 +179,44 @@ def test_version_answered_early():
     res = run_cli("--version")
     assert res.code == 0 and res.out.strip() == "ema-avg 0.1.0" and res.err == ""
     assert json.dumps(run_cli("-V").out.strip()) == json.dumps("ema-avg 0.1.0")
+
+
+@pytest.mark.parametrize("annotation", ["int", "float", "str", "bool", "Optional[int]", "Optional[float]", "List[str]"])
+def test_plain_option_coercion_matches_typers_pydantic_coercion(annotation):
+    """``_typer_plain`` (the CLI's options without pydantic) gives what typer's own
+    pydantic coercion gives, values and error messages, on the same inputs."""
+    from typing import List, Optional  # noqa: F401  (eval'd below)
+
+    import typer
+    from typer import _coercion, core
+    from typer._click.exceptions import BadParameter
+    from typer.models import OptionInfo
+
+    from ema_cli import _typer_plain
+
+    _typer_plain.install()
+    ann = eval(annotation)
+    desc = _coercion.resolve_type_descriptor(ann, OptionInfo())
+    ours = core.build_runtime_param(desc)
+    theirs = _coercion.build_runtime_param(desc)
+    assert type(ours).__name__ == "PlainRuntimeParam" and type(theirs).__name__ != "PlainRuntimeParam"
+    multi = annotation.startswith("List")
+    param = typer.core.TyperOption(param_decls=["--x"], type_descriptor=desc, multiple=multi) \
+        if hasattr(typer.core, "TyperOption") else None
+    values = ["1", "-3", " 7 ", "1_000", "2.0", "2.5", "1e3", "0x10", "abc", "", "nan", "inf", "-0", "true",
+              "False", "yes", "off", "1.5e-3", "+4", "1.", "1e400", "on ", "T", "No", "01", " 1_0 ", "1__0", "_1",
+              "\u0661", "2.00", "-2.0", "1_0.0", " 1_0", "\t3\n"]
+    for v in values:
+        arg = [v, v] if multi else v
+
+        def run(rt):
+            try:
+                return ("ok", rt._coerce_value(arg, param=param, ctx=None))
+            except BadParameter as e:
+                return ("error", e.message)
+
+        a, b = run(ours), run(theirs)
+        if a[0] == "ok" and b[0] == "ok" and isinstance(a[1], float) and a[1] != a[1]:
+            assert b[1] != b[1], (annotation, v)
+            continue
+        assert a == b, (annotation, v, a, b)

@@ -289,7 +289,8 @@ def test_store_does_not_allocate_per_block():
 def test_safetensors_path_imports_neither_ml_dtypes_nor_tensorflow(tmp_path):
     """A whole CLI average of float32/float16 safetensors (and the kernel on
     raw bf16 bits) runs without importing ml_dtypes or TensorFlow (nor torch,
-    nor the remote-storage and cluster back-ends)."""
+    h5py, the remote-storage and cluster back-ends, nor pydantic: typer's
+    coercion of the CLI's plain options is ``ema_cli._typer_plain``'s)."""
     from safetensors.numpy import save_file
 
     rng = np.random.default_rng(4)
@@ -300,7 +301,7 @@ def test_safetensors_path_imports_neither_ml_dtypes_nor_tensorflow(tmp_path):
         import atexit, sys
         def report():
             sys.stderr.write("MODULES " + " ".join(m for m in ("ml_dtypes", "tensorflow", "torch", "fsspec", "dask",
-                                                               "distributed") if m in sys.modules) + "\\n")
+                                                               "distributed", "h5py", "pydantic") if m in sys.modules) + "\\n")
         atexit.register(report)
         import numpy as np
         from ema_cli import kernel
