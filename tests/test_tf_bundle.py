@@ -409,3 +409,61 @@ def test_bundle_reader_fuzzed(tmp_path_factory, data):
         b.close()
     except EmaError:
         pass
+
+
+@pytest.fixture(scope="module")
+def big_tf_run(tf, tmp_path_factory):
+    """Three checkpoints of a model with tensors large enough to be streamed
+    (4 MiB float32 and 2 MiB bfloat16), written by ``tf.train.CheckpointManager``
+    (an object graph with a step counter) as the variables change."""
+    d = tmp_path_factory.mktemp("big-tf")
+    w = tf.Variable(tf.random.stateless_normal((1024, 1024), seed=(1, 2)), name="w")
+    h = tf.Variable(tf.cast(tf.random.stateless_normal((1024, 1024), seed=(3, 4)), tf.bfloat16), name="h")
+    ckpt = tf.train.Checkpoint(w=w, h=h, step=tf.Variable(0, dtype=tf.int64))
+    mgr = tf.train.CheckpointManager(ckpt, str(d), max_to_keep=None)
+    for k in range(3):
+        w.assign_add(tf.random.stateless_normal((1024, 1024), seed=(5, k)) * 0.01)
+        h.assign_add(tf.cast(tf.random.stateless_normal((1024, 1024), seed=(6, k)) * 0.01, tf.bfloat16))
+        ckpt.step.assign(100 * (k + 1))
+        mgr.save(checkpoint_number=100 * (k + 1))
+    return d, list(mgr.checkpoints)
+
+
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+@pytest.mark.parametrize("out", ["avg.safetensors", "out/avg.ckpt"])
+def test_streamed_tensor_checksum_is_checked_during_the_sum(tf, big_tf_run, tmp_path, where, out):
+    """Large TF tensors are streamed through the kernel with their crc32c
+    computed just ahead of the reads (no pass of its own): the clean run equals
+    the float64 mean of what ``tf.train.load_checkpoint`` reads, and a flipped
+    byte anywhere in a streamed tensor (its first, a middle or its last byte)
+    is the one-line checksum error naming the data file and the tensor, with
+    nothing written."""
+    src, prefixes = big_tf_run
+    d = tmp_path / "run"
+    shutil.copytree(src, d)
+    key = "w/.ATTRIBUTES/VARIABLE_VALUE"
+    (tmp_path / "out").mkdir()
+    res = run_cli(d, "-o", tmp_path / out, "--force")
+    assert res.code == 0, res.err
+    if out.endswith(".safetensors"):
+        from safetensors.numpy import load_file
+
+        got = load_file(str(tmp_path / out))["w/.ATTRIBUTES/VARIABLE_VALUE"]
+    else:
+        got = tf.train.load_checkpoint(str(tmp_path / out)).get_tensor(key)
+    vals = [tf.train.load_checkpoint(p).get_tensor(key).astype(np.float64) for p in prefixes]
+    assert np.array_equal(got, ((vals[0] + vals[1] + vals[2]) / 3).astype(np.float32))
+
+    prefix = Path(prefixes[1].replace(str(src), str(d)))
+    data = Path(str(prefix) + ".data-00000-of-00001")
+    e = _entry_of(prefix, key.encode())
+    pos = {"first": 0, "middle": e.size // 2 + 12345, "last": e.size - 1}[where]
+    raw = bytearray(data.read_bytes())
+    raw[e.offset + pos] ^= 0x01
+    data.write_bytes(bytes(raw))
+    target = tmp_path / ("again.safetensors" if out.endswith(".safetensors") else "out2/avg.ckpt")
+    target.parent.mkdir(exist_ok=True)
+    res = run_cli(d, "-o", target)
+    line = assert_clean_error(res, code=1)
+    assert line.startswith(f"error: {data}: tensor '{key}': truncated or corrupt data: checksum mismatch"), line
+    assert not list(target.parent.glob(target.name + "*")), list(target.parent.iterdir())

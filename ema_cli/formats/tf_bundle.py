@@ -719,6 +719,20 @@ class Bundle:
         arr = np.frombuffer(view, dtype=dtypes.to_numpy(dt), count=self._numel(key, e))
         return arr.reshape(e.shape)
 
+    def read_stream(self, name: str):
+        """A numeric tensor as a flat array for the kernel to stream through, its
+        crc32c checked just ahead of the kernel's reads (``CheckedStream``):
+        the data is read from the page cache once, not once for the checksum and
+        again for the sum (strings, slices and checked tensors: ``read``)."""
+        key = name.encode("utf-8", "surrogateescape")
+        e = self.entries[key]
+        dt = DTYPE_NAMES[e.dtype]
+        if e.slices or dt == "string" or name in self._verified:
+            return self.read(name).reshape(-1)
+        view = self._view(e)
+        arr = np.frombuffer(view, dtype=dtypes.to_numpy(dt), count=self._numel(key, e))
+        return CheckedStream(arr, _Check(self, key, e, view, name))
+
     def _assemble(self, key: bytes, full: Entry, dt: str) -> np.ndarray:
         if dt == "string":
             out = np.empty(full.shape, dtype=object)
@@ -792,6 +806,76 @@ class Bundle:
         for m in self._maps.values():
             m.close()
         self._maps = {}
+
+
+class _Check:
+    """The running crc32c of one tensor's mapped bytes, checked up to ``done``."""
+
+    __slots__ = ("bundle", "key", "entry", "view", "name", "done", "crc", "lock")
+    STEP = 4 << 20  # bytes checked at a time, ahead of the kernel's reads (they stay in the CPU's cache)
+
+    def __init__(self, bundle: "Bundle", key: bytes, entry: Entry, view, name: str):
+        self.bundle, self.key, self.entry, self.view, self.name = bundle, key, entry, view, name
+        self.done, self.crc = 0, 0
+        self.lock = threading.Lock()
+
+    def upto(self, end: int) -> None:
+        """Check the bytes before ``end`` (and a step beyond); at the last byte,
+        compare with the index's crc32c (a mismatch: the error, before any sum
+        of these bytes is written)."""
+        if end <= self.done:
+            return
+        with self.lock:
+            g, total = _crc_lib(), len(self.view)
+            while self.done < end:
+                stop = min(total, max(end, self.done + self.STEP))
+                crc = self.crc
+                for j in range(self.done, stop, _CHUNK):
+                    crc = g.extend(crc, self.view[j:min(j + _CHUNK, stop)].tobytes())
+                self.crc, self.done = crc, stop
+            if self.done == total:
+                if mask(self.crc) != self.entry.crc32c:
+                    raise self.bundle._corrupt(self.entry, self.key, "checksum mismatch (the data file does not "
+                                               "hold what its index says)")
+                self.bundle._verified.add(self.name)
+
+
+class CheckedStream:
+    """A tensor's mapped elements as a flat array-like (``size``, ``dtype``,
+    ``x[a:b]``, ``view``, like ``storage.RangeArray``) whose slices are handed
+    out only once the crc32c has covered them: the checksum pass runs a few MB
+    ahead of the kernel over the same pages, instead of a whole pass of its own
+    (which, for tensors larger than the CPU's caches, read the data twice)."""
+
+    ndim = 1
+
+    def __init__(self, arr: np.ndarray, check: _Check):
+        self._a, self._c = arr, check
+        self.dtype, self.size, self.shape = arr.dtype, arr.size, (arr.size,)
+
+    def view(self, dtype) -> "CheckedStream":
+        return CheckedStream(self._a.view(dtype), self._c)
+
+    def reshape(self, *shape):
+        if shape in ((-1,), (self.size,), ((-1,),)):
+            return self
+        raise ValueError(f"CheckedStream is flat: cannot reshape to {shape}")
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, s):
+        if not isinstance(s, slice):
+            raise TypeError("CheckedStream takes slices")
+        a, b, step = s.indices(self.size)
+        if step != 1:
+            raise ValueError("CheckedStream takes contiguous slices")
+        self._c.upto(b * self.dtype.itemsize)
+        return self._a[a:b]
+
+    def __array__(self, dtype=None, copy=None):
+        self._c.upto(len(self._c.view))
+        return self._a if dtype is None else self._a.astype(dtype)
 
 
 class _Empty:

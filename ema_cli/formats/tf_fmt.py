@@ -455,6 +455,13 @@ class TFReader(Reader):
             raise EmaError("internal: read after close", path=self.path, tensor=name)
         return self._r.read(name)
 
+    def read_stream(self, name: str):
+        """The tensor as a flat array for the kernel, its crc32c checked just
+        ahead of the reads (``tf_bundle.Bundle.read_stream``)."""
+        if self._r is None:
+            raise EmaError("internal: read after close", path=self.path, tensor=name)
+        return self._r.read_stream(name)
+
     def release(self, name: str, first: int = 0, last: int | None = None) -> None:
         """Done with the tensor or its elements ``[first, last)``: its mapped pages
         leave the process (see ``tf_bundle.Bundle.release``)."""
