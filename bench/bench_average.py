@@ -141,6 +141,47 @@ def warm(paths: list[str]) -> float:
     return time.perf_counter() - t0
 
 
+# --------------------------------------------------------------------------- the machine
+
+
+VERSION_PACKAGES = ("ema-avg", "numpy", "ml_dtypes", "safetensors", "typer", "rich", "google-crc32c", "torch",
+                    "tensorflow", "tensorflow-cpu")
+
+
+def ema_python(ema_cmd: list[str]) -> str:
+    """The Python that runs the ema-avg command: ``python -m ema_cli`` names it,
+    a venv's ``ema-avg`` script lies beside it."""
+    first = Path(ema_cmd[0])
+    if first.name.startswith("python"):
+        return str(first)
+    beside = first.with_name("python")
+    return str(beside) if beside.exists() else PY
+
+
+def versions(python: str = PY) -> dict[str, str]:
+    """Python's and the packages' versions in the environment of ``python`` (the
+    one ema-avg runs in, which may be a fresh Quickstart venv, not the bench's)."""
+    code = ("import json, platform; from importlib import metadata as m\n"
+            "out = {'python': platform.python_version()}\n"
+            f"for p in {VERSION_PACKAGES!r}:\n"
+            "    try: out[p] = m.version(p)\n"
+            "    except m.PackageNotFoundError: pass\n"
+            "print(json.dumps(out))")
+    res = subprocess.run([python, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(res.stdout)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 # --------------------------------------------------------------------------- measuring
 
 

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)  # measured processes keep bytecode caches, as a user's do
+
 
 def _cli(args, env=None) -> float:
     e = dict(os.environ, **(env or {}))

@@ -44,6 +44,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 PY = sys.executable
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)  # measured processes keep bytecode caches, as a user's do
 EMA = [PY, "-m", "ema_cli"]  # the ema_cli on PYTHONPATH (a worktree), not whatever the venv's script points at
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "TF_ENABLE_ONEDNN_OPTS": "0"}
 

@@ -22,11 +22,15 @@ The protobuf messages are decoded from the wire format by hand (a handful of
 fields, see :func:`decode_entry`); numeric tensors come back as zero-copy
 numpy views of the memory-mapped data file.
 
-CRC32C: ``google-crc32c`` (Google's maintained C library behind a small
-binding).  A pure-Python CRC32C runs at ~30 MB/s, about 100x slower than the
-C one (several GB/s here), which would make checking a multi-GB checkpoint
-take minutes.  Its ``extend`` takes only ``bytes``, so mapped data is
-checksummed in bounded chunks.
+CRC32C: the ``crc32c`` package (ICRAR's maintained C extension: SSE4.2/ARMv8
+CRC instructions, a C table fallback elsewhere).  A pure-Python CRC32C runs
+at ~30 MB/s, hundreds of times slower, which would make checking a multi-GB
+checkpoint take minutes.  Not ``google-crc32c``, the other maintained binding:
+its ``extend`` takes only ``bytes`` (every mapped chunk copied first) and holds
+the GIL, so two threads checksumming two tensors run one after the other.
+Measured on 256 MiB of mapped data: 0.040 s with ``google-crc32c`` (copies
+included), 0.021 s with ``crc32c`` on the mapped buffer itself; two threads
+at once 0.073 s against 0.024 s.
 """
 
 from __future__ import annotations
@@ -42,13 +46,13 @@ import numpy as np
 from ema_cli import dtypes
 from ema_cli.errors import EmaError
 
-CRC_HINT = "needs the google-crc32c package: pip install google-crc32c (a dependency of ema-avg)"
+CRC_HINT = "needs the crc32c package: pip install crc32c (a dependency of ema-avg)"
 SNAPPY_HINT = "pip install cramjam (a dependency of ema-avg)"
 TABLE_MAGIC = 0xDB4775248B80FB57
 HEADER_KEY = b""
 BUNDLE_VERSION = 1  # kTensorBundleVersion
 _MASK_DELTA = 0xA282EAD8
-_CHUNK = 1 << 20  # bytes per CRC32C call over mapped data (google_crc32c copies: bounded)
+_CHUNK = 1 << 20  # bytes per CRC32C call over mapped data (crc32c releases the GIL for each)
 
 #: DataType enum -> canonical dtype name (types.proto); others are refused
 DTYPE_NAMES = {1: "float32", 2: "float64", 3: "int32", 4: "uint8", 5: "int16", 6: "int8", 7: "string",
@@ -68,37 +72,43 @@ def dtype_text(enum: int) -> str:
 
 # --------------------------------------------------------------------------- CRC32C
 
-_g = None
+_ext = None
 
 
 def _crc_lib():
-    global _g
-    if _g is None:
+    """``extend(crc, data) -> crc``: CRC32C of any contiguous buffer, continuing ``crc``."""
+    global _ext
+    if _ext is None:
         import warnings
 
         try:
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)  # its own "no C extension" warning: ours below
-                import google_crc32c
+                warnings.simplefilter("ignore", RuntimeWarning)  # its own "software mode" warning: ours below
+                import crc32c as lib
         except ImportError:
             raise EmaError(CRC_HINT) from None
-        if getattr(google_crc32c, "implementation", "c") != "c":
+        if not getattr(lib, "hardware_based", True):
             from ema_cli.notices import warn
 
-            warn("google-crc32c has no C extension on this machine: checking TensorFlow checkpoints' CRC32C "
-                 "is about 100x slower (reinstall it: pip install --force-reinstall google-crc32c)")
-        _g = google_crc32c
-    return _g
+            warn("crc32c has no CPU instructions for CRC32C on this machine: checking TensorFlow checkpoints' "
+                 "checksums runs at table speed (about 1 GB/s)")
+        fn = lib.crc32c
+
+        def extend(crc: int, data) -> int:
+            return fn(data, crc)
+
+        _ext = extend
+    return _ext
 
 
 def crc32c(data, crc: int = 0) -> int:
     """CRC32C of ``data`` (any contiguous buffer) continuing ``crc``."""
-    g = _crc_lib()
+    ext = _crc_lib()
     if isinstance(data, bytes):
-        return g.extend(crc, data)
+        return ext(crc, data)
     mv = memoryview(data).cast("B")
     for i in range(0, len(mv), _CHUNK):
-        crc = g.extend(crc, mv[i:i + _CHUNK].tobytes())
+        crc = ext(crc, mv[i:i + _CHUNK])
     return crc
 
 
@@ -694,11 +704,11 @@ class Bundle:
 
     def _verify(self, key: bytes, e: Entry, view, release=None) -> None:
         crc = 0
-        g = _crc_lib()
+        ext = _crc_lib()
         for i in range(0, len(view), 8 * _CHUNK):
             part = view[i:i + 8 * _CHUNK]
             for j in range(0, len(part), _CHUNK):
-                crc = g.extend(crc, part[j:j + _CHUNK].tobytes())
+                crc = ext(crc, part[j:j + _CHUNK])
             if release is not None:
                 release(i, i + len(part))
         if mask(crc) != e.crc32c:
@@ -757,24 +767,24 @@ class Bundle:
         try:
             lengths, i = [], 0
             crc = 0
-            g = _crc_lib()
+            ext = _crc_lib()
             for _ in range(n):
                 ln, i = read_varint(raw, i)
                 lengths.append(ln)
-                crc = g.extend(crc, struct.pack("<I", ln) if ln <= 0xFFFFFFFF else struct.pack("<Q", ln))
+                crc = ext(crc, struct.pack("<I", ln) if ln <= 0xFFFFFFFF else struct.pack("<Q", ln))
             if i + 4 > len(raw):
                 raise WireError("truncated")
             (stored,) = struct.unpack_from("<I", raw, i)
             if stored != mask(crc):
                 raise self._corrupt(e, key, "checksum mismatch in a string tensor's lengths")
-            crc = g.extend(crc, raw[i:i + 4])
+            crc = ext(crc, raw[i:i + 4])
             i += 4
             if i + sum(lengths) != len(raw):
                 raise WireError(f"{len(raw)} bytes stored for strings of {i + sum(lengths)}")
             for k, ln in enumerate(lengths):
                 out[k] = raw[i:i + ln]
                 i += ln
-            crc = g.extend(crc, raw[len(raw) - sum(lengths):])
+            crc = ext(crc, raw[len(raw) - sum(lengths):])
         except WireError as err:
             raise self._corrupt(e, key, f"unreadable string tensor ({err})") from None
         if mask(crc) != e.crc32c:
@@ -826,12 +836,12 @@ class _Check:
         if end <= self.done:
             return
         with self.lock:
-            g, total = _crc_lib(), len(self.view)
+            ext, total = _crc_lib(), len(self.view)
             while self.done < end:
                 stop = min(total, max(end, self.done + self.STEP))
                 crc = self.crc
                 for j in range(self.done, stop, _CHUNK):
-                    crc = g.extend(crc, self.view[j:min(j + _CHUNK, stop)].tobytes())
+                    crc = ext(crc, self.view[j:min(j + _CHUNK, stop)])
                 self.crc, self.done = crc, stop
             if self.done == total:
                 if mask(self.crc) != self.entry.crc32c:
@@ -916,16 +926,16 @@ def _open_map(path: str, size: int):
 
 def encode_strings(values) -> tuple[bytes, int]:
     """A string tensor's bytes in a data file and its (unmasked) crc32c."""
-    g = _crc_lib()
+    ext = _crc_lib()
     items = [bytes(v) if not isinstance(v, str) else v.encode("utf-8") for v in values]
     lengths = b"".join(varint(len(b)) for b in items)
     crc = 0
     for b in items:
-        crc = g.extend(crc, struct.pack("<I", len(b)) if len(b) <= 0xFFFFFFFF else struct.pack("<Q", len(b)))
+        crc = ext(crc, struct.pack("<I", len(b)) if len(b) <= 0xFFFFFFFF else struct.pack("<Q", len(b)))
     lc = struct.pack("<I", mask(crc))
-    crc = g.extend(crc, lc)
+    crc = ext(crc, lc)
     body = b"".join(items)
-    crc = g.extend(crc, body)
+    crc = ext(crc, body)
     return lengths + lc + body, crc
 
 

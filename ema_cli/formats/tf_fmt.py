@@ -7,7 +7,7 @@ graph.  Discovery (``claim_path``, ``scan_dir``) only looks at file names.
 Nothing here imports TensorFlow: the bundle is read and written by
 :mod:`ema_cli.formats.tf_bundle` (the LevelDB-format ``.index`` and its
 protobuf records decoded by hand, data files memory-mapped, CRC32C checked
-with ``google-crc32c``), the TF2 object graph by :mod:`tf_objgraph` and the TF1
+with ``crc32c``), the TF2 object graph by :mod:`tf_objgraph` and the TF1
 ``.meta`` collections by :func:`read_meta_collections`, both from the protobuf
 wire format.  The reader returns zero-copy views (partitioned variables
 assembled from their slices); the writer streams tensors range by range into

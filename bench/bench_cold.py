@@ -1,0 +1,150 @@
+#!/usr/bin/env python
+"""Benchmark: inputs not in the page cache (cold cache) against ``cat``.
+
+Writes N safetensors checkpoints of SIZE MiB float32 (``bench_average``'s
+data), then, before every run of every case, evicts them from the page cache
+with ``posix_fadvise(POSIX_FADV_DONTNEED)`` (after an ``fsync``, so no dirty
+page stays) and times, as processes, on the same files in one run:
+
+  (a) ``ema-avg <files> -o out.safetensors --force --quiet`` (the mean)
+  (b) the disk floor: ``cat <files> > /dev/null``
+  (c) the torch peer: ``safe_open(framework="pt")``, a float32 accumulator
+      per tensor (``acc.add_(t, alpha=w)``), ``save_file``
+
+The output file is deleted (and everything synced) before each run, so no
+run pays for the previous one's writeback.  Each eviction is checked by the
+drop of ``Cached`` in ``/proc/meminfo``, printed as a fraction of the inputs'
+size (about 1.0: they were all in the cache, and left it).
+
+    python bench/bench_cold.py [--size-mb 256] [--n 8] [--reps 5] [--ema CMD] [--keep]
+
+Target (issue 15): ema-avg reads at >= 0.9x ``cat``'s throughput, i.e.
+(a) <= (b) / 0.9.  Figures go to bench/out/results-cold.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from bench_average import EMA, PY, TENSORS, cpu_model, ema_python, make_checkpoints, measure, versions  # noqa: E402
+
+TORCH = r"""
+import sys
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+out, paths = sys.argv[1], sys.argv[2:]
+w = 1.0 / len(paths)
+files = [safe_open(p, framework="pt") for p in paths]
+result = {}
+for name in files[0].keys():
+    acc = None
+    for f in files:
+        t = f.get_tensor(name)
+        if acc is None:
+            acc = torch.zeros(t.shape, dtype=torch.float32)
+        acc.add_(t, alpha=w)
+    result[name] = acc
+save_file(result, out, metadata={"format": "pt"})
+"""
+
+
+def cached_kb() -> int:
+    with open("/proc/meminfo") as fh:
+        for line in fh:
+            if line.startswith("Cached:"):
+                return int(line.split()[1])
+    return 0
+
+
+def evict(paths: list[str]) -> None:
+    """Drop the files' pages from the page cache (clean pages: they were synced)."""
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size-mb", type=int, default=256)
+    ap.add_argument("--n", type=int, default=8)
+    ap.add_argument("--reps", type=int, default=5, help="repetitions of every case; medians reported (default 5)")
+    ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--dir", default=str(HERE / "out"))
+    ap.add_argument("--ema", default=EMA, help="the ema-avg command (split like a shell line)")
+    ap.add_argument("--torch-python", default=PY, help="the Python that has torch, for the peer")
+    args = ap.parse_args()
+
+    out = Path(args.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ema_cmd = shlex.split(args.ema)
+    vers, cpu, load0 = versions(ema_python(ema_cmd)), cpu_model(), os.getloadavg()
+    print(f"versions: {json.dumps(vers)}\nCPU: {cpu}, {os.cpu_count()} cores; load {load0}", file=sys.stderr)
+    data = out / f"data-{args.n}x{args.size_mb}mb"
+    paths = make_checkpoints(data, args.n, args.size_mb, TENSORS)
+    total = sum(os.path.getsize(p) for p in paths)
+    work = Path(tempfile.mkdtemp(prefix="run-cold-", dir=out))
+    avg, peer = work / "avg.safetensors", work / "torch.safetensors"
+    cases = {
+        "(a) ema-avg mean": [*ema_cmd, *paths, "-o", str(avg), "--force", "--quiet"],
+        "(b) cat > /dev/null": ["sh", "-c", 'cat "$@" > /dev/null', "cat", *paths],
+        "(c) torch peer": [args.torch_python, "-c", TORCH, str(peer), *paths],
+    }
+    runs: dict[str, list[dict]] = {k: [] for k in cases}
+    names = list(cases)
+    for rep in range(args.reps):
+        for name in names[rep % len(names):] + names[: rep % len(names)]:
+            for f in (avg, peer):
+                f.unlink(missing_ok=True)
+            os.sync()
+            before = cached_kb()
+            evict(paths)
+            dropped = (before - cached_kb()) * 1024 / total
+            time.sleep(0.2)
+            r = measure(cases[name])
+            r["evicted_fraction"] = dropped
+            runs[name].append(r)
+            print(f"  rep {rep + 1}/{args.reps} {name:<22} {r['wall_s']:6.2f} s  cpu {r['cpu_s']:5.2f} s  "
+                  f"evicted {min(dropped, 9.99):.2f} of the inputs  bg {r['background_cores']:.2f} cores",
+                  file=sys.stderr, flush=True)
+    load1 = os.getloadavg()
+    med = {k: {m: statistics.median(r[m] for r in v) for m in ("wall_s", "cpu_s", "peak_rss_anon_mb",
+                                                                 "background_cores")} for k, v in runs.items()}
+    a, b, c = (med[k]["wall_s"] for k in names)
+    lines = [f"{args.n} checkpoints x {args.size_mb} MiB float32, evicted from the page cache before every run, "
+             f"median of {args.reps}",
+             "versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()),
+             f"CPU: {cpu}, {os.cpu_count()} cores; load average before {load0[0]:.2f}, after {load1[0]:.2f}",
+             f"{'case':<24}{'wall s':>8}{'cpu s':>8}{'MB/s':>8}{'x cat':>7}{'RssAnon MB':>12}{'bg cores':>10}"]
+    for k, m in med.items():
+        lines.append(f"{k:<24}{m['wall_s']:>8.2f}{m['cpu_s']:>8.2f}{total / 1e6 / m['wall_s']:>8.0f}"
+                     f"{m['wall_s'] / b:>7.2f}{m['peak_rss_anon_mb']:>12.1f}{m['background_cores']:>10.2f}")
+    lines.append(f"ema-avg throughput / cat's: {b / a:.2f} (target >= 0.9: {'ok' if b / a >= 0.9 else 'MISSED'}); "
+                 f"torch peer / ema-avg: {c / a:.2f}")
+    print("\n".join(lines))
+    (out / "results-cold.json").write_text(json.dumps(
+        {"params": vars(args), "versions": vers, "cpu": cpu, "load_before": load0, "load_after": load1,
+         "when": time.strftime("%Y-%m-%dT%H:%M:%S"), "runs": runs, "medians": med, "table": lines}, indent=2))
+    shutil.rmtree(work, ignore_errors=True)
+    if not args.keep:
+        shutil.rmtree(data, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
