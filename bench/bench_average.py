@@ -144,7 +144,7 @@ def warm(paths: list[str]) -> float:
 # --------------------------------------------------------------------------- the machine
 
 
-VERSION_PACKAGES = ("ema-avg", "numpy", "ml_dtypes", "safetensors", "typer", "rich", "google-crc32c", "torch",
+VERSION_PACKAGES = ("ema-avg", "numpy", "ml_dtypes", "safetensors", "typer", "rich", "crc32c", "torch",
                     "tensorflow", "tensorflow-cpu")
 
 

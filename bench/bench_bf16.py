@@ -33,19 +33,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_average import PY, measure, run_cases, warm  # noqa: E402
+from bench_average import PY, cpu_model, ema_python, measure, run_cases, versions, warm  # noqa: E402
 
 # the code of this checkout (PYTHONPATH), not whatever console script the venv holds
 EMA = f"{PY} -m ema_cli"
@@ -154,27 +152,6 @@ def make_model(d: Path, n: int, size_mb: int) -> list[str]:
     return [str(p) for p in paths]
 
 
-def versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for pkg in ("numpy", "ml_dtypes", "safetensors", "torch", "typer", "rich", "tensorflow", "tensorflow-cpu"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def startup_rows(work: Path, ema_cmd: list[str], reps: int) -> dict[str, dict]:
     """--version and a 3-file tiny average, each a whole process, best and median of reps."""
     import numpy as np
@@ -224,7 +201,7 @@ def main() -> int:
     out = Path(args.dir)
     out.mkdir(parents=True, exist_ok=True)
     load0 = os.getloadavg()
-    vers, cpu = versions(), cpu_model()
+    vers, cpu = versions(ema_python(shlex.split(args.ema))), cpu_model()
     print(f"versions: {json.dumps(vers)}\nCPU: {cpu}, {os.cpu_count()} cores; load average {load0}", file=sys.stderr)
     data = out / f"bf16-{args.n}x{args.size_mb}mb"
     paths = make_model(data, args.n, args.size_mb)
@@ -266,6 +243,8 @@ def main() -> int:
     lines = [f"{args.n} checkpoints x {gb / args.n * 1000:.0f} MB bf16 (LLM-shaped matrices), page-cached, "
              f"median of {args.reps}",
              f"versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()),
+             "floor and peers (the bench's Python): " + ", ".join(
+                 f"{k} {v}" for k, v in versions(PY).items() if k in ("python", "numpy", "safetensors", "torch")),
              f"CPU: {cpu}, {os.cpu_count()} cores; load average before {load0[0]:.2f}, after {load1[0]:.2f}",
              f"{'case':<{width}}{'wall s':>8}{'cpu s':>8}{'GB/s':>7}{'x floor':>9}{'RssAnon MB':>12}{'bg cores':>10}"]
     for k, v in res.items():

@@ -129,6 +129,8 @@ def main() -> int:
     lines = [f"{args.n} checkpoints x {args.size_mb} MiB float32, evicted from the page cache before every run, "
              f"median of {args.reps}",
              "versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()),
+             "floor and peers (the bench's Python): " + ", ".join(
+                 f"{k} {v}" for k, v in versions(PY).items() if k in ("python", "numpy", "safetensors", "torch")),
              f"CPU: {cpu}, {os.cpu_count()} cores; load average before {load0[0]:.2f}, after {load1[0]:.2f}",
              f"{'case':<24}{'wall s':>8}{'cpu s':>8}{'MB/s':>8}{'x cat':>7}{'RssAnon MB':>12}{'bg cores':>10}"]
     for k, m in med.items():

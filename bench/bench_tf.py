@@ -132,23 +132,6 @@ def make_safetensors(prefixes: list[str], d: Path) -> None:
         b.close()
 
 
-def versions() -> str:
-    import importlib.metadata as md
-
-    out = [f"Python {platform.python_version()}"]
-    for pkg in ("numpy", "ml_dtypes", "safetensors", "tensorflow", "google-crc32c"):
-        try:
-            out.append(f"{pkg} {md.version(pkg)}")
-        except md.PackageNotFoundError:
-            out.append(f"{pkg} -")
-    cpu = "?"
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return ", ".join(out) + f"; CPU {cpu}; load {os.getloadavg()[0]:.2f}"
-
-
 def warm(d: Path) -> None:
     buf = bytearray(16 << 20)
     for f in d.iterdir():
@@ -211,8 +194,18 @@ def main() -> int:
     ap.add_argument("--dir", default=str(HERE / "out"))
     ap.add_argument("--cases", default="a,b,c,d,e", help="which cases (letters above), comma-separated")
     ap.add_argument("--no-compare", action="store_true", help="skip the (a) vs (b) output comparison")
+    ap.add_argument("--ema", default=" ".join(EMA), help="the ema-avg command (split like a shell line), e.g. a "
+                    "fresh Quickstart venv's ema-avg; default: python -m ema_cli")
     args = ap.parse_args()
-    print(versions(), file=sys.stderr)
+    import shlex
+
+    from bench_average import cpu_model, ema_python
+    from bench_average import versions as env_versions
+
+    ema_cmd = shlex.split(args.ema)
+    load0 = os.getloadavg()
+    vers = env_versions(ema_python(ema_cmd))
+    print(vers, file=sys.stderr)
 
     base = Path(args.dir)
     data = base / f"tf-{args.n}x{args.size_mb}mb"
@@ -224,13 +217,13 @@ def main() -> int:
     if "e" in want:
         make_safetensors(prefixes, st_dir)
     cases = {
-        "ema-avg (TF -> TF)": ("a", [*EMA, str(data), "-o", str(out / "avg.ckpt"), "--force", "--quiet"]),
+        "ema-avg (TF -> TF)": ("a", [*ema_cmd, str(data), "-o", str(out / "avg.ckpt"), "--force", "--quiet"]),
         "t2t-style (load_checkpoint + Saver)": ("b", [PY, "-c", T2T, str(out / "t2t" / "avg.ckpt"), *prefixes]),
-        "ema-avg (TF -> safetensors)": ("c", [*EMA, str(data), "-o", str(out / "avg.safetensors"), "--force",
+        "ema-avg (TF -> safetensors)": ("c", [*ema_cmd, str(data), "-o", str(out / "avg.safetensors"), "--force",
                                               "--quiet"]),
-        "ema-avg --tf-exact --decay 0.999": ("d", [*EMA, str(data), "-o", str(out / "exact.ckpt"), "--force",
+        "ema-avg --tf-exact --decay 0.999": ("d", [*ema_cmd, str(data), "-o", str(out / "exact.ckpt"), "--force",
                                                    "--quiet", "--decay", "0.999", "--tf-exact"]),
-        "ema-avg (safetensors -> safetensors)": ("e", [*EMA, str(st_dir), "-o", str(out / "st.safetensors"),
+        "ema-avg (safetensors -> safetensors)": ("e", [*ema_cmd, str(st_dir), "-o", str(out / "st.safetensors"),
                                                        "--force", "--quiet"]),
     }
     cases = {k: cmd for k, (letter, cmd) in cases.items() if letter in want}
@@ -250,12 +243,37 @@ def main() -> int:
                   file=sys.stderr, flush=True)
 
     med = {k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in runs.items()}
-    if args.no_compare or not {"a", "b"} <= want:
+
+    def table(extra: str = "") -> list[str]:
+        load1 = os.getloadavg()
+        lines = [f"{args.n} TF checkpoints x {args.size_mb} MiB ({args.tensors} float32 tensors + global_step), "
+                 f"{total_mb:.0f} MiB in all, page-cached; medians of {args.reps}",
+                 "versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()),
+                 f"CPU: {cpu_model()}, {os.cpu_count()} cores; load average before {load0[0]:.2f}, "
+                 f"after {load1[0]:.2f}",
+                 f"{'case':<40} {'wall s':>7} {'cpu s':>7} {'RssAnon MB':>11} {'VmHWM MB':>9}"]
         for k, m in med.items():
-            print(f"{k:<40} {m['wall_s']:7.2f} {m['cpu_s']:7.2f} {m['peak_rss_anon_mb']:11.0f} "
-                  f"{m['peak_vm_hwm_mb']:9.0f}")
-        (base / "results_tf.json").write_text(json.dumps({"params": vars(args), "versions": versions(),
-                                                          "median": med, "runs": runs}, indent=2))
+            lines.append(f"{k:<40} {m['wall_s']:7.2f} {m['cpu_s']:7.2f} {m['peak_rss_anon_mb']:11.0f} "
+                         f"{m['peak_vm_hwm_mb']:9.0f}")
+        wall = {k: m["wall_s"] for k, m in med.items()}
+        st = wall.get("ema-avg (safetensors -> safetensors)")
+        if st:
+            for k in ("ema-avg (TF -> TF)", "ema-avg (TF -> safetensors)"):
+                if k in wall:
+                    lines.append(f"{k} / safetensors -> safetensors: {wall[k] / st:.2f} (target <= 1.3)")
+        if "t2t-style (load_checkpoint + Saver)" in wall and "ema-avg (TF -> TF)" in wall:
+            lines.append(f"ema-avg (TF -> TF) / t2t-style: "
+                         f"{wall['ema-avg (TF -> TF)'] / wall['t2t-style (load_checkpoint + Saver)']:.2f} "
+                         f"(target <= 0.2)")
+        rss = max(m["peak_rss_anon_mb"] for k, m in med.items() if k.startswith("ema-avg"))
+        lines.append(f"peak RssAnon of ema-avg: {rss:.0f} MB (target <= 200)" + extra)
+        return lines
+
+    if args.no_compare or not {"a", "b"} <= want:
+        lines = table()
+        print("\n".join(lines))
+        (base / "results_tf.json").write_text(json.dumps({"params": vars(args), "versions": vers,
+                                                          "median": med, "runs": runs, "table": lines}, indent=2))
         return 0
     # the two TF outputs agree (run them once more, side by side)
     clean(out)
@@ -276,15 +294,10 @@ def main() -> int:
                                                            - b.view(np.int32).astype(np.int64)))))
     steps = {"ema-avg": int(ours.get_tensor("global_step")), "t2t-style": int(theirs.get_tensor("global_step"))}
 
-    med = {k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in runs.items()}
-    print(f"\n{args.n} TF checkpoints x {args.size_mb} MiB ({args.tensors} float32 tensors + global_step), "
-          f"{total_mb:.0f} MiB in all; {os.cpu_count()} cores; medians of {args.reps}")
-    print(f"{'case':<40} {'wall s':>7} {'cpu s':>7} {'RssAnon MB':>11} {'VmHWM MB':>9}")
-    for k, m in med.items():
-        print(f"{k:<40} {m['wall_s']:7.2f} {m['cpu_s']:7.2f} {m['peak_rss_anon_mb']:11.0f} {m['peak_vm_hwm_mb']:9.0f}")
-    print(f"outputs (a) vs (b): max difference {max_ulp_diff} ulp; global_step written: {steps}")
+    lines = table(f"\noutputs (a) vs (b): max difference {max_ulp_diff} ulp; global_step written: {steps}")
+    print("\n".join(lines))
     doc = {"params": vars(args), "input_mib": total_mb, "machine": platform.platform(), "cpus": os.cpu_count(),
-           "median": med, "runs": runs, "max_ulp_diff_a_b": max_ulp_diff, "global_step": steps}
+           "versions": vers, "table": lines, "median": med, "runs": runs, "max_ulp_diff_a_b": max_ulp_diff, "global_step": steps}
     (base / "results_tf.json").write_text(json.dumps(doc, indent=2))
     shutil.rmtree(out, ignore_errors=True)
     if not args.keep:
