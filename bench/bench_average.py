@@ -301,6 +301,7 @@ def main() -> int:
 
     out = Path(args.dir)
     out.mkdir(parents=True, exist_ok=True)
+    load0 = os.getloadavg()
     data = out / f"data-{args.n}x{args.size_mb}mb"
     print(f"checkpoints: {args.n} x {args.size_mb} MB float32 in {data}", file=sys.stderr)
     paths = make_checkpoints(data, args.n, args.size_mb, TENSORS)
@@ -376,6 +377,8 @@ def main() -> int:
     width = max(len(k) for k in res) + 2
     lines = [f"{args.n} checkpoints x {args.size_mb} MB float32 ({TENSORS} tensors), page-cached, "
              f"median of {args.reps}, {os.cpu_count()} cores",
+             "versions: " + ", ".join(f"{k} {v}" for k, v in versions(ema_python(ema_cmd)).items()),
+             f"CPU: {cpu_model()}; load average before {load0[0]:.2f}, after {os.getloadavg()[0]:.2f}",
              f"{'case':<{width}}{'wall s':>8}{'cpu s':>8}{'x floor':>9}{'x naive':>9}{'RssAnon MB':>12}{'VmHWM MB':>10}"
              f"{'bg cores':>10}"]
     for k, v in res.items():

@@ -59,7 +59,14 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--ema", default=EMA, help="the ema-avg command (split like a shell line; its Python needs torch)")
     args = ap.parse_args()
+    import shlex
+
+    from bench_average import cpu_model, ema_python, versions
+
+    ema_cmd = shlex.split(args.ema)
+    load0 = os.getloadavg()
     root = HERE / "out" / "torch"
     st = make_checkpoints(root / "st", args.n, args.size_mb, TENSORS)
     pt = to_torch(st, root / "pt")
@@ -67,9 +74,9 @@ def main() -> int:
     res.mkdir(exist_ok=True)
     outs = {"st -> st": res / "avg.safetensors", "pt -> st": res / "avg-pt.safetensors", "pt -> pt": res / "avg.pt"}
     cases = {
-        "st -> st": [EMA, *st, "-o", str(outs["st -> st"]), "--force", "--quiet"],
-        "pt -> st": [EMA, *pt, "-o", str(outs["pt -> st"]), "--force", "--quiet"],
-        "pt -> pt": [EMA, *pt, "-o", str(outs["pt -> pt"]), "--force", "--quiet"],
+        "st -> st": [*ema_cmd, *st, "-o", str(outs["st -> st"]), "--force", "--quiet"],
+        "pt -> st": [*ema_cmd, *pt, "-o", str(outs["pt -> st"]), "--force", "--quiet"],
+        "pt -> pt": [*ema_cmd, *pt, "-o", str(outs["pt -> pt"]), "--force", "--quiet"],
     }
 
     def before():
@@ -81,6 +88,9 @@ def main() -> int:
     results = run_cases(cases, args.reps, before=before)
     ref = results["st -> st"]["median"]["wall_s"]
     print(f"\n{args.n} x {args.size_mb} MB float32, {TENSORS} tensors each; medians of {args.reps}")
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in versions(ema_python(ema_cmd)).items()))
+    print(f"CPU: {cpu_model()}, {os.cpu_count()} cores; load average before {load0[0]:.2f}, "
+          f"after {os.getloadavg()[0]:.2f}")
     print(f"{'case':<10} {'wall s':>8} {'vs st':>7} {'cpu s':>8} {'peak RssAnon MB':>16}")
     for name, r in results.items():
         m = r["median"]
