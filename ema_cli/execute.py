@@ -40,6 +40,11 @@ CHUNK = kernel.CHUNK  # bytes of rounded output a thread stages before handing t
 STREAM_MIN = 1 << 20  # averaged tensors of at least this many bytes are streamed to writers that write ranges
 RELEASE_STEP = 16 << 20  # while streaming, consumed input pages are unmapped every this many bytes per input
 RELEASE_MIN = 1 << 19  # tensors smaller than this are not released (a reader drops whole pages of >= 512 KiB)
+# read-ahead (Reader.prefetch): while a tensor streams, the next AHEAD bytes of every input are
+# asked for (in steps of half of it); the next work unit's tensors are asked for while this one
+# computes.  From the page cache a no-op; from a cold disk, large requests in the background
+# instead of one page fault after another across N interleaved inputs.
+AHEAD = 64 << 20
 
 
 def _narrowing(plan: Plan, task: Task, pairs) -> kernel.Narrowing | None:
@@ -137,8 +142,21 @@ def stream_tensor(plan: Plan, task: Task, pool: ReaderPool, writer, hasher=None)
     # inputs whose reader can drop consumed mapped pages before the tensor is done
     # (in steps: each call costs a TLB shootdown; the rest goes in _release)
     releases = [ck.source for ck, _ in pairs]
-    step = max(1, RELEASE_STEP // max(1, dtypes.itemsize(task.info.dtype)))
+    item = max(1, dtypes.itemsize(task.info.dtype))
+    step = max(1, RELEASE_STEP // item)
+    ahead = max(1, AHEAD // item)
     released = 0
+    fetched = 0
+
+    def fetch(upto: int) -> None:
+        nonlocal fetched
+        upto = min(upto, task.info.numel)
+        if upto > fetched:
+            for src in releases:
+                pool.prefetch(src, task.name, fetched, upto)
+            fetched = upto
+
+    fetch(ahead)
 
     def emit(start: int, part: np.ndarray) -> None:
         nonlocal released
@@ -146,6 +164,8 @@ def stream_tensor(plan: Plan, task: Task, pool: ReaderPool, writer, hasher=None)
         if hasher is not None:
             hasher.update(part.view(np.uint8))
         end = start + part.size
+        if fetched - end < ahead // 2:
+            fetch(end + ahead)
         if end - released >= step and end < task.info.numel:
             for src in releases:
                 pool.release(src, task.name, released, end)
@@ -326,15 +346,33 @@ def run_shard(plan: Plan | list[Target], shard: list[str], pool: ReaderPool, wri
                     for name in group:
                         one(name, read)
 
+    def prefetch(names: list[str]) -> None:
+        """Ask the readers for the start of a unit's tensors (``AHEAD`` bytes of each input)."""
+        budget = AHEAD
+        for name in names:
+            task = first.task(name)
+            info = task.info
+            if info.nbytes == 0:
+                continue
+            take = min(info.numel, max(1, budget // max(1, dtypes.itemsize(info.dtype))))
+            for src in (sources if task.action == "average" else [cks[first.newest].source]):
+                pool.prefetch(src, name, 0, take)
+            budget -= take * dtypes.itemsize(info.dtype)
+            if budget <= 0:
+                break
+
     units = _units(first, shard)
     if threads <= 1:
-        for u in units:
+        for k, u in enumerate(units):
+            if k + 1 < len(units):
+                prefetch(units[k + 1])
             unit(u)
         return
-    # bounded look-ahead: at most 2 units per thread in flight
+    # bounded look-ahead: at most 2 units per thread in flight (each asked for as it is queued)
     with ThreadPoolExecutor(max_workers=threads) as ex:
         pending = set()
         for u in units:
+            prefetch(u)
             pending.add(ex.submit(unit, u))
             if len(pending) >= 2 * threads:
                 done, pending = wait(pending, return_when=FIRST_EXCEPTION)

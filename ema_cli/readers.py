@@ -179,6 +179,10 @@ class ReaderPool:
                 del self._open[path]
                 entry.reader.close()
 
+    def prefetch(self, source: Source, name: str, first: int = 0, last: int | None = None) -> None:
+        """Let the reader start reading a tensor's elements ahead (``Reader.prefetch``)."""
+        self.call(source, "prefetch", name, first, last)
+
     def release(self, source: Source, name: str, first: int = 0, last: int | None = None) -> None:
         """Let an open reader drop a tensor's mapped pages (see SafetensorsReader.release);
         a reader that is not open has nothing mapped to drop, so it is not reopened."""
@@ -261,6 +265,9 @@ class PooledReader:
 
     def read_stream(self, name: str):
         return self._call("read_stream", name)
+
+    def prefetch(self, name: str, first: int = 0, last: int | None = None) -> None:
+        self._call("prefetch", name, first, last)
 
     def release(self, name: str, first: int = 0, last: int | None = None) -> None:
         self._pool.release(self.source, name, first, last)

@@ -162,6 +162,13 @@ class Reader(ABC):
         blocks with ranged reads, so no tensor is ever held whole."""
         return np.asarray(self.read(name)).reshape(-1)
 
+    def prefetch(self, name: str, first: int = 0, last: int | None = None) -> None:
+        """Capability ``read-ahead``: elements ``[first, last)`` of this tensor
+        (all of it by default) will be read soon; a reader of memory-mapped
+        data may start reading them from disk now (``MADV_WILLNEED``), so the
+        kernel does not wait on one page fault after another.  A hint: by
+        default nothing."""
+
     def release(self, name: str, first: int = 0, last: int | None = None) -> None:
         """Capability ``page release``: the engine is done with elements
         ``[first, last)`` of this tensor (all of it by default); a reader of

@@ -378,6 +378,27 @@ class _File:
         arr = np.frombuffer(view, dtype=dt, count=info.numel, offset=self.data_start + info.offset)
         return arr.reshape(info.shape)
 
+    def _bytes(self, name: str, first: int, last: int | None) -> tuple[int, int]:
+        """File offsets of elements ``[first, last)`` of tensor ``name``."""
+        info = self.infos[name]
+        begin = info.offset
+        end = begin + info.nbytes
+        if last is not None:
+            item = dtypes.itemsize(info.dtype)
+            begin, end = begin + first * item, begin + min(last, info.numel) * item
+        return self.data_start + begin, self.data_start + end
+
+    def prefetch(self, name: str, first: int = 0, last: int | None = None) -> None:
+        """Elements ``[first, last)`` will be read soon: ``MADV_WILLNEED`` starts
+        reading them from disk (large requests, in the background) where they are
+        not in the page cache; a no-op where they are."""
+        if not hasattr(mmap, "MADV_WILLNEED"):
+            return
+        begin, end = self._bytes(name, first, last)
+        start = begin // mmap.PAGESIZE * mmap.PAGESIZE
+        if end > start:
+            self.map.advise(mmap.MADV_WILLNEED, start, end - start)
+
     def release(self, name: str, first: int = 0, last: int | None = None) -> None:
         """Done with this tensor (or with its elements ``[first, last)``): drop
         their pages from this process's page tables (``MADV_DONTNEED``; they stay
@@ -387,14 +408,9 @@ class _File:
         ranges under 512 KiB are left alone."""
         if not hasattr(mmap, "MADV_DONTNEED"):
             return
-        info = self.infos[name]
-        begin = info.offset
-        end = begin + info.nbytes
-        if last is not None:
-            item = dtypes.itemsize(info.dtype)
-            begin, end = begin + first * item, begin + min(last, info.numel) * item
-        start = -(-(self.data_start + begin) // mmap.PAGESIZE) * mmap.PAGESIZE
-        stop = (self.data_start + end) // mmap.PAGESIZE * mmap.PAGESIZE
+        begin, end = self._bytes(name, first, last)
+        start = -(-begin // mmap.PAGESIZE) * mmap.PAGESIZE
+        stop = end // mmap.PAGESIZE * mmap.PAGESIZE
         if stop - start >= 1 << 19:
             self.map.advise(mmap.MADV_DONTNEED, start, stop - start)
 
@@ -466,6 +482,9 @@ class _RemoteFile:
             return self.read(name).reshape(-1)
         return storage.RangeArray(self._get, self.data_start + info.offset, info.numel,
                                   dtypes.storage_numpy(info.dtype))
+
+    def prefetch(self, name: str, first: int = 0, last: int | None = None) -> None:
+        pass  # RangeArray reads ahead itself
 
     def release(self, name: str, first: int = 0, last: int | None = None) -> None:
         pass  # nothing is mapped
@@ -744,6 +763,10 @@ class SafetensorsReader(Reader):
 
     def read_stream(self, name: str):
         return self._file(name).read_stream(name)
+
+    def prefetch(self, name: str, first: int = 0, last: int | None = None) -> None:
+        """The engine reads this tensor or part of it soon (see ``_File.prefetch``)."""
+        self._file(name).prefetch(name, first, last)
 
     def release(self, name: str, first: int = 0, last: int | None = None) -> None:
         """The engine is done with this tensor or part of it (see ``_File.release``)."""

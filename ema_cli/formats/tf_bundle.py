@@ -800,6 +800,18 @@ class Bundle:
         if stop - start >= 1 << 19:
             self._map(e.shard_id).advise(mmap.MADV_DONTNEED, start, stop - start)
 
+    def prefetch(self, name: str, first: int = 0, last: int | None = None) -> None:
+        """Elements ``[first, last)`` will be read soon: ``MADV_WILLNEED`` over them."""
+        e = self.entries.get(name.encode("utf-8", "surrogateescape"))
+        if e is None or e.slices or DTYPE_NAMES.get(e.dtype) == "string" or not hasattr(mmap, "MADV_WILLNEED"):
+            return
+        item = dtypes.itemsize(DTYPE_NAMES[e.dtype])
+        begin = e.offset + first * item
+        end = e.offset + (e.size if last is None else min(last * item, e.size))
+        start = begin // mmap.PAGESIZE * mmap.PAGESIZE
+        if end > start:
+            self._map(e.shard_id).advise(mmap.MADV_WILLNEED, start, end - start)
+
     def release(self, name: str, first: int = 0, last: int | None = None) -> None:
         """Done with the tensor (or its elements ``[first, last)``): its mapped
         pages leave this process (they stay in the page cache)."""

@@ -462,6 +462,11 @@ class TFReader(Reader):
             raise EmaError("internal: read after close", path=self.path, tensor=name)
         return self._r.read_stream(name)
 
+    def prefetch(self, name: str, first: int = 0, last: int | None = None) -> None:
+        """The tensor's elements ``[first, last)`` will be read soon (``tf_bundle.Bundle.prefetch``)."""
+        if self._r is not None:
+            self._r.prefetch(name, first, last)
+
     def release(self, name: str, first: int = 0, last: int | None = None) -> None:
         """Done with the tensor or its elements ``[first, last)``: its mapped pages
         leave the process (see ``tf_bundle.Bundle.release``)."""
