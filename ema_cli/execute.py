@@ -356,7 +356,7 @@ def run_shard(plan: Plan | list[Target], shard: list[str], pool: ReaderPool, wri
                 continue
             take = min(info.numel, max(1, budget // max(1, dtypes.itemsize(info.dtype))))
             for src in (sources if task.action == "average" else [cks[first.newest].source]):
-                pool.prefetch(src, name, 0, take)
+                pool.prefetch(src, task.name, 0, take)
             budget -= take * dtypes.itemsize(info.dtype)
             if budget <= 0:
                 break
