@@ -141,6 +141,30 @@ def warm(paths: list[str]) -> float:
     return time.perf_counter() - t0
 
 
+# The torch peer (what OLMo-core/mergekit-style scripts do): safe_open(framework="pt"), a
+# float32 accumulator per tensor (acc.add_(t, alpha=w)), the result in the inputs' dtype,
+# written with save_file.  argv: OUT INPUT...
+TORCH_PEER = r"""
+import sys
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+out, paths = sys.argv[1], sys.argv[2:]
+w = 1.0 / len(paths)
+files = [safe_open(p, framework="pt") for p in paths]
+result = {}
+for name in files[0].keys():
+    acc = None
+    for f in files:
+        t = f.get_tensor(name)
+        if acc is None:
+            acc = torch.zeros(t.shape, dtype=torch.float32)
+        acc.add_(t, alpha=w)
+    result[name] = acc.to(t.dtype)
+save_file(result, out, metadata={"format": "pt"})
+"""
+
+
 # --------------------------------------------------------------------------- the machine
 
 

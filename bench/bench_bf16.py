@@ -43,7 +43,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_average import PY, cpu_model, ema_python, measure, run_cases, versions, warm  # noqa: E402
+from bench_average import PY, TORCH_PEER, cpu_model, ema_python, measure, run_cases, versions, warm  # noqa: E402
 
 # the code of this checkout (PYTHONPATH), not whatever console script the venv holds
 EMA = f"{PY} -m ema_cli"
@@ -85,26 +85,6 @@ for name, e in maps[0][2].items():
         a *= w  # the mean: the sum, then one scaling
 """
 
-TORCH = r"""
-import sys
-import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-torch.set_num_threads(1)
-out, paths = sys.argv[1], sys.argv[2:]
-w = 1.0 / len(paths)
-files = [safe_open(p, framework="pt") for p in paths]
-result = {}
-for name in files[0].keys():
-    acc = None
-    for f in files:
-        t = f.get_tensor(name)
-        if acc is None:
-            acc = torch.zeros(t.shape, dtype=torch.float32)
-        acc.add_(t, alpha=w)
-    result[name] = acc.to(torch.bfloat16)
-save_file(result, out, metadata={"format": "pt"})
-"""
 
 
 def write_bf16_safetensors(path: Path, tensors: dict[str, tuple[tuple[int, int], int]]) -> None:
@@ -212,7 +192,8 @@ def main() -> int:
         "(a) ema-avg mean -> bf16": [*ema_cmd, *paths, "-o", avg, "--force", "--quiet"],
         "(a) ema-avg --threads 1": [*ema_cmd, *paths, "-o", avg, "--force", "--quiet", "--threads", "1"],
         "(b) floor (1 thread, no write)": [PY, "-c", FLOOR, *paths],
-        "(c) torch peer": [PY, "-c", TORCH, str(work / "torch.safetensors"), *paths],
+        "(c) torch peer": [PY, "-c", "import torch; torch.set_num_threads(1)\n" + TORCH_PEER,
+                           str(work / "torch.safetensors"), *paths],
     }
     subprocess.run([*ema_cmd, "--help"], check=True, stdout=subprocess.DEVNULL)
 

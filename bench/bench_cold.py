@@ -37,27 +37,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_average import EMA, PY, TENSORS, cpu_model, ema_python, make_checkpoints, measure, versions  # noqa: E402
+from bench_average import EMA, PY, TENSORS, TORCH_PEER, cpu_model, ema_python, make_checkpoints, measure, versions  # noqa: E402
 
-TORCH = r"""
-import sys
-import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-out, paths = sys.argv[1], sys.argv[2:]
-w = 1.0 / len(paths)
-files = [safe_open(p, framework="pt") for p in paths]
-result = {}
-for name in files[0].keys():
-    acc = None
-    for f in files:
-        t = f.get_tensor(name)
-        if acc is None:
-            acc = torch.zeros(t.shape, dtype=torch.float32)
-        acc.add_(t, alpha=w)
-    result[name] = acc
-save_file(result, out, metadata={"format": "pt"})
-"""
 
 
 def cached_kb() -> int:
@@ -103,7 +84,7 @@ def main() -> int:
     cases = {
         "(a) ema-avg mean": [*ema_cmd, *paths, "-o", str(avg), "--force", "--quiet"],
         "(b) cat > /dev/null": ["sh", "-c", 'cat "$@" > /dev/null', "cat", *paths],
-        "(c) torch peer": [args.torch_python, "-c", TORCH, str(peer), *paths],
+        "(c) torch peer": [args.torch_python, "-c", TORCH_PEER, str(peer), *paths],
     }
     runs: dict[str, list[dict]] = {k: [] for k in cases}
     names = list(cases)
