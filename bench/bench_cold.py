@@ -29,7 +29,6 @@ import json
 import os
 import shlex
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -37,7 +36,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_average import EMA, PY, TENSORS, TORCH_PEER, cpu_model, ema_python, make_checkpoints, measure, versions  # noqa: E402
+from bench_average import (EMA, PY, TENSORS, TORCH_PEER, cpu_model, ema_python, make_checkpoints,  # noqa: E402
+                           run_cases, versions)
 
 
 
@@ -86,26 +86,22 @@ def main() -> int:
         "(b) cat > /dev/null": ["sh", "-c", 'cat "$@" > /dev/null', "cat", *paths],
         "(c) torch peer": [args.torch_python, "-c", TORCH_PEER, str(peer), *paths],
     }
-    runs: dict[str, list[dict]] = {k: [] for k in cases}
-    names = list(cases)
-    for rep in range(args.reps):
-        for name in names[rep % len(names):] + names[: rep % len(names)]:
-            for f in (avg, peer):
-                f.unlink(missing_ok=True)
-            os.sync()
-            before = cached_kb()
-            evict(paths)
-            dropped = (before - cached_kb()) * 1024 / total
-            time.sleep(0.2)
-            r = measure(cases[name])
-            r["evicted_fraction"] = dropped
-            runs[name].append(r)
-            print(f"  rep {rep + 1}/{args.reps} {name:<22} {r['wall_s']:6.2f} s  cpu {r['cpu_s']:5.2f} s  "
-                  f"evicted {min(dropped, 9.99):.2f} of the inputs  bg {r['background_cores']:.2f} cores",
-                  file=sys.stderr, flush=True)
+    evicted: list[float] = []  # per run: the drop of Cached, as a fraction of the inputs' size
+
+    def cold():
+        for f in (avg, peer):
+            f.unlink(missing_ok=True)
+        os.sync()
+        before = cached_kb()
+        evict(paths)
+        evicted.append((before - cached_kb()) * 1024 / total)
+        time.sleep(0.2)
+
+    res = run_cases(cases, args.reps, before=cold)
     load1 = os.getloadavg()
-    med = {k: {m: statistics.median(r[m] for r in v) for m in ("wall_s", "cpu_s", "peak_rss_anon_mb",
-                                                                 "background_cores")} for k, v in runs.items()}
+    print(f"  evicted {min(evicted):.2f}-{max(evicted):.2f} of the inputs' size before the runs", file=sys.stderr)
+    med = {k: v["median"] for k, v in res.items()}
+    names = list(cases)
     a, b, c = (med[k]["wall_s"] for k in names)
     lines = [f"{args.n} checkpoints x {args.size_mb} MiB float32, evicted from the page cache before every run, "
              f"median of {args.reps}",
@@ -122,7 +118,7 @@ def main() -> int:
     print("\n".join(lines))
     (out / "results-cold.json").write_text(json.dumps(
         {"params": vars(args), "versions": vers, "cpu": cpu, "load_before": load0, "load_after": load1,
-         "when": time.strftime("%Y-%m-%dT%H:%M:%S"), "runs": runs, "medians": med, "table": lines}, indent=2))
+         "when": time.strftime("%Y-%m-%dT%H:%M:%S"), "cases": res, "evicted": evicted, "table": lines}, indent=2))
     shutil.rmtree(work, ignore_errors=True)
     if not args.keep:
         shutil.rmtree(data, ignore_errors=True)

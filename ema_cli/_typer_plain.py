@@ -12,8 +12,8 @@ a coercion of its own; every other parameter still goes to typer's.
 It hooks one internal function (``typer.core.build_runtime_param``).  When a
 typer release no longer has it, ``install`` does nothing and typer's own
 coercion runs: the CLI behaves the same, only slower to start
-(``tests/test_cli_conventions.py`` checks that pydantic stays unimported, so
-such a release is noticed).  The messages are pydantic's own, so the CLI
+(``tests/test_kernel.py`` checks that a CLI average leaves pydantic
+unimported, so such a release is noticed).  The messages are pydantic's own, so the CLI
 prints the same ``error:`` lines either way.
 """
 
@@ -114,11 +114,16 @@ def install() -> bool:
     if original is None or getattr(original, "_ema_plain", False):
         return original is not None
 
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
     class PlainRuntimeParam(RuntimeParam):
-        """Coercion of str/int/float (and lists of them) without pydantic."""
+        """Coercion of bool/str/int/float (and lists of them) without pydantic."""
+
+        leaf: object = None  # (the coercion, list or not: ``_plain``, found once)
 
         def _coerce_value(self, value, param, ctx):
-            fn, many = _plain(self.annotation)
+            fn, many = self.leaf
             try:
                 if many:
                     items = value if isinstance(value, (list, tuple)) else [value]
@@ -128,9 +133,11 @@ def install() -> bool:
                 raise BadParameter(str(e), ctx=ctx, param=param) from None
 
     def build_runtime_param(descriptor):
-        if (descriptor.file_annotation is None and not _constrained(descriptor.parameter_info)
-                and _plain(descriptor.annotation) is not None):
-            return PlainRuntimeParam(parameter_info=descriptor.parameter_info, annotation=descriptor.annotation)
+        leaf = None if descriptor.file_annotation is not None or _constrained(descriptor.parameter_info) \
+            else _plain(descriptor.annotation)
+        if leaf is not None:
+            return PlainRuntimeParam(parameter_info=descriptor.parameter_info, annotation=descriptor.annotation,
+                                     leaf=leaf)
         return original(descriptor)
 
     build_runtime_param._ema_plain = True

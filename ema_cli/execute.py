@@ -40,9 +40,9 @@ CHUNK = kernel.CHUNK  # bytes of rounded output a thread stages before handing t
 STREAM_MIN = 1 << 20  # averaged tensors of at least this many bytes are streamed to writers that write ranges
 RELEASE_STEP = 16 << 20  # while streaming, consumed input pages are unmapped every this many bytes per input
 RELEASE_MIN = 1 << 19  # tensors smaller than this are not released (a reader drops whole pages of >= 512 KiB)
-# read-ahead (Reader.prefetch): while a tensor streams, the next AHEAD bytes of every input are
-# asked for (in steps of half of it); the next work unit's tensors are asked for while this one
-# computes.  From the page cache a no-op; from a cold disk, large requests in the background
+# read-ahead (Reader.prefetch): run_shard asks for the first AHEAD bytes of every tensor of a
+# work unit (of every input it reads) when it queues the unit; while a tensor streams, the next
+# AHEAD bytes are asked for (in steps of half of it).  From the page cache a no-op; from a cold disk, large requests in the background
 # instead of one page fault after another across N interleaved inputs.
 AHEAD = 64 << 20
 
@@ -146,7 +146,7 @@ def stream_tensor(plan: Plan, task: Task, pool: ReaderPool, writer, hasher=None)
     step = max(1, RELEASE_STEP // item)
     ahead = max(1, AHEAD // item)
     released = 0
-    fetched = 0
+    fetched = min(ahead, task.info.numel)  # (asked for by run_shard when it queued the unit)
 
     def fetch(upto: int) -> None:
         nonlocal fetched
@@ -155,8 +155,6 @@ def stream_tensor(plan: Plan, task: Task, pool: ReaderPool, writer, hasher=None)
             for src in releases:
                 pool.prefetch(src, task.name, fetched, upto)
             fetched = upto
-
-    fetch(ahead)
 
     def emit(start: int, part: np.ndarray) -> None:
         nonlocal released
@@ -347,25 +345,22 @@ def run_shard(plan: Plan | list[Target], shard: list[str], pool: ReaderPool, wri
                         one(name, read)
 
     def prefetch(names: list[str]) -> None:
-        """Ask the readers for the start of a unit's tensors (``AHEAD`` bytes of each input)."""
-        budget = AHEAD
+        """Ask the readers for the first ``AHEAD`` bytes of a unit's tensors (a unit
+        is one tensor, or small ones of at most UNIT_BYTES in all)."""
         for name in names:
             task = first.task(name)
-            info = task.info
-            if info.nbytes == 0:
-                continue
-            take = min(info.numel, max(1, budget // max(1, dtypes.itemsize(info.dtype))))
-            for src in (sources if task.action == "average" else [cks[first.newest].source]):
-                pool.prefetch(src, task.name, 0, take)
-            budget -= take * dtypes.itemsize(info.dtype)
-            if budget <= 0:
-                break
+            take = min(task.info.numel, AHEAD // max(1, dtypes.itemsize(task.info.dtype)))
+            if take:
+                for src in (sources if task.action == "average" else [cks[first.newest].source]):
+                    pool.prefetch(src, task.name, 0, take)
 
     units = _units(first, shard)
     if threads <= 1:
         for k, u in enumerate(units):
+            if k == 0:
+                prefetch(u)
             if k + 1 < len(units):
-                prefetch(units[k + 1])
+                prefetch(units[k + 1])  # (while this one computes)
             unit(u)
         return
     # bounded look-ahead: at most 2 units per thread in flight (each asked for as it is queued)

@@ -217,7 +217,42 @@ class _Windows:
         return memoryview(self.buf)[a - self.w0:b - self.w0]
 
 
-class RangeArray:
+class FlatStream:
+    """A tensor's elements as a flat array-like for the kernel to stream through
+    (``size``, ``dtype``, ``x[a:b]``, ``view``, ``reshape(-1)``), whose slices a
+    subclass serves (``_slice``): ``RangeArray`` from ranged reads,
+    ``tf_bundle.CheckedStream`` from a mapping once its checksum has covered them."""
+
+    ndim = 1
+
+    def __init__(self, dtype, size: int):
+        import numpy as np
+
+        self.dtype = np.dtype(dtype)
+        self.size = size
+        self.shape = (size,)
+
+    def reshape(self, *shape):
+        if shape in ((-1,), (self.size,), ((-1,),)):
+            return self
+        raise ValueError(f"{type(self).__name__} is flat: cannot reshape to {shape}")
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, s):
+        if not isinstance(s, slice):
+            raise TypeError(f"{type(self).__name__} takes slices")
+        a, b, step = s.indices(self.size)
+        if step != 1:
+            raise ValueError(f"{type(self).__name__} takes contiguous slices")
+        return self._slice(a, b)
+
+    def _slice(self, a: int, b: int):
+        raise NotImplementedError
+
+
+class RangeArray(FlatStream):
     """A remote tensor's elements as a flat array-like the kernel streams
     through (``size``, ``dtype``, ``x[a:b]``, ``view``).  Slices are served from
     windows of about ``WINDOW`` bytes, each fetched with one ranged read; the
@@ -225,15 +260,10 @@ class RangeArray:
     a tensor is fetched at once) and each next one while the current one is
     summed.  Memory stays at two windows per input, whatever the tensor's size."""
 
-    ndim = 1
     WINDOW = 16 << 20
 
     def __init__(self, get, start: int, size: int, dtype, window: int | None = None, _state=None):
-        import numpy as np
-
-        self.dtype = np.dtype(dtype)
-        self.size = size
-        self.shape = (size,)
+        super().__init__(dtype, size)
         item = self.dtype.itemsize
         if _state is None:
             per = max(1, (window or self.WINDOW) // item)
@@ -249,22 +279,9 @@ class RangeArray:
             raise ValueError("RangeArray.view keeps the item size")
         return RangeArray(None, 0, self.size, dt, _state=self._w)
 
-    def reshape(self, *shape):
-        if shape in ((-1,), (self.size,), ((-1,),)):
-            return self
-        raise ValueError(f"RangeArray is flat: cannot reshape to {shape}")
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __getitem__(self, s):
+    def _slice(self, a: int, b: int):
         import numpy as np
 
-        if not isinstance(s, slice):
-            raise TypeError("RangeArray takes slices")
-        a, b, step = s.indices(self.size)
-        if step != 1:
-            raise ValueError("RangeArray takes contiguous slices")
         item = self.dtype.itemsize
         return np.frombuffer(self._w.bytes(a * item, b * item), dtype=self.dtype)
 

@@ -299,6 +299,15 @@ class _Map:
                     pass
         return cls._libc
 
+    def willneed(self, begin: int, end: int) -> None:
+        """Bytes ``[begin, end)`` will be read soon: ``MADV_WILLNEED`` over their
+        pages starts reading them from disk (large requests, in the background)
+        where they are not in the page cache; a no-op where they are."""
+        if hasattr(mmap, "MADV_WILLNEED"):
+            start = begin // mmap.PAGESIZE * mmap.PAGESIZE
+            if end > start:
+                self.advise(mmap.MADV_WILLNEED, start, end - start)
+
     def advise(self, advice: int, start: int, length: int) -> None:
         """madvise over [start, start + length) (page-aligned start); a hint."""
         if self.view is None:
@@ -389,15 +398,8 @@ class _File:
         return self.data_start + begin, self.data_start + end
 
     def prefetch(self, name: str, first: int = 0, last: int | None = None) -> None:
-        """Elements ``[first, last)`` will be read soon: ``MADV_WILLNEED`` starts
-        reading them from disk (large requests, in the background) where they are
-        not in the page cache; a no-op where they are."""
-        if not hasattr(mmap, "MADV_WILLNEED"):
-            return
-        begin, end = self._bytes(name, first, last)
-        start = begin // mmap.PAGESIZE * mmap.PAGESIZE
-        if end > start:
-            self.map.advise(mmap.MADV_WILLNEED, start, end - start)
+        """Elements ``[first, last)`` will be read soon (``_Map.willneed``)."""
+        self.map.willneed(*self._bytes(name, first, last))
 
     def release(self, name: str, first: int = 0, last: int | None = None) -> None:
         """Done with this tensor (or with its elements ``[first, last)``): drop

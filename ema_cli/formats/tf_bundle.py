@@ -45,6 +45,7 @@ import numpy as np
 
 from ema_cli import dtypes
 from ema_cli.errors import EmaError
+from ema_cli.storage import FlatStream
 
 CRC_HINT = "needs the crc32c package: pip install crc32c (a dependency of ema-avg)"
 SNAPPY_HINT = "pip install cramjam (a dependency of ema-avg)"
@@ -704,11 +705,9 @@ class Bundle:
 
     def _verify(self, key: bytes, e: Entry, view, release=None) -> None:
         crc = 0
-        ext = _crc_lib()
         for i in range(0, len(view), 8 * _CHUNK):
             part = view[i:i + 8 * _CHUNK]
-            for j in range(0, len(part), _CHUNK):
-                crc = ext(crc, part[j:j + _CHUNK])
+            crc = crc32c(part, crc)
             if release is not None:
                 release(i, i + len(part))
         if mask(crc) != e.crc32c:
@@ -801,16 +800,13 @@ class Bundle:
             self._map(e.shard_id).advise(mmap.MADV_DONTNEED, start, stop - start)
 
     def prefetch(self, name: str, first: int = 0, last: int | None = None) -> None:
-        """Elements ``[first, last)`` will be read soon: ``MADV_WILLNEED`` over them."""
+        """Elements ``[first, last)`` will be read soon (``safetensors_fmt._Map.willneed``)."""
         e = self.entries.get(name.encode("utf-8", "surrogateescape"))
-        if e is None or e.slices or DTYPE_NAMES.get(e.dtype) == "string" or not hasattr(mmap, "MADV_WILLNEED"):
+        if e is None or e.slices or DTYPE_NAMES.get(e.dtype) == "string":
             return
         item = dtypes.itemsize(DTYPE_NAMES[e.dtype])
-        begin = e.offset + first * item
-        end = e.offset + (e.size if last is None else min(last * item, e.size))
-        start = begin // mmap.PAGESIZE * mmap.PAGESIZE
-        if end > start:
-            self._map(e.shard_id).advise(mmap.MADV_WILLNEED, start, end - start)
+        end = e.size if last is None else min(last * item, e.size)
+        self._map(e.shard_id).willneed(e.offset + first * item, e.offset + end)
 
     def release(self, name: str, first: int = 0, last: int | None = None) -> None:
         """Done with the tensor (or its elements ``[first, last)``): its mapped
@@ -848,13 +844,10 @@ class _Check:
         if end <= self.done:
             return
         with self.lock:
-            ext, total = _crc_lib(), len(self.view)
+            total = len(self.view)
             while self.done < end:
                 stop = min(total, max(end, self.done + self.STEP))
-                crc = self.crc
-                for j in range(self.done, stop, _CHUNK):
-                    crc = ext(crc, self.view[j:min(j + _CHUNK, stop)])
-                self.crc, self.done = crc, stop
+                self.crc, self.done = crc32c(self.view[self.done:stop], self.crc), stop
             if self.done == total:
                 if mask(self.crc) != self.entry.crc32c:
                     raise self.bundle._corrupt(self.entry, self.key, "checksum mismatch (the data file does not "
@@ -862,36 +855,21 @@ class _Check:
                 self.bundle._verified.add(self.name)
 
 
-class CheckedStream:
-    """A tensor's mapped elements as a flat array-like (``size``, ``dtype``,
-    ``x[a:b]``, ``view``, like ``storage.RangeArray``) whose slices are handed
-    out only once the crc32c has covered them: the checksum pass runs a few MB
-    ahead of the kernel over the same pages, instead of a whole pass of its own
-    (which, for tensors larger than the CPU's caches, read the data twice)."""
-
-    ndim = 1
+class CheckedStream(FlatStream):
+    """A tensor's mapped elements as a flat array-like (``storage.FlatStream``)
+    whose slices are handed out only once the crc32c has covered them: the
+    checksum pass runs a few MB ahead of the kernel over the same pages, instead
+    of a whole pass of its own (which, for tensors larger than the CPU's caches,
+    read the data twice)."""
 
     def __init__(self, arr: np.ndarray, check: _Check):
+        super().__init__(arr.dtype, arr.size)
         self._a, self._c = arr, check
-        self.dtype, self.size, self.shape = arr.dtype, arr.size, (arr.size,)
 
     def view(self, dtype) -> "CheckedStream":
         return CheckedStream(self._a.view(dtype), self._c)
 
-    def reshape(self, *shape):
-        if shape in ((-1,), (self.size,), ((-1,),)):
-            return self
-        raise ValueError(f"CheckedStream is flat: cannot reshape to {shape}")
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __getitem__(self, s):
-        if not isinstance(s, slice):
-            raise TypeError("CheckedStream takes slices")
-        a, b, step = s.indices(self.size)
-        if step != 1:
-            raise ValueError("CheckedStream takes contiguous slices")
+    def _slice(self, a: int, b: int):
         self._c.upto(b * self.dtype.itemsize)
         return self._a[a:b]
 
@@ -902,6 +880,9 @@ class CheckedStream:
 
 class _Empty:
     view = memoryview(b"")
+
+    def willneed(self, *a):
+        pass
 
     def advise(self, *a):
         pass
