@@ -6,10 +6,15 @@ data), then, before every run of every case, evicts them from the page cache
 with ``posix_fadvise(POSIX_FADV_DONTNEED)`` (after an ``fsync``, so no dirty
 page stays) and times, as processes, on the same files in one run:
 
-  (a) ``ema-avg <files> -o out.safetensors --force --quiet`` (the mean)
-  (b) the disk floor: ``cat <files> > /dev/null``
+  (a) ``ema-avg <files> -o out.safetensors --force --quiet`` (the mean), the
+      output on the same disk as the inputs
+  (b) the read floor: ``cat <files> > /dev/null``
   (c) the torch peer: ``safe_open(framework="pt")``, a float32 accumulator
       per tensor (``acc.add_(t, alpha=w)``), ``save_file``
+  (d) the same as (a) with the output on ``/dev/shm`` (tmpfs): the inputs'
+      reads alone on the disk, what (b) is the floor of
+  (e) the job's disk floor: (b) while ``dd conv=fsync`` writes the output's
+      size to the same disk, what (a) is the floor of
 
 The output file is deleted (and everything synced) before each run, so no
 run pays for the previous one's writeback.  Each eviction is checked by the
@@ -18,8 +23,11 @@ size (about 1.0: they were all in the cache, and left it).
 
     python bench/bench_cold.py [--size-mb 256] [--n 8] [--reps 5] [--ema CMD] [--keep]
 
-Target (issue 15): ema-avg reads at >= 0.9x ``cat``'s throughput, i.e.
-(a) <= (b) / 0.9.  Figures go to bench/out/results-cold.json.
+Target (issue 15): ema-avg reads at >= 0.9x ``cat``'s throughput: (d) <= (b) / 0.9,
+and with its output on the same disk (a) <= (e) / 0.9.  This machine's disk is
+shared and its speed drifts from minute to minute, so every ratio is the
+median of the per-repetition ratios (the cases of one repetition run back to
+back), beside the ratio of the medians.  Figures go to bench/out/results-cold.json.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import json
 import os
 import shlex
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -80,16 +89,22 @@ def main() -> int:
     paths = make_checkpoints(data, args.n, args.size_mb, TENSORS)
     total = sum(os.path.getsize(p) for p in paths)
     work = Path(tempfile.mkdtemp(prefix="run-cold-", dir=out))
-    avg, peer = work / "avg.safetensors", work / "torch.safetensors"
+    avg, peer, dd = work / "avg.safetensors", work / "torch.safetensors", work / "dd.bin"
+    shm = Path(tempfile.mkdtemp(prefix="ema-avg-bench-", dir="/dev/shm")) if os.path.isdir("/dev/shm") else work
+    avg_shm = shm / "avg.safetensors"
+    out_mb = -(-total // args.n // (1 << 20))  # the output's size, MiB
     cases = {
         "(a) ema-avg mean": [*ema_cmd, *paths, "-o", str(avg), "--force", "--quiet"],
         "(b) cat > /dev/null": ["sh", "-c", 'cat "$@" > /dev/null', "cat", *paths],
         "(c) torch peer": [args.torch_python, "-c", TORCH_PEER, str(peer), *paths],
+        "(d) ema-avg, out tmpfs": [*ema_cmd, *paths, "-o", str(avg_shm), "--force", "--quiet"],
+        "(e) cat + dd out size": ["sh", "-c", f'cat "$@" > /dev/null & dd if=/dev/zero of={shlex.quote(str(dd))} '
+                                  f'bs=1M count={out_mb} conv=fsync status=none; wait', "cat", *paths],
     }
     evicted: list[float] = []  # per run: the drop of Cached, as a fraction of the inputs' size
 
     def cold():
-        for f in (avg, peer):
+        for f in (avg, peer, dd, avg_shm):
             f.unlink(missing_ok=True)
         os.sync()
         before = cached_kb()
@@ -102,7 +117,12 @@ def main() -> int:
     print(f"  evicted {min(evicted):.2f}-{max(evicted):.2f} of the inputs' size before the runs", file=sys.stderr)
     med = {k: v["median"] for k, v in res.items()}
     names = list(cases)
-    a, b, c = (med[k]["wall_s"] for k in names)
+    a, b, c, d, e = (med[k]["wall_s"] for k in names)
+
+    def ratio(x: str, y: str) -> float:
+        """Median over repetitions of (y's wall time / x's): x's throughput relative to y's."""
+        return statistics.median(ry["wall_s"] / rx["wall_s"] for rx, ry in zip(res[x]["runs"], res[y]["runs"]))
+    ka, kb, kc, kd, ke = names
     lines = [f"{args.n} checkpoints x {args.size_mb} MiB float32, evicted from the page cache before every run, "
              f"median of {args.reps}",
              "versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()),
@@ -113,13 +133,19 @@ def main() -> int:
     for k, m in med.items():
         lines.append(f"{k:<24}{m['wall_s']:>8.2f}{m['cpu_s']:>8.2f}{total / 1e6 / m['wall_s']:>8.0f}"
                      f"{m['wall_s'] / b:>7.2f}{m['peak_rss_anon_mb']:>12.1f}{m['background_cores']:>10.2f}")
-    lines.append(f"ema-avg throughput / cat's: {b / a:.2f} (target >= 0.9: {'ok' if b / a >= 0.9 else 'MISSED'}); "
-                 f"torch peer / ema-avg: {c / a:.2f}")
+    read, job = ratio(kd, kb), ratio(ka, ke)
+    lines.append(f"ema-avg's read throughput / cat's, output on tmpfs (b/d): {read:.2f} (medians {b / d:.2f}; "
+                 f"target >= 0.9: {'ok' if read >= 0.9 else 'MISSED'})")
+    lines.append(f"ema-avg / the job's disk floor, output on the inputs' disk (e/a): {job:.2f} (medians {e / a:.2f}; "
+                 f"target >= 0.9: {'ok' if job >= 0.9 else 'MISSED'}); against cat alone (b/a): {ratio(ka, kb):.2f}")
+    lines.append(f"torch peer / ema-avg (c/a): {ratio(ka, kc):.2f}")
     print("\n".join(lines))
     (out / "results-cold.json").write_text(json.dumps(
         {"params": vars(args), "versions": vers, "cpu": cpu, "load_before": load0, "load_after": load1,
          "when": time.strftime("%Y-%m-%dT%H:%M:%S"), "cases": res, "evicted": evicted, "table": lines}, indent=2))
     shutil.rmtree(work, ignore_errors=True)
+    if shm != work:
+        shutil.rmtree(shm, ignore_errors=True)
     if not args.keep:
         shutil.rmtree(data, ignore_errors=True)
     return 0

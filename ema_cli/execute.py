@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import os
 import shutil
+import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, CancelledError, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -40,11 +41,12 @@ CHUNK = kernel.CHUNK  # bytes of rounded output a thread stages before handing t
 STREAM_MIN = 1 << 20  # averaged tensors of at least this many bytes are streamed to writers that write ranges
 RELEASE_STEP = 16 << 20  # while streaming, consumed input pages are unmapped every this many bytes per input
 RELEASE_MIN = 1 << 19  # tensors smaller than this are not released (a reader drops whole pages of >= 512 KiB)
-# read-ahead (Reader.prefetch): run_shard asks for the first AHEAD bytes of every tensor of a
-# work unit (of every input it reads) when it queues the unit; while a tensor streams, the next
-# AHEAD bytes are asked for (in steps of half of it).  From the page cache a no-op; from a cold disk, large requests in the background
-# instead of one page fault after another across N interleaved inputs.
-AHEAD = 64 << 20
+# read-ahead (Reader.prefetch, see ReadAhead): one thread per shard asks for the input bytes
+# in the order the workers read them, in pieces of PIECE bytes of every input in turn, at
+# most AHEAD bytes ahead of what the workers have consumed.
+AHEAD = 128 << 20
+PIECE = 4 << 20
+PREFETCH_MIN = 256 << 10  # smaller tensors are left to the kernel's own read-around
 
 
 def _narrowing(plan: Plan, task: Task, pairs) -> kernel.Narrowing | None:
@@ -129,32 +131,24 @@ def _streams(plan: Plan, task: Task, writer) -> bool:
             and writer.writes_ranges)
 
 
-def stream_tensor(plan: Plan, task: Task, pool: ReaderPool, writer, hasher=None) -> None:
+def stream_tensor(plan: Plan, task: Task, pool: ReaderPool, writer, hasher=None, consumed=None) -> None:
     """Average one tensor into ``writer.write_range`` chunk by chunk: the same
     values as ``compute_tensor``, but only a CHUNK-sized staging buffer per
     thread is held, whatever the tensor's size.  ``hasher`` (hashlib) is fed the
-    output bytes in order (the same digest as ``digest`` of the whole tensor)."""
+    output bytes in order (the same digest as ``digest`` of the whole tensor).
+    ``consumed`` (``ReadAhead.consumed``) is told the input bytes read so far."""
     cks = plan.checkpoints
     pairs = [(cks[i], w) for i, w in zip(plan.selected, plan.weights) if w != 0.0]
     srcs = [pool.read_stream(ck.source, task.name) for ck, _ in pairs]
     stage = kernel.stage_buffer(dtypes.storage_numpy(task.out_dtype), min(task.info.numel, BLOCK))
     write_range, name, out_dtype = writer.write_range, task.out_name, task.out_dtype
+    name_in = task.name
     # inputs whose reader can drop consumed mapped pages before the tensor is done
     # (in steps: each call costs a TLB shootdown; the rest goes in _release)
     releases = [ck.source for ck, _ in pairs]
     item = max(1, dtypes.itemsize(task.info.dtype))
     step = max(1, RELEASE_STEP // item)
-    ahead = max(1, AHEAD // item)
     released = 0
-    fetched = min(ahead, task.info.numel)  # (asked for by run_shard when it queued the unit)
-
-    def fetch(upto: int) -> None:
-        nonlocal fetched
-        upto = min(upto, task.info.numel)
-        if upto > fetched:
-            for src in releases:
-                pool.prefetch(src, task.name, fetched, upto)
-            fetched = upto
 
     def emit(start: int, part: np.ndarray) -> None:
         nonlocal released
@@ -162,8 +156,8 @@ def stream_tensor(plan: Plan, task: Task, pool: ReaderPool, writer, hasher=None)
         if hasher is not None:
             hasher.update(part.view(np.uint8))
         end = start + part.size
-        if fetched - end < ahead // 2:
-            fetch(end + ahead)
+        if consumed is not None:
+            consumed(name_in, part.size * item * len(releases))
         if end - released >= step and end < task.info.numel:
             for src in releases:
                 pool.release(src, task.name, released, end)
@@ -183,6 +177,87 @@ def _release(plan: Plan, task: Task, pool: ReaderPool) -> None:
     used = plan.selected if task.action == "average" else [plan.newest]
     for i in used:
         pool.release(cks[i].source, task.name)
+
+
+class ReadAhead:
+    """Read-ahead for one shard: a thread that asks the readers (``Reader.prefetch``)
+    for the shard's input bytes in the order the workers read them (unit by unit;
+    a tensor piece by piece, every input's piece in turn, as the kernel's blocks
+    go), never more than ``AHEAD`` bytes ahead of what they have consumed.
+
+    From a cold disk the requests then stay in flight while the workers compute
+    (on the page cache they are no-ops), are issued by a thread that does nothing
+    else (an ``madvise`` may wait for room in the device queue: that wait is not a
+    worker's), and come in the order the workers consume, so the disk sees a few
+    sequential streams instead of one page fault after another across N inputs.
+    Inputs whose reader does not read ahead are asked once."""
+
+    def __init__(self, plan: Plan, units: list[list[str]], pool: ReaderPool, sources: list[Source]):
+        self.plan, self.units, self.pool, self.sources = plan, units, pool, sources
+        self.left: dict[str, int] = {}  # per tensor read ahead: its input bytes not consumed yet
+        for u in units:
+            for name in u:
+                task = plan.task(name)
+                if task.info.nbytes >= PREFETCH_MIN:
+                    self.left[task.name] = task.info.nbytes * len(self._inputs(task))
+        self.done = 0  # bytes the workers have consumed
+        self.stop = False
+        self.cv = threading.Condition()
+        self.thread = threading.Thread(target=self._run, name="ema-avg-read-ahead", daemon=True)
+        if self.left:
+            self.thread.start()
+
+    def _inputs(self, task: Task) -> list[Source]:
+        return self.sources if task.action == "average" else [self.plan.checkpoints[self.plan.newest].source]
+
+    def _pieces(self):
+        """(source, name, first, last, bytes) in the order the workers read them."""
+        for u in self.units:
+            for name in u:
+                task = self.plan.task(name)
+                if task.name not in self.left:
+                    continue
+                srcs, numel = self._inputs(task), task.info.numel
+                item = max(1, dtypes.itemsize(task.info.dtype))
+                step = max(1, PIECE // item)
+                for a in range(0, numel, step):
+                    b = min(a + step, numel)
+                    for src in srcs:
+                        yield src, task.name, a, b, (b - a) * item
+
+    def consumed(self, name: str, nbytes: int | None = None) -> None:
+        """The workers have read ``nbytes`` more of tensor ``name`` (None: all the rest)."""
+        with self.cv:
+            left = self.left.get(name, 0)
+            n = left if nbytes is None else min(left, nbytes)
+            if n:
+                self.left[name] = left - n
+                self.done += n
+                self.cv.notify()
+
+    def close(self) -> None:
+        with self.cv:
+            self.stop = True
+            self.cv.notify()
+        if self.thread.is_alive():
+            self.thread.join()
+
+    def _run(self) -> None:
+        asked, skip = 0, set()
+        try:
+            for src, name, a, b, nbytes in self._pieces():
+                with self.cv:
+                    while not self.stop and asked - self.done > AHEAD:
+                        self.cv.wait()
+                    if self.stop:
+                        return
+                asked += nbytes
+                if src.path not in skip and not self.pool.prefetch(src, name, a, b):
+                    skip.add(src.path)
+                    if len(skip) == len(self.sources):
+                        return  # (none of these readers reads ahead)
+        except Exception:  # a hint only: a reader that fails fails for its worker too, with its error line
+            return
 
 
 UNIT_BYTES = 4 << 20  # small tensors are computed in batches of up to this many input bytes ...
@@ -293,11 +368,17 @@ def run_shard(plan: Plan | list[Target], shard: list[str], pool: ReaderPool, wri
     # lease them all for a batch only if that leaves the pool room (ulimit -n, thousands of inputs)
     lease_all = len(sources) * max(1, threads) <= max(1, pool.max_open // 2)
 
+    units = _units(first, shard)
+    ahead = ReadAhead(first, units, pool, sources)
+    consumed = ahead.consumed if ahead.left else None
+
     def one(name: str, read) -> None:
         with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf are reported as errors, not warnings
             for t in targets:
                 _one(t, name, read)
         task = first.task(name)
+        if consumed is not None:
+            consumed(task.name)
         for t in targets:
             _release(t.plan, task, pool)
         if on_tensor is not None:
@@ -308,7 +389,7 @@ def run_shard(plan: Plan | list[Target], shard: list[str], pool: ReaderPool, wri
         task = plan.task(name)
         if _streams(plan, task, writer):
             hasher = hashlib.blake2b(digest_size=16) if sums is not None else None
-            stream_tensor(plan, task, pool, writer, hasher)
+            stream_tensor(plan, task, pool, writer, hasher, consumed)
             if hasher is not None:
                 sums[name] = hasher.hexdigest()
         else:
@@ -337,47 +418,36 @@ def run_shard(plan: Plan | list[Target], shard: list[str], pool: ReaderPool, wri
                     with np.errstate(invalid="ignore", over="ignore"):
                         for t in targets:
                             _batch(t, group, read, read_flat)
-                    if on_tensor is not None:
-                        for name in group:
+                    for name in group:
+                        if consumed is not None:
+                            consumed(first.task(name).name)
+                        if on_tensor is not None:
                             on_tensor(first.task(name))
                 else:
                     for name in group:
                         one(name, read)
 
-    def prefetch(names: list[str]) -> None:
-        """Ask the readers for the first ``AHEAD`` bytes of a unit's tensors (a unit
-        is one tensor, or small ones of at most UNIT_BYTES in all)."""
-        for name in names:
-            task = first.task(name)
-            take = min(task.info.numel, AHEAD // max(1, dtypes.itemsize(task.info.dtype)))
-            if take:
-                for src in (sources if task.action == "average" else [cks[first.newest].source]):
-                    pool.prefetch(src, task.name, 0, take)
-
-    units = _units(first, shard)
-    if threads <= 1:
-        for k, u in enumerate(units):
-            if k == 0:
-                prefetch(u)
-            if k + 1 < len(units):
-                prefetch(units[k + 1])  # (while this one computes)
-            unit(u)
-        return
-    # bounded look-ahead: at most 2 units per thread in flight (each asked for as it is queued)
-    with ThreadPoolExecutor(max_workers=threads) as ex:
-        pending = set()
-        for u in units:
-            prefetch(u)
-            pending.add(ex.submit(unit, u))
-            if len(pending) >= 2 * threads:
-                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
-                for f in done:
-                    f.result()
-        done, _ = wait(pending, return_when=FIRST_EXCEPTION)
-        for f in done:
-            f.result()
-        for f in pending:
-            f.result()
+    try:
+        if threads <= 1:
+            for u in units:
+                unit(u)
+            return
+        # bounded look-ahead: at most 2 units per thread in flight
+        with ThreadPoolExecutor(max_workers=threads) as ex:
+            pending = set()
+            for u in units:
+                pending.add(ex.submit(unit, u))
+                if len(pending) >= 2 * threads:
+                    done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                    for f in done:
+                        f.result()
+            done, _ = wait(pending, return_when=FIRST_EXCEPTION)
+            for f in done:
+                f.result()
+            for f in pending:
+                f.result()
+    finally:
+        ahead.close()
 
 
 def digest(arr) -> str:

@@ -179,9 +179,10 @@ class ReaderPool:
                 del self._open[path]
                 entry.reader.close()
 
-    def prefetch(self, source: Source, name: str, first: int = 0, last: int | None = None) -> None:
-        """Let the reader start reading a tensor's elements ahead (``Reader.prefetch``)."""
-        self.call(source, "prefetch", name, first, last)
+    def prefetch(self, source: Source, name: str, first: int = 0, last: int | None = None) -> bool:
+        """Let the reader start reading a tensor's elements ahead (``Reader.prefetch``;
+        False: this reader does not read ahead)."""
+        return bool(self.call(source, "prefetch", name, first, last))
 
     def release(self, source: Source, name: str, first: int = 0, last: int | None = None) -> None:
         """Let an open reader drop a tensor's mapped pages (see SafetensorsReader.release);
@@ -266,8 +267,8 @@ class PooledReader:
     def read_stream(self, name: str):
         return self._call("read_stream", name)
 
-    def prefetch(self, name: str, first: int = 0, last: int | None = None) -> None:
-        self._call("prefetch", name, first, last)
+    def prefetch(self, name: str, first: int = 0, last: int | None = None) -> bool:
+        return self._call("prefetch", name, first, last)
 
     def release(self, name: str, first: int = 0, last: int | None = None) -> None:
         self._pool.release(self.source, name, first, last)

@@ -162,12 +162,14 @@ class Reader(ABC):
         blocks with ranged reads, so no tensor is ever held whole."""
         return np.asarray(self.read(name)).reshape(-1)
 
-    def prefetch(self, name: str, first: int = 0, last: int | None = None) -> None:
+    def prefetch(self, name: str, first: int = 0, last: int | None = None) -> bool:
         """Capability ``read-ahead``: elements ``[first, last)`` of this tensor
         (all of it by default) will be read soon; a reader of memory-mapped
         data may start reading them from disk now (``MADV_WILLNEED``), so the
-        kernel does not wait on one page fault after another.  A hint: by
-        default nothing."""
+        kernel does not wait on one page fault after another.  A hint.  Returns
+        whether this reader reads ahead at all (the engine then stops asking
+        one that does not); by default it does not (False)."""
+        return False
 
     def release(self, name: str, first: int = 0, last: int | None = None) -> None:
         """Capability ``page release``: the engine is done with elements

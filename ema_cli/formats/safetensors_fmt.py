@@ -254,10 +254,12 @@ class _Map:
     object's reference), so a view outliving ``close`` stays valid."""
 
     _libc = None  # ctypes libc with mmap/munmap/madvise, False when unavailable
+    _steps: dict[int, int] = {}  # per device (st_dev), the bytes one MADV_WILLNEED reads
 
     def __init__(self, fd: int, size: int):
         self.addr = None
         self._mm = None
+        self.step = _Map.willneed_step(fd)
         libc = self._load()
         if libc:
             import ctypes
@@ -299,14 +301,43 @@ class _Map:
                     pass
         return cls._libc
 
-    def willneed(self, begin: int, end: int) -> None:
+    @classmethod
+    def willneed_step(cls, fd: int) -> int:
+        """How many bytes one ``MADV_WILLNEED`` reads on this file's device: Linux
+        reads at most max(read_ahead_kb, max_sectors_kb) of the block device per
+        call and drops the rest of a larger request, so ``willneed`` asks in
+        steps of that (read from sysfs once per device; 128 KiB, the kernel's
+        default read-ahead, where it cannot be read: overlay, network, non-Linux)."""
+        try:
+            dev = os.fstat(fd).st_dev
+        except OSError:
+            return 128 << 10
+        step = cls._steps.get(dev)
+        if step is None:
+            step = 128 << 10
+            base = f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}"
+            for queue in (base + "/queue", base + "/../queue"):  # a disk, or a partition's disk
+                try:
+                    with open(queue + "/read_ahead_kb") as a, open(queue + "/max_sectors_kb") as b:
+                        step = max(int(a.read()), int(b.read()), 4) << 10
+                    break
+                except (OSError, ValueError):
+                    continue
+            cls._steps[dev] = step
+        return step
+
+    def willneed(self, begin: int, end: int) -> bool:
         """Bytes ``[begin, end)`` will be read soon: ``MADV_WILLNEED`` over their
-        pages starts reading them from disk (large requests, in the background)
-        where they are not in the page cache; a no-op where they are."""
-        if hasattr(mmap, "MADV_WILLNEED"):
-            start = begin // mmap.PAGESIZE * mmap.PAGESIZE
-            if end > start:
-                self.advise(mmap.MADV_WILLNEED, start, end - start)
+        pages starts reading them from disk (in the background) where they are
+        not in the page cache; a no-op where they are.  In steps of what one
+        call reads on this device (``willneed_step``).  False where this
+        platform has no MADV_WILLNEED."""
+        if not hasattr(mmap, "MADV_WILLNEED"):
+            return False
+        start = begin // mmap.PAGESIZE * mmap.PAGESIZE
+        for a in range(start, end, self.step):
+            self.advise(mmap.MADV_WILLNEED, a, min(self.step, end - a))
+        return True
 
     def advise(self, advice: int, start: int, length: int) -> None:
         """madvise over [start, start + length) (page-aligned start); a hint."""
@@ -397,9 +428,9 @@ class _File:
             begin, end = begin + first * item, begin + min(last, info.numel) * item
         return self.data_start + begin, self.data_start + end
 
-    def prefetch(self, name: str, first: int = 0, last: int | None = None) -> None:
+    def prefetch(self, name: str, first: int = 0, last: int | None = None) -> bool:
         """Elements ``[first, last)`` will be read soon (``_Map.willneed``)."""
-        self.map.willneed(*self._bytes(name, first, last))
+        return self.map.willneed(*self._bytes(name, first, last))
 
     def release(self, name: str, first: int = 0, last: int | None = None) -> None:
         """Done with this tensor (or with its elements ``[first, last)``): drop
@@ -485,8 +516,8 @@ class _RemoteFile:
         return storage.RangeArray(self._get, self.data_start + info.offset, info.numel,
                                   dtypes.storage_numpy(info.dtype))
 
-    def prefetch(self, name: str, first: int = 0, last: int | None = None) -> None:
-        pass  # RangeArray reads ahead itself
+    def prefetch(self, name: str, first: int = 0, last: int | None = None) -> bool:
+        return False  # RangeArray reads ahead itself
 
     def release(self, name: str, first: int = 0, last: int | None = None) -> None:
         pass  # nothing is mapped
@@ -766,9 +797,9 @@ class SafetensorsReader(Reader):
     def read_stream(self, name: str):
         return self._file(name).read_stream(name)
 
-    def prefetch(self, name: str, first: int = 0, last: int | None = None) -> None:
+    def prefetch(self, name: str, first: int = 0, last: int | None = None) -> bool:
         """The engine reads this tensor or part of it soon (see ``_File.prefetch``)."""
-        self._file(name).prefetch(name, first, last)
+        return self._file(name).prefetch(name, first, last)
 
     def release(self, name: str, first: int = 0, last: int | None = None) -> None:
         """The engine is done with this tensor or part of it (see ``_File.release``)."""

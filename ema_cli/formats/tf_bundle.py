@@ -799,14 +799,15 @@ class Bundle:
         if stop - start >= 1 << 19:
             self._map(e.shard_id).advise(mmap.MADV_DONTNEED, start, stop - start)
 
-    def prefetch(self, name: str, first: int = 0, last: int | None = None) -> None:
-        """Elements ``[first, last)`` will be read soon (``safetensors_fmt._Map.willneed``)."""
+    def prefetch(self, name: str, first: int = 0, last: int | None = None) -> bool:
+        """Elements ``[first, last)`` will be read soon (``safetensors_fmt._Map.willneed``;
+        True: this reader reads ahead)."""
         e = self.entries.get(name.encode("utf-8", "surrogateescape"))
         if e is None or e.slices or DTYPE_NAMES.get(e.dtype) == "string":
-            return
+            return True  # (not this tensor)
         item = dtypes.itemsize(DTYPE_NAMES[e.dtype])
         end = e.size if last is None else min(last * item, e.size)
-        self._map(e.shard_id).willneed(e.offset + first * item, e.offset + end)
+        return self._map(e.shard_id).willneed(e.offset + first * item, e.offset + end)
 
     def release(self, name: str, first: int = 0, last: int | None = None) -> None:
         """Done with the tensor (or its elements ``[first, last)``): its mapped
@@ -882,7 +883,7 @@ class _Empty:
     view = memoryview(b"")
 
     def willneed(self, *a):
-        pass
+        return True
 
     def advise(self, *a):
         pass

@@ -462,10 +462,9 @@ class TFReader(Reader):
             raise EmaError("internal: read after close", path=self.path, tensor=name)
         return self._r.read_stream(name)
 
-    def prefetch(self, name: str, first: int = 0, last: int | None = None) -> None:
+    def prefetch(self, name: str, first: int = 0, last: int | None = None) -> bool:
         """The tensor's elements ``[first, last)`` will be read soon (``tf_bundle.Bundle.prefetch``)."""
-        if self._r is not None:
-            self._r.prefetch(name, first, last)
+        return self._r is not None and self._r.prefetch(name, first, last)
 
     def release(self, name: str, first: int = 0, last: int | None = None) -> None:
         """Done with the tensor or its elements ``[first, last)``: its mapped pages
