@@ -62,6 +62,54 @@ def _quiet_exit(message: str | None, code: int) -> None:
     os._exit(code)
 
 
+HEAD = 32 << 20  # bytes of each input file read while Python imports the CLI ...
+HEADS = 256 << 20  # ... at most this many in all
+
+
+def read_heads(args: list[str]) -> None:
+    """Start reading the first bytes of every input file named on the command
+    line, in a thread, while the CLI is imported (a quarter of a second of
+    Python, numpy and typer): from a cold disk the header and the first
+    tensors then arrive during start-up instead of after it (up to 256 MiB in
+    that time).  ``posix_fadvise(WILLNEED)``, a hint, in 1 MiB calls (Linux
+    reads at most max(read_ahead_kb, max_sectors_kb) per call); on the page
+    cache a no-op.  Local regular files only; nothing is ever read that an
+    average would not read, unless it is excluded."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    files = []
+    for a in args:
+        if a.startswith("-") or "://" in a:
+            continue
+        try:
+            st = os.stat(a)
+        except (OSError, ValueError):
+            continue
+        if (st.st_mode & 0o170000) == 0o100000 and st.st_size > 0:  # a regular file
+            files.append((a, st.st_size))
+    if not files:
+        return
+    head = min(HEAD, HEADS // len(files))
+
+    def run() -> None:
+        for path, size in files:
+            try:
+                fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except OSError:
+                continue
+            try:
+                for off in range(0, min(head, size), 1 << 20):
+                    os.posix_fadvise(fd, off, 1 << 20, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+
+    import threading
+
+    threading.Thread(target=run, name="ema-avg-read-heads", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if len(args) == 1 and args[0] in ("--version", "-V"):  # answered before importing anything
@@ -71,6 +119,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     try:
         install_signal_handlers()
+        read_heads(args)
         from ema_cli.cli import main as cli_main
 
         cli_main(argv)

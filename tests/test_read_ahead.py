@@ -194,3 +194,22 @@ def test_read_ahead_stops_asking_readers_that_do_not_read_ahead(tmp_path, monkey
         assert pool.asked == [(Path(p).name, "a", 0, 1 << 18) for p in paths]
     finally:
         ahead.close()
+
+
+def test_start_up_reads_the_heads_of_the_input_files(tmp_path):
+    """While the CLI imports, a thread asks for the first HEAD bytes of every
+    input file on the command line (``_entry.read_heads``): after ``ema-avg
+    plan`` on an evicted 80 MiB checkpoint, which itself reads only the
+    header, its first 32 MiB are in the page cache."""
+    from conftest import run_cli
+
+    from ema_cli import _entry
+
+    path = cold_file(tmp_path)
+    res = run_cli("plan", path, "--json")
+    assert res.code == 0, res
+    want = _entry.HEAD / path.stat().st_size  # 0.4
+    deadline = time.monotonic() + 20
+    while resident(path) < want - 0.01 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert want - 0.01 <= resident(path) < 0.6, resident(path)
