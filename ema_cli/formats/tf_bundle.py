@@ -905,10 +905,9 @@ def _open_map(path: str, size: int):
         actual = os.fstat(fd).st_size
         if actual < size:
             raise EmaError(f"truncated or corrupt data: the file shrank to {actual} bytes", path=path)
-        m = _Map(fd, actual)
-        if hasattr(mmap, "MADV_SEQUENTIAL"):
-            m.advise(mmap.MADV_SEQUENTIAL, 0, actual)
-        return m
+        # (no MADV_SEQUENTIAL, as for safetensors: workers read different tensors of one
+        # file at once, and it shrank the kernel's read-ahead there; see safetensors_fmt)
+        return _Map(fd, actual)
     except OSError as e:
         raise EmaError(f"cannot read: {e.strerror}", path=path) from None
     finally:
