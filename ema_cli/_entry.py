@@ -73,13 +73,13 @@ def read_heads(args: list[str]) -> None:
     tensors then arrive during start-up instead of after it (up to 256 MiB in
     that time).  ``posix_fadvise(WILLNEED)``, a hint, in 1 MiB calls (Linux
     reads at most max(read_ahead_kb, max_sectors_kb) per call); on the page
-    cache a no-op.  Local regular files only; nothing is ever read that an
-    average would not read, unless it is excluded."""
+    cache a no-op.  Local regular files only, not the ``-o`` output (an
+    existing one is replaced, not read)."""
     if not hasattr(os, "posix_fadvise"):
         return
     files = []
-    for a in args:
-        if a.startswith("-") or "://" in a:
+    for k, a in enumerate(args):
+        if a.startswith("-") or "://" in a or (k and args[k - 1] in ("-o", "--output")):
             continue
         try:
             st = os.stat(a)
