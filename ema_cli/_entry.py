@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import sys
 
 EXIT_INTERRUPTED = 130
@@ -85,7 +86,7 @@ def read_heads(args: list[str]) -> None:
             st = os.stat(a)
         except (OSError, ValueError):
             continue
-        if (st.st_mode & 0o170000) == 0o100000 and st.st_size > 0:  # a regular file
+        if stat.S_ISREG(st.st_mode) and st.st_size > 0:
             files.append((a, st.st_size))
     if not files:
         return

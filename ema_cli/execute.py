@@ -142,7 +142,6 @@ def stream_tensor(plan: Plan, task: Task, pool: ReaderPool, writer, hasher=None,
     srcs = [pool.read_stream(ck.source, task.name) for ck, _ in pairs]
     stage = kernel.stage_buffer(dtypes.storage_numpy(task.out_dtype), min(task.info.numel, BLOCK))
     write_range, name, out_dtype = writer.write_range, task.out_name, task.out_dtype
-    name_in = task.name
     # inputs whose reader can drop consumed mapped pages before the tensor is done
     # (in steps: each call costs a TLB shootdown; the rest goes in _release)
     releases = [ck.source for ck, _ in pairs]
@@ -157,7 +156,7 @@ def stream_tensor(plan: Plan, task: Task, pool: ReaderPool, writer, hasher=None,
             hasher.update(part.view(np.uint8))
         end = start + part.size
         if consumed is not None:
-            consumed(name_in, part.size * item * len(releases))
+            consumed(task.name, part.size * item * len(releases))
         if end - released >= step and end < task.info.numel:
             for src in releases:
                 pool.release(src, task.name, released, end)
