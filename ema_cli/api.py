@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
-import tempfile
 import threading
 import time
 import warnings as _warnings
@@ -399,6 +398,8 @@ def _resolved_inputs(inputs):
         raise UsageError("inputs are either paths or in-memory checkpoints, not a mix")
     if not isinstance(inputs, Iterable):
         raise UsageError(f"inputs must be paths, state dicts or (step, state dict) pairs (got {type(inputs).__name__})")
+    import tempfile
+
     with tempfile.TemporaryDirectory(prefix="ema-avg-mem-") as d:
         paths = _spool(inputs, d)
         labels = {os.path.abspath(p): f"<memory:step {os.path.basename(p)[5:-12]}>" for p in paths}

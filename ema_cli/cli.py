@@ -318,8 +318,10 @@ _register_optional_commands()
 
 
 def _command_names() -> set[str]:
-    cmd = typer.main.get_command(app)
-    return set(getattr(cmd, "commands", {}))
+    """The subcommands' names, by typer's naming rule, without building their
+    click commands (``app(...)`` builds them, once: 20 ms of start-up each time)."""
+    names = {info.name or typer.main.get_command_name(info.callback.__name__) for info in app.registered_commands}
+    return names | {g.name for g in app.registered_groups if g.name}
 
 
 Terminated = _entry.Terminated  # SIGTERM's exception (defined with the handlers, in ema_cli._entry)

@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 from dataclasses import dataclass, field
 
 from ema_cli import formats, storage
 from ema_cli.errors import EmaError, UsageError
 from ema_cli.execute import OutputSpec, ShardResult
 from ema_cli.notices import warn
-from ema_cli.output import MARKER, Staged, check_target
+from ema_cli.output import MARKER, Staged, check_target, token
 from ema_cli.planning import Plan
 from ema_cli.readers import ReaderPool
 
@@ -217,8 +216,8 @@ class RemoteStaging:
         self._old: set[str] = set()
         self._remove_stale()
         self._check_target()
-        self.prefix = f"{parent}/.{base}{STAGING_TAG}{secrets.token_hex(4)}" if parent else \
-            f".{base}{STAGING_TAG}{secrets.token_hex(4)}"
+        self.prefix = f"{parent}/.{base}{STAGING_TAG}{token()}" if parent else \
+            f".{base}{STAGING_TAG}{token()}"
         self.prefix_url = storage.url(self.fs, self.prefix)
         self.path = self.prefix_url
 

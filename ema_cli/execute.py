@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import os
 import shutil
 import threading
@@ -387,7 +386,7 @@ def run_shard(plan: Plan | list[Target], shard: list[str], pool: ReaderPool, wri
         plan, writer, sums = target.plan, target.writer, target.checksums
         task = plan.task(name)
         if _streams(plan, task, writer):
-            hasher = hashlib.blake2b(digest_size=16) if sums is not None else None
+            hasher = _blake2b() if sums is not None else None
             stream_tensor(plan, task, pool, writer, hasher, consumed)
             if hasher is not None:
                 sums[name] = hasher.hexdigest()
@@ -449,10 +448,17 @@ def run_shard(plan: Plan | list[Target], shard: list[str], pool: ReaderPool, wri
         ahead.close()
 
 
+def _blake2b():
+    """A 16-byte BLAKE2b hasher (hashlib imported here: only --verify needs it, 4 ms of start-up)."""
+    import hashlib
+
+    return hashlib.blake2b(digest_size=16)
+
+
 def digest(arr) -> str:
     """A checksum of a tensor's values (bytes for strings) for ``--verify``."""
     a = np.asarray(arr)
-    h = hashlib.blake2b(digest_size=16)
+    h = _blake2b()
     if a.dtype.kind == "O":
         for v in a.reshape(-1):
             b = v if isinstance(v, bytes) else str(v).encode()
@@ -545,6 +551,8 @@ def _worker_name() -> str:
             return sys.modules["distributed"].get_worker().address
         except (AttributeError, ValueError):
             pass
+    if hasattr(os, "uname"):  # the host name, without importing socket (4 ms of start-up)
+        return f"{os.uname().nodename}:{os.getpid()}"
     import socket
 
     return f"{socket.gethostname()}:{os.getpid()}"
@@ -630,7 +638,7 @@ def run_task(task: ShardTask, pool: ReaderPool | None = None,
         for plan, s in zip(task.plans, sums):
             if s is None:
                 continue
-            h = hashlib.blake2b(digest_size=16)
+            h = _blake2b()
             for n in names:
                 h.update(s[n].encode())
             digests.append(h.hexdigest())
@@ -742,10 +750,10 @@ class DaskExecutor:
         return max(1, len(self.client.scheduler_info().get("workers", {})))
 
     def run(self, tasks: list[ShardTask], *, on_tensor=None, on_result=None) -> list[ShardResult]:
-        import secrets
+        from ema_cli.output import token as new_token
 
         d = self._d
-        token = secrets.token_hex(4)
+        token = new_token()
         # the plans go to the cluster once, to every worker (a worker that dies leaves the others'
         # copies), not pickled into each task: a plan holds a Task per tensor
         [plans] = self.client.scatter([tasks[0].plans], broadcast=True, hash=False)

@@ -220,3 +220,30 @@ def test_plain_option_coercion_matches_typers_pydantic_coercion(annotation):
             assert b[1] != b[1], (annotation, v)
             continue
         assert a == b, (annotation, v, a, b)
+
+
+def test_command_names_match_the_commands_typer_builds():
+    """The CLI names the subcommands without building them (start-up time): the
+    names must be exactly the ones typer gives the click commands."""
+    import typer
+
+    from ema_cli import cli
+
+    built = set(typer.main.get_command(cli.app).commands)
+    assert cli._command_names() == built
+    assert {"average", "plan", "inspect", "posthoc", "restore-map", "rename"} <= built
+
+
+def test_a_safetensors_run_imports_no_other_format(run, tmp_path):
+    """The registry imports a format's module only when it is asked: averaging
+    safetensors into safetensors leaves the TF, Keras, HDF5 and torch modules out."""
+    import subprocess
+    import sys
+
+    d, files = run
+    code = ("import sys; from ema_cli import cli\n"
+            "try:\n    cli.main(sys.argv[1:])\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
+            "print(sorted(m for m in sys.modules if m.startswith('ema_cli.formats.')))")
+    out = subprocess.run([sys.executable, "-c", code, *map(str, files), "-o", str(tmp_path / "avg.safetensors"),
+                          "--quiet"], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['ema_cli.formats.base', 'ema_cli.formats.safetensors_fmt']", out

@@ -46,8 +46,12 @@ def get(name: str) -> Format:
     return module(name).FORMAT
 
 
-def _available() -> list[Format]:
-    return [get(name) for name in _MODULES]
+def _available(names=None):
+    """The formats, in claiming order, each module imported only when reached:
+    a loop that stops at the first format claiming a path (a safetensors run)
+    imports no other format module (start-up time)."""
+    for name in _MODULES if names is None else [n for n in _MODULES if n in names]:
+        yield get(name)
 
 
 class Inputs(list):
@@ -213,8 +217,8 @@ def output_format(path: str, explicit: str | None, input_formats=()) -> str | No
         return explicit
     if is_directory_output(path):
         return None
-    for f in _available():
-        if f.is_output_given_inputs(path, input_formats):  # formats that share a suffix
+    for f in _available(set(input_formats)):  # a shared suffix goes to the inputs' format when it asks
+        if f.is_output_given_inputs(path, input_formats):
             return f.name
     for f in _available():
         if f.is_output(path):

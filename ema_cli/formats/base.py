@@ -297,7 +297,8 @@ class Format:
 
     def is_output_given_inputs(self, path: str, input_formats) -> bool:
         """For a suffix two formats share (``.ckpt``): whether this format takes
-        the output when the inputs are ``input_formats``.  Default: never."""
+        the output when the inputs are ``input_formats`` (asked only of a format
+        among the inputs' formats, before any format's ``is_output``).  Default: never."""
         return False
 
     def can_store(self, dtype: str) -> bool:
