@@ -15,25 +15,36 @@ rounds to bf16 with integer operations on the float32 bits.  Arrays of
 ml_dtypes' bfloat16 and raw uint16 bits (``in_dtype="bfloat16"``) are both
 accepted: the kernel only ever looks at their uint16 view.
 
-Why plain numpy and not a JIT (numba) or numexpr: the block loop below does
-two passes per input and block for the mean (the widening shift, then a
-float64 add that converts the float32 view in numpy's small casting buffers)
-and one more for weighted sums; the blocks (64K elements) stay in L2, and
-every buffer is preallocated and written with ``out=``.  numba, tried on this
-loop (numba 0.68, numpy 2.4, 6 x 4096x11008 bf16, mean, one thread): its
-import takes 0.4 s and loading the cached compiled kernel 0.9 s more in every
-process (2.7 s to compile it the first time), and the fused loop ran at 0.49 s
-against the numpy kernel's 0.72 s: a net loss below several GB of input, and
-not installed with the base package.  numexpr cannot reinterpret bits (the
-bf16 widening) and would need the same float64 copies.  The rounding to bf16
-is branch-free integer work on the float32 bits (``_f64_to_bf16``).  Threads
-(``--threads``, default: the cores) run tensors in parallel: numpy releases
-the GIL in every pass.  All scratch memory is per thread and reused from
-block to block and tensor to tensor: nothing is allocated per block.
+The bfloat16 path runs in ``ema_cli._ckernel`` (C, built with the package;
+see ``_C`` below) where it is built: widening and the multiply-add fused into
+one pass per input and block, the rounding into one pass per block, the same
+operations in the same order, so the bits equal the numpy path's (the tests
+run both).  Measured on one 4096x11008 tensor, 6 bf16 inputs, mean, one
+thread (2-core Xeon VM): numpy path 0.61-0.70 s, C path 0.14 s.  Why C, and
+not a JIT (numba) or numexpr: numba, tried on this loop (numba 0.68, numpy
+2.4, 6 x 4096x11008 bf16, mean, one thread): its import takes 0.4 s and
+loading the cached compiled kernel 0.9 s more in every process (2.7 s to
+compile it the first time), and its fused loop ran at 0.49 s; not installed
+with the base package either.  numexpr cannot reinterpret bits (the bf16
+widening and rounding) and would need the same float64 copies.  Cython would
+be a build dependency for two loops that touch no Python object.  The C
+module needs only setuptools and a C compiler at install time; without them
+(or with EMA_AVG_PURE_NUMPY=1) the numpy path below runs.
+
+The numpy path: the block loop does two passes per input and block for the
+mean (the widening shift, then a float64 add that converts the float32 view
+in numpy's small casting buffers) and one more for weighted sums; the blocks
+(64K elements) stay in L2, and every buffer is preallocated and written with
+``out=``.  The rounding to bf16 is branch-free integer work on the float32
+bits (``_f64_to_bf16``).  Threads (``--threads``, default: the cores) run
+tensors in parallel: numpy and the C module release the GIL in every pass.
+All scratch memory is per thread and reused from block to block and tensor
+to tensor: nothing is allocated per block.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 
 import numpy as np
@@ -45,6 +56,22 @@ BLOCK = 1 << 16  # elements per float64 accumulation block (512 KiB; two of them
 CHUNK = 1 << 20  # bytes of rounded output a thread stages before handing them to a streaming writer
 SMALL = 4096  # tensors of at most this many elements are summed in one go
 
+
+
+
+def _load_c():
+    """The fused bf16 kernel (ema_cli/_ckernel.c), or None: not built (no C
+    compiler when the package was installed) or EMA_AVG_PURE_NUMPY=1."""
+    if os.environ.get("EMA_AVG_PURE_NUMPY"):
+        return None
+    try:
+        from ema_cli import _ckernel
+    except ImportError:
+        return None
+    return _ckernel
+
+
+_C = _load_c()  # tests set it to None to run the numpy path
 _scratch = threading.local()  # per-thread buffers, reused from block to block and tensor to tensor
 
 
@@ -166,7 +193,11 @@ def _f64_to_bf16(a: np.ndarray, out: np.ndarray, s: _Scratch, nan: bool, divisor
     np.bitwise_or(b, k, out=b, casting="unsafe")
     _rne(b, out, r)
     if nan:
-        _quiet_nans(b, out, r, k)
+        np.isnan(x, out=k)
+        if k.any():  # a NaN: the float32 cast's top bits, made quiet (what the C kernel writes)
+            with np.errstate(invalid="ignore"):
+                q = (x[k].astype(np.float32).view(np.uint32) >> 16) | 0x0040
+            out[k] = q
 
 
 def _f64_to_f32_round_to_odd(a: np.ndarray) -> np.ndarray:
@@ -211,6 +242,9 @@ def store_rounded(src: np.ndarray, dst: np.ndarray, name: str | None = None, fin
                 f32_bits_to_bf16(flat[b0:b1].view(np.uint32), out[b0:b1], s.r32[:m], s.mask[:m], not finite)
             return
         flat = flat.astype(np.float64, copy=False)
+        if _C is not None and flat.flags.c_contiguous and out.flags.c_contiguous:
+            _C.f64_to_bf16(flat, out, divisor, not finite)
+            return
         s = scratch(min(flat.size, BLOCK))
         for b0 in range(0, flat.size, s.n):
             b1 = min(b0 + s.n, flat.size)
@@ -315,6 +349,16 @@ def _all_finite(a: np.ndarray, f: np.ndarray) -> bool:
     return bool(np.isfinite(a, out=f).all())  # an inf/NaN, or a sum overflowing: look closely
 
 
+def _c_sum(a: np.ndarray, blocks, weights, count: int) -> bool:
+    """The C kernel's sum of one block of bf16 bits into ``a``; False where a block
+    is not a contiguous buffer (the caller then takes the numpy path)."""
+    try:
+        _C.bf16_sum(a, blocks, weights, bool(count))
+    except (BufferError, TypeError, ValueError):
+        return False
+    return True
+
+
 def block_sum(srcs, weights, out_flat: np.ndarray, check: bool, emit=None, narrow: Narrowing | None = None,
               in_dtype: str | None = None, out_dtype: str | None = None):
     """out = round(sum_k w_k x_k), float64 accumulation in blocks, rounded once.
@@ -341,6 +385,10 @@ def block_sum(srcs, weights, out_flat: np.ndarray, check: bool, emit=None, narro
     bf16_in = _is_bf16(srcs[0], in_dtype)
     if bf16_in:
         srcs = [bf16_bits(x) for x in srcs]
+    # the C kernel takes contiguous buffers: mapped arrays, and the blocks that remote
+    # readers' range arrays return (anything else takes the numpy path below)
+    fused = bf16_in and _C is not None and all(
+        x.ndim == 1 and x.flags.c_contiguous for x in srcs if isinstance(x, np.ndarray))
     count = uniform(weights)
     block = min(n, BLOCK)
     s = scratch(block)
@@ -353,7 +401,11 @@ def block_sum(srcs, weights, out_flat: np.ndarray, check: bool, emit=None, narro
         b1 = min(b0 + block, n)
         m = b1 - b0
         a, t = acc[:m], tmp[:m]
-        if bf16_in:
+        if fused:  # False from here on if a block is no contiguous buffer
+            fused = _c_sum(a, [x[b0:b1] for x in srcs], weights, count)
+        if fused:
+            pass  # summed by the C kernel
+        elif bf16_in:
             w32 = u32[:m]
             v = w32.view(np.float32)
             for k, (x, w, _) in enumerate(terms):

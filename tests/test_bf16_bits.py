@@ -317,3 +317,21 @@ def test_remote_bf16_reads_raw_bits(tmp_path):
         for t, wk in zip(ins[1:], w[1:]):
             acc = acc + t[name].double().numpy() * wk
         assert np.array_equal(bits(a[name]), ref_bits(acc)), name
+
+
+@pytest.mark.parametrize("opts", [(), ("--decay", "0.9")], ids=["mean", "ema"])
+def test_pure_numpy_kernel_writes_the_same_file(tmp_path, opts):
+    """EMA_AVG_PURE_NUMPY=1 (the path of a machine where ema_cli._ckernel was not
+    built) writes byte-identical output to the default C kernel, and both are the
+    exactly rounded float64 reference."""
+    paths = make(tmp_path / "in")
+    outs = {}
+    for tag, env in (("default", {}), ("numpy", {"EMA_AVG_PURE_NUMPY": "1"})):
+        outs[tag] = tmp_path / f"avg-{tag}.safetensors"
+        res = run_cli(*paths, "-o", outs[tag], "--quiet", *opts, env=env)
+        assert res.code == 0, res
+    assert outs["default"].read_bytes() == outs["numpy"].read_bytes()
+    ws = weights_of(run_cli(*paths, "-o", tmp_path / "plan.safetensors", "--json", *opts))
+    want = reference(paths, ws, not opts)
+    got = load_file(str(outs["default"]))
+    assert np.array_equal(bits(got["big"]), ref_bits(want["big"]))

@@ -16,7 +16,7 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ema_cli import dtypes, kernel
@@ -64,6 +64,21 @@ def exact_round(x, fmt):
     return -out if neg else out
 
 
+@pytest.fixture(params=["c", "numpy"])
+def impl(request):
+    """Run the test on the C kernel (ema_cli/_ckernel.c) and on the pure-numpy path."""
+    saved = kernel._C
+    if request.param == "numpy":
+        kernel._C = None
+    elif saved is None:
+        pytest.skip("the C kernel is not built or EMA_AVG_PURE_NUMPY is set (test_c_kernel_is_built says which)")
+    yield request.param
+    kernel._C = saved
+
+
+FIXTURE_OK = [HealthCheck.function_scoped_fixture]  # impl: set once per test, the same for every example
+
+
 def bf16_bits_of(v: float) -> int:
     """The bfloat16 bits of a value representable in bfloat16."""
     return int(np.array([v], dtype=np.float32).view(np.uint32)[0] >> 16)
@@ -96,7 +111,7 @@ def test_widen_every_bf16_value_exactly():
             assert g == want and math.copysign(1, g) == math.copysign(1, want), hex(bits)
 
 
-def test_round_every_bf16_value_and_every_tie():
+def test_round_every_bf16_value_and_every_tie(impl):
     """Every bf16 value rounds to itself; every midpoint between neighbours
     (exact ties, in float64 and float32) goes to the even one; one float64 ulp
     either side of a tie goes to the nearer neighbour (the case where rounding
@@ -126,9 +141,9 @@ special = st.sampled_from([0.0, -0.0, math.inf, -math.inf, math.nan, 5e-324, -5e
                            2.0**-134, 2.0**-134 * 1.5, 3.3961e38, 3.4e38, 1e300, -1e300])
 
 
-@settings(max_examples=600, deadline=None)
+@settings(max_examples=600, deadline=None, suppress_health_check=FIXTURE_OK)
 @given(st.lists(st.one_of(st.floats(width=64), st.floats(width=32), special), min_size=1, max_size=40))
-def test_round_float64_to_bf16_property(values):
+def test_round_float64_to_bf16_property(impl, values):
     check_bf16(values, rounded_bf16(values))
 
 
@@ -191,7 +206,7 @@ def _sum(srcs, weights, out_dtype, emit=False, **kw):
     return got
 
 
-def test_uniform_mean_is_sum_then_divide_at_exact_ties():
+def test_uniform_mean_is_sum_then_divide_at_exact_ties(impl):
     """N = 10 inputs whose exact mean is a bf16 (and a float32) tie: the mean
     rounds to even, as the correctly rounded sum/N does."""
     rng = np.random.default_rng(1)
@@ -215,10 +230,10 @@ def test_uniform_mean_is_sum_then_divide_at_exact_ties():
     assert not np.array_equal(rounded_bf16(weighted), rounded_bf16(want))
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, suppress_health_check=FIXTURE_OK)
 @given(st.integers(2, 12), st.integers(0, 2**32 - 1), st.sampled_from(["bfloat16", "float16", "float32"]),
        st.sampled_from(["float32", "bfloat16", "float16", "float64"]))
-def test_uniform_mean_matches_exact_quotient(N, seed, out_dtype, in_dtype):
+def test_uniform_mean_matches_exact_quotient(impl, N, seed, out_dtype, in_dtype):
     rng = np.random.default_rng(seed)
     n = 50
     xs = [rng.uniform(-4, 4, n) for _ in range(N)]
@@ -236,7 +251,7 @@ def test_uniform_mean_matches_exact_quotient(N, seed, out_dtype, in_dtype):
         assert float(got[i]) == exact_round(exact, fmt), (i, N)
 
 
-def test_weighted_sum_is_the_float64_recurrence_raw_or_ml_dtypes():
+def test_weighted_sum_is_the_float64_recurrence_raw_or_ml_dtypes(impl):
     import ml_dtypes
 
     rng = np.random.default_rng(2)
@@ -257,7 +272,7 @@ def test_weighted_sum_is_the_float64_recurrence_raw_or_ml_dtypes():
     assert np.array_equal(got, ref.astype(np.float32))
 
 
-def test_nonfinite_block_is_reported_and_overflow_is_guarded():
+def test_nonfinite_block_is_reported_and_overflow_is_guarded(impl):
     x = np.ones(kernel.BLOCK * 2, dtype=np.float32)
     y = x.copy()
     y[kernel.BLOCK + 5] = np.nan
@@ -271,7 +286,7 @@ def test_nonfinite_block_is_reported_and_overflow_is_guarded():
     assert (sat == 0x7F7F).all()
 
 
-def test_store_does_not_allocate_per_block():
+def test_store_does_not_allocate_per_block(impl):
     """The rounding store reuses the thread's scratch: no new memory per block."""
     import tracemalloc
 
@@ -284,6 +299,51 @@ def test_store_does_not_allocate_per_block():
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert peak < 64 * 1024, peak  # a block's float32 copy alone would be 256 KiB
+
+
+def test_c_kernel_is_built():
+    """The package builds ema_cli._ckernel (a C compiler at install time); without
+    it ema-avg runs the numpy path, same bits, slower.  CI must not lose it silently."""
+    if os.environ.get("EMA_AVG_PURE_NUMPY"):
+        pytest.skip("EMA_AVG_PURE_NUMPY is set")
+    assert kernel._C is not None, "ema_cli._ckernel is not built: the bf16 path runs on numpy"
+
+
+def _with_numpy(fn, *args, **kw):
+    saved, kernel._C = kernel._C, None
+    try:
+        return fn(*args, **kw)
+    finally:
+        kernel._C = saved
+
+
+@pytest.mark.skipif(kernel._C is None, reason="the C kernel is not built")
+@settings(max_examples=150, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 9), st.booleans(), st.integers(1, 3 * 1024 + 5))
+def test_c_kernel_equals_the_numpy_path_bit_for_bit(seed, N, mean, n):
+    """Any bf16 bits (NaNs with payloads, infs, subnormals, zeros of both signs)
+    summed with any weights, and any float64 bits rounded (with and without a
+    divisor, with and without the NaN pass): the C kernel writes exactly the
+    numpy path's bits."""
+    with np.errstate(all="ignore"):  # NaNs and overflows on purpose
+        rng = np.random.default_rng(seed)
+        srcs = [rng.integers(0, 1 << 16, n, dtype=np.uint16) for _ in range(N)]
+        for x in srcs:  # mostly ordinary values, so the sums are not all NaN
+            x[rng.random(n) < 0.9] &= 0xBFFF
+        w = [1.0 / N] * N if mean else list(rng.standard_normal(N) * 3)
+        got, want = np.empty(n, np.uint16), np.empty(n, np.uint16)
+        kernel.block_sum(srcs, w, got, False, in_dtype="bfloat16", out_dtype="bfloat16")
+        _with_numpy(kernel.block_sum, srcs, w, want, False, in_dtype="bfloat16", out_dtype="bfloat16")
+        assert np.array_equal(got, want)
+        f = rng.integers(0, 1 << 64, n, dtype=np.uint64, endpoint=False).view(np.float64).copy()
+        f[: n // 2] = rng.standard_normal(n // 2) * np.exp2(rng.integers(-140, 130, n // 2))  # bf16's range, its edges
+        for divisor in (0, N):
+            for finite in (False, True):
+                src = f if not finite else np.where(np.isnan(f), 1.0, f)
+                got, want = np.empty(n, np.uint16), np.empty(n, np.uint16)
+                kernel.store_rounded(src, got, "bfloat16", finite=finite, divisor=divisor)
+                _with_numpy(kernel.store_rounded, src, want, "bfloat16", finite=finite, divisor=divisor)
+                assert np.array_equal(got, want), (divisor, finite)
 
 
 def test_safetensors_path_imports_neither_ml_dtypes_nor_tensorflow(tmp_path):
