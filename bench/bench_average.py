@@ -190,6 +190,9 @@ def versions(python: str = PY) -> dict[str, str]:
             f"for p in {VERSION_PACKAGES!r}:\n"
             "    try: out[p] = m.version(p)\n"
             "    except m.PackageNotFoundError: pass\n"
+            "try:\n    from ema_cli import kernel\n"
+            "    out['bf16 kernel'] = 'C' if kernel._C is not None else 'numpy'\n"
+            "except ImportError: pass\n"
             "print(json.dumps(out))")
     res = subprocess.run([python, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(res.stdout)

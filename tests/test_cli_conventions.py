@@ -161,12 +161,26 @@ def test_outputs_never_create_parent_directories_but_create_themselves(run, tmp_
     assert res.code == 0 and (tmp_path / "shards" / "model.safetensors.index.json").is_file(), res
 
 
+def _in_bash(*args, env=None):
+    """``python -m ema_cli ARGS`` started by bash, as from a terminal: typer finds
+    the user's shell from the parent processes (shellingham), so the test must not
+    depend on what started pytest (``; true`` keeps bash from exec'ing)."""
+    import shlex
+    import subprocess
+    import sys
+
+    e = dict(os.environ, **(env or {}))
+    cmd = " ".join(shlex.quote(a) for a in (sys.executable, "-m", "ema_cli", *args)) + "; true"
+    return subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, env=e, timeout=120)
+
+
 def test_shell_completion(tmp_path):
-    res = run_cli("--show-completion", "bash")
-    assert res.code == 0 and "_EMA_AVG_COMPLETE" in res.out, res
-    res = run_cli("--install-completion", "bash", env={"HOME": str(tmp_path), "SHELL": "/bin/bash"})
+    res = _in_bash("--show-completion")
+    assert res.returncode == 0 and "_EMA_AVG_COMPLETE" in res.stdout and "complete -o default" in res.stdout, res
+    res = _in_bash("--install-completion", env={"HOME": str(tmp_path), "SHELL": "/bin/bash"})
+    assert res.returncode == 0, res
     script = tmp_path / ".bash_completions" / "ema-avg.sh"
-    assert res.code == 0 and script.is_file() and str(script) in (tmp_path / ".bashrc").read_text(), res
+    assert script.is_file() and str(script) in (tmp_path / ".bashrc").read_text(), res
     assert "_EMA_AVG_COMPLETE" in script.read_text()
     res = run_cli(env={"_EMA_AVG_COMPLETE": "complete_bash", "COMP_WORDS": "ema-avg ins", "COMP_CWORD": "1"})
     assert res.code == 0 and res.out.split() == ["inspect"], res
