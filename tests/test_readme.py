@@ -19,10 +19,10 @@ def test_quickstart_has_two_commands_and_ci_runs_the_test_one():
     assert len(cmds) == 2
     run_main, run_tests = cmds
     assert "ema-avg fixtures/" in run_main and "pip install ." in run_main
-    assert "'.[test]'" in run_tests and "pytest" in run_tests
+    assert "pip install -e '.[test]'" in run_tests and "pytest" in run_tests
     ci = (ROOT / ".ci" / "run").read_text()
     # CI installs the same extras and runs the same test command in a fresh venv
-    assert "pip install -q '.[test]'" in ci
+    assert "pip install -q -e '.[test]'" in ci  # editable: ema_cli._ckernel is built into the checkout
     assert run_tests.split("&& ")[-1] in ci
     assert "python3 -m venv" in ci
 
