@@ -57,8 +57,6 @@ CHUNK = 1 << 20  # bytes of rounded output a thread stages before handing them t
 SMALL = 4096  # tensors of at most this many elements are summed in one go
 
 
-
-
 def _load_c():
     """The fused bf16 kernel (ema_cli/_ckernel.c), or None: not built (no C
     compiler when the package was installed) or EMA_AVG_PURE_NUMPY=1."""
