@@ -384,3 +384,59 @@ def test_safetensors_path_imports_neither_ml_dtypes_nor_tensorflow(tmp_path):
     ins = [load_file(str(tmp_path / f"ck-{k}.safetensors")) for k in range(3)]
     want = (ins[0]["w"].astype(np.float64) + ins[1]["w"] + ins[2]["w"]) / 3
     assert np.array_equal(got["w"], want.astype(np.float32))
+
+
+@pytest.mark.slow
+def test_install_without_a_c_compiler_runs_the_numpy_kernel(tmp_path):
+    """A machine with no C compiler: the package still builds and installs (the
+    extension is optional), and ema-avg averages bf16 on the numpy path with the
+    same bits as the C kernel here."""
+    import glob
+    import shutil
+    import zipfile
+
+    from safetensors.numpy import load_file
+
+    root = __import__("pathlib").Path(__file__).parents[1]
+    src = tmp_path / "src"  # a copy: a build leaves build/ behind, which a later build would reuse
+    shutil.copytree(root / "ema_cli", src / "ema_cli", ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    for f in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(root / f, src / f)
+    env = dict(os.environ, CC="/bin/false", PIP_DISABLE_PIP_VERSION_CHECK="1")
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-cache-dir", "-w",
+                           str(tmp_path / "wheels"), str(src)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    [wheel] = glob.glob(str(tmp_path / "wheels" / "*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "ema_cli/kernel.py" in names and not [n for n in names if n.endswith((".so", ".pyd"))], names
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)  # a wheel is a zip of the installed files
+
+    rng = np.random.default_rng(9)
+    bits = [rng.integers(0, 1 << 16, (300, 70), dtype=np.uint16) & 0xBFFF for _ in range(3)]
+    import torch
+    from safetensors.torch import save_file as save_torch
+
+    ins = []
+    for k, b in enumerate(bits):  # bf16 files, written by safetensors from torch bf16 tensors
+        p = tmp_path / f"ck-{k + 1}.safetensors"
+        save_torch({"w": torch.from_numpy(b.view(np.int16)).view(torch.bfloat16)}, str(p))
+        ins.append(p)
+    # (an editable install of the checkout, as the test command makes, finds ema_cli
+    # through a meta-path finder ahead of PYTHONPATH: the installed copy runs without it)
+    code = ("import sys\n"
+            "sys.meta_path[:] = [f for f in sys.meta_path if not str(getattr(f, '__module__', '')).startswith('__editable')]\n"
+            "from ema_cli import kernel\n"
+            "assert kernel._C is None and kernel.__file__.startswith(sys.argv.pop(1)), (kernel._C, kernel.__file__)\n"
+            "from ema_cli._entry import main\nmain(sys.argv[1:])")
+    outs = {}
+    for tag, pypath in (("numpy", str(site)), ("here", str(root))):
+        outs[tag] = tmp_path / f"avg-{tag}.safetensors"
+        run = [sys.executable, "-c", code, str(site), *map(str, ins), "-o", str(outs[tag]), "--quiet"]
+        if tag == "here":
+            run = [sys.executable, "-m", "ema_cli", *map(str, ins), "-o", str(outs[tag]), "--quiet"]
+        proc = subprocess.run(run, capture_output=True, text=True, cwd=tmp_path if tag == "numpy" else root,
+                              timeout=120, env=dict(os.environ, PYTHONPATH=pypath))
+        assert proc.returncode == 0, proc.stderr
+    assert outs["numpy"].read_bytes() == outs["here"].read_bytes()
+    assert load_file(str(outs["numpy"]))["w"].shape == (300, 70)
