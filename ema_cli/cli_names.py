@@ -4,8 +4,6 @@ Registered by ``cli._register_optional_commands``.  Thin: parse, call
 :mod:`ema_cli.names` / :mod:`ema_cli.engine`, render.
 """
 
-from __future__ import annotations
-
 import json
 import os
 import sys
