@@ -41,10 +41,10 @@ static inline double widen(uint16_t h) {
 /* The loops, each over restrict pointers (one input at a time, so the compiler
  * vectorizes them), compiled for AVX-512 and AVX2 beside the baseline where
  * the compiler can (the loader picks one by the CPU; 2-3x on the rounding). */
-#if defined(__has_attribute)
-#if __has_attribute(target_clones) && defined(__x86_64__) && defined(__linux__)
+/* (gcc 11 and newer name the x86-64-v3/v4 levels; older compilers and clang
+ * build the baseline loops only, rather than failing the optional build) */
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__) && defined(__linux__)
 #define TARGETS __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#endif
 #endif
 #ifndef TARGETS
 #define TARGETS
