@@ -212,7 +212,7 @@ def _abs(path):
 
 
 def plan_json(plan) -> dict:
-    d = plan.describe()
+    d = dict(plan.describe())  # popped below: never the plan's own dict (a watch plan keeps its recipe)
     mode = d.pop("mode")
     cks = d.pop("checkpoints")
     tool = d.pop("tool")

@@ -182,8 +182,10 @@ def test_incomplete_trainer_checkpoints_wait_for_their_state_file(tmp_path):
     d.mkdir()
     out = tmp_path / "avg.safetensors"
     rng = np.random.default_rng(5)
-    updates, stop = [], threading.Event()
-    th = threading.Thread(target=lambda: ema_cli.watch(d, out, poll=0.02, stop=stop, on_update=updates.append))
+    updates, stop, returned = [], threading.Event(), []
+    # the last update is rendered twice (on_update, then the return value): neither may fail
+    th = threading.Thread(target=lambda: returned.append(
+        ema_cli.watch(d, out, poll=0.02, stop=stop, on_update=updates.append)))
     th.start()
     try:
         for k, step in enumerate((5, 10), 1):
@@ -199,3 +201,5 @@ def test_incomplete_trainer_checkpoints_wait_for_their_state_file(tmp_path):
         th.join(10)
     assert [c.step for c in updates[-1].checkpoints] == [5, 10]
     assert updates[-1].files == [str(out)]
+    assert len(returned) == 1 and [c.step for c in returned[0].checkpoints] == [5, 10]
+    assert returned[0].mode == updates[-1].mode == "mean"
