@@ -23,7 +23,6 @@ import os
 import shutil
 import threading
 import time
-from concurrent.futures import FIRST_EXCEPTION, CancelledError, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -426,10 +425,13 @@ def run_shard(plan: Plan | list[Target], shard: list[str], pool: ReaderPool, wri
                         one(name, read)
 
     try:
-        if threads <= 1:
+        if threads <= 1 or len(units) <= 1:  # one unit (a small model): no pool
             for u in units:
                 unit(u)
             return
+        # imported here: a one-thread run (a small model) skips concurrent.futures and logging (8 ms)
+        from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+
         # bounded look-ahead: at most 2 units per thread in flight
         with ThreadPoolExecutor(max_workers=threads) as ex:
             pending = set()
@@ -750,6 +752,8 @@ class DaskExecutor:
         return max(1, len(self.client.scheduler_info().get("workers", {})))
 
     def run(self, tasks: list[ShardTask], *, on_tensor=None, on_result=None) -> list[ShardResult]:
+        from concurrent.futures import CancelledError
+
         from ema_cli.output import token as new_token
 
         d = self._d

@@ -261,3 +261,27 @@ def test_a_safetensors_run_imports_no_other_format(run, tmp_path):
     out = subprocess.run([sys.executable, "-c", code, *map(str, files), "-o", str(tmp_path / "avg.safetensors"),
                           "--quiet"], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "['ema_cli.formats.base', 'ema_cli.formats.safetensors_fmt']", out
+
+
+def test_the_command_line_imports_with_the_collector_paused_and_leaves_it_on(run, tmp_path):
+    """The entry point imports the CLI without garbage collections, freezes what the
+    imports made, and runs the job with the collector on; a small model's run starts
+    no thread pool (concurrent.futures stays unimported)."""
+    import subprocess
+    import sys
+
+    d, files = run
+    code = ("import gc, sys\n"
+            "from ema_cli import _entry\n"
+            "counts = []\n"
+            "gc.callbacks.append(lambda phase, info: phase == 'start' and counts.append(info['generation']))\n"
+            "main = _entry._import_cli()\n"
+            "assert not counts, counts\n"
+            "assert gc.isenabled() and gc.get_freeze_count() > 10000, gc.get_freeze_count()\n"
+            "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
+            "assert gc.isenabled()\n"
+            "print('concurrent.futures' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, *map(str, files), "-o", str(tmp_path / "avg.safetensors"),
+                          "--quiet"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False", out.stdout
