@@ -248,6 +248,25 @@ def test_command_names_match_the_commands_typer_builds():
     assert {"average", "plan", "inspect", "posthoc", "restore-map", "rename"} <= built
 
 
+def test_a_run_builds_only_its_command_and_parses_like_the_whole_app(run):
+    """``ema-avg NAME ...`` runs an app holding only NAME (start-up time): its help,
+    its usage errors and its output are the whole app's, for every subcommand."""
+    import typer
+    from typer.testing import CliRunner
+
+    from ema_cli import cli
+
+    d, files = run
+    for name in cli._command_names():
+        sub = cli._app_for(name)
+        assert set(typer.main.get_command(sub).commands) == {name}
+        for args in ([name, "--help"], [name, "--no-such-option"], [name, *map(str, files)]):
+            whole = CliRunner().invoke(cli.app, args, prog_name="ema-avg")
+            alone = CliRunner().invoke(sub, args, prog_name="ema-avg")
+            assert (alone.exit_code, alone.output) == (whole.exit_code, whole.output), (args, alone.output)
+        assert "Usage: ema-avg " + name in CliRunner().invoke(sub, [name, "--help"], prog_name="ema-avg").output
+
+
 def test_a_safetensors_run_imports_no_other_format(run, tmp_path):
     """The registry imports a format's module only when it is asked: averaging
     safetensors into safetensors leaves the TF, Keras, HDF5 and torch modules out."""
