@@ -52,7 +52,7 @@ class WatchPlan(engine.Plan):
     averaged: frozenset = frozenset()  # the tensors holding running averages (render counts them)
 
     def describe(self) -> dict | None:
-        return None if self.recipe is None else dict(self.recipe)
+        return self.recipe
 
 
 def _signature(src) -> tuple:
