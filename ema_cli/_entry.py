@@ -141,6 +141,9 @@ def main(argv: list[str] | None = None) -> None:
 
         print(f"ema-avg {__version__}")
         return
+    from ema_cli import interrupts
+
+    interrupts.ends_at_commit = True  # this process ends with its command: a signal from the commit on is ignored
     try:
         install_signal_handlers()
         read_heads(args)

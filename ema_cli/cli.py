@@ -14,7 +14,7 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from ema_cli import __version__, _entry, _typer_plain, api, engine, render, storage
+from ema_cli import __version__, _entry, _typer_plain, api, engine, interrupts, render, storage
 from ema_cli.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, EmaError, UsageError
 
 _typer_plain.install()  # str/int/float options without pydantic (start-up time)
@@ -188,6 +188,7 @@ def _watch(directory, opts, output, fmt, *, until_step, poll, quiet, as_json) ->
                              f"{result.plan.recipe['newest']}", markup=False)
 
     opts.allow_copy_only = True
+    interrupts.ends_at_commit = False  # each update commits; a signal during one acts right after it
     watcher = watch_mod.Watcher(directory, output, opts, fmt=fmt, until_step=until_step, poll=poll,
                                 on_update=on_update)
     try:

@@ -11,7 +11,7 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from ema_cli import api, maps, names, render, storage
+from ema_cli import api, interrupts, maps, names, render, storage
 from ema_cli.errors import EmaError, UsageError
 from ema_cli import engine
 from ema_cli.output import Staged, check_target
@@ -83,7 +83,8 @@ def _write_text(path: str, text: str, *, force: bool) -> None:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
-        staged.commit()
+        with interrupts.committing():
+            staged.commit()
     except OSError as e:
         staged.discard()
         raise EmaError(f"cannot write: {e.strerror}", path=path) from None

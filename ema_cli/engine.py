@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ema_cli import dtypes, formats, storage
+from ema_cli import dtypes, formats, interrupts, storage
 from ema_cli.commit import Prepared, prepare
 from ema_cli.errors import EmaError, UsageError
 from ema_cli.execute import ShardResult, ShardTask, ThreadExecutor, default_threads, digest, run_shard
@@ -108,8 +108,9 @@ def run_many(plans: list[Plan], outputs: list[str], out_format: str | None, *, f
 
             for p, plan, s in zip(prepared, plans, sums):
                 verify_s += verify_mod.verify(plan, p.staged_path, p.format, s, output=p.output)
-        for p in prepared:
-            p.commit()
+        with interrupts.committing():  # every output or none, whatever signal arrives meanwhile
+            for p in prepared:
+                p.commit()
     except BaseException:
         for p in prepared:
             p.discard()

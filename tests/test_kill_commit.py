@@ -120,3 +120,120 @@ def test_kill_at_every_commit_step(tmp_path, kind, force):
     else:
         pytest.fail("the run never completed")
     assert k > 1 and outcomes, "no kill point was exercised"
+
+
+
+# A real SIGINT or SIGTERM (not SIGKILL) at the K-th file-system call after planning,
+# sent to the process's own entry point.  Before the commit it unwinds the run: exit
+# 130/143, one line, the output path as it was.  From the commit on it is held and
+# then ignored: the outputs are all in place and the exit code is 0.  Never both: an
+# output in place and a failure reported (a signal between ``os.link`` and the unlink
+# of the staging file, or amid the deletion of a replaced output, used to do that).
+SIGNAL = KILL.replace("            os.kill(os.getpid(), signal.SIGKILL)",
+                      "            open(os.environ['EMA_TEST_SENT'], 'w').close()\n"
+                      "            os.kill(os.getpid(), int(os.environ['EMA_TEST_SIGNAL']))")
+SIGNAL = SIGNAL.replace("from ema_cli.cli import main", "from ema_cli._entry import main")
+
+
+@pytest.mark.parametrize("sig,code,message", [(2, 130, "error: interrupted"), (15, 143, "error: terminated")],
+                         ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("force", [False, True], ids=["fresh", "force"])
+@pytest.mark.parametrize("kind", ["safetensors", "sharded"])
+def test_signal_at_every_commit_step_is_success_or_nothing(tmp_path, kind, force, sig, code, message):
+    assert "EMA_TEST_SIGNAL" in SIGNAL and "_entry import main" in SIGNAL
+    src, name, extra = CASES[kind]
+    new_args = [src, *extra, "--decay", "0.5"]
+    old_args = [src, *extra, "--last-n", "2"]
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    assert run_cli(*new_args, "-o", ref / name, "--quiet").code == 0
+    want_new = snapshot(ref / name)
+    work = tmp_path / "work"
+    out = work / name
+    sent = tmp_path / "sent"
+    env = dict(os.environ, EMA_TEST_SIGNAL=str(sig), EMA_TEST_SENT=str(sent),
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    want_old = None
+    outcomes = []
+    for k in range(1, 80):
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir()
+        sent.unlink(missing_ok=True)
+        if force:
+            assert run_cli(*old_args, "-o", out, "--quiet").code == 0
+            want_old = snapshot(out)
+        env["EMA_TEST_KILL_AT"] = str(k)
+        res = CliResult(subprocess.run([sys.executable, "-c", SIGNAL, *map(str, new_args), "-o", str(out),
+                                        *(["--force"] if force else []), "--quiet"],
+                                       capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL, timeout=300))
+        state = snapshot(out)
+        leftovers = [p.name for p in work.iterdir() if p.name.startswith(".") and "ema-avg" in p.name]
+        assert leftovers == [], (k, leftovers)
+        if not sent.exists():  # K is past the run's last call: an uninterrupted run
+            assert res.code == 0 and state == want_new, (k, res)
+            break
+        if res.code == 0:
+            assert state == want_new, f"signal at call {k}: exit 0 without the new output"
+            assert res.err == "", (k, res)
+            outcomes.append("held")
+        else:
+            assert (res.code, res.err.splitlines()) == (code, [message]), (k, res)
+            assert state == want_old, f"signal at call {k}: exit {res.code} but the output path changed"
+            outcomes.append("before")
+    else:
+        pytest.fail("the run never completed")
+    assert "held" in outcomes, outcomes
+    assert outcomes == sorted(outcomes), outcomes  # every signal before the commit fails the run, none after
+
+
+LINK_SIGNAL = r"""
+import os, signal, sys
+sig = int(os.environ["EMA_TEST_SIGNAL"])
+sent = []
+def signalled(fn):  # the commit's own call: os.link (a new file), os.replace (--force, --watch)
+    def call(*a, **kw):
+        if not sent:
+            sent.append(1)
+            os.kill(os.getpid(), sig)
+        return fn(*a, **kw)
+    return call
+os.link, os.replace = signalled(os.link), signalled(os.replace)
+"""
+
+
+def test_a_library_commit_delivers_its_signal_after_the_outputs_are_in_place(tmp_path):
+    """In a program that uses the library, a Ctrl-C during the commit is the program's
+    again right after it: the output is complete, then KeyboardInterrupt."""
+    out = tmp_path / "avg.safetensors"
+    ref = tmp_path / "ref.safetensors"
+    assert run_cli(FIXTURES / "safetensors", "--decay", "0.5", "-o", ref, "--quiet").code == 0
+    script = LINK_SIGNAL + f"""
+import ema_cli
+try:
+    ema_cli.average({str(FIXTURES / "safetensors")!r}, {str(out)!r}, decay=0.5)
+except KeyboardInterrupt:
+    print("KeyboardInterrupt", os.path.exists({str(out)!r}))
+else:
+    print("no interrupt")
+"""
+    env = dict(os.environ, EMA_TEST_SIGNAL="2", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run([sys.executable, "-W", "ignore", "-c", script], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert res.stdout.split() == ["KeyboardInterrupt", "True"], res
+    assert snapshot(out) == snapshot(ref)
+
+
+def test_a_sigterm_during_a_watch_update_stops_the_watch_after_that_update(tmp_path):
+    """--watch commits once per checkpoint: a SIGTERM during the first update's commit
+    ends the sidecar (exit 0, its normal end) with that update in place."""
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(FIXTURES / "safetensors" / "ckpt-1.safetensors", run)
+    out = tmp_path / "avg.safetensors"
+    env = dict(os.environ, EMA_TEST_SIGNAL="15", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    script = LINK_SIGNAL + "from ema_cli._entry import main\nsys.argv = ['ema-avg', *sys.argv[1:]]\nmain()\n"
+    res = CliResult(subprocess.run([sys.executable, "-c", script, "--watch", str(run), "-o", str(out), "--poll", "0.1",
+                                    "--quiet"], capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL,
+                                   timeout=60))
+    assert (res.code, res.err) == (0, ""), res
+    assert snapshot(out) == snapshot(run / "ckpt-1.safetensors")
