@@ -29,6 +29,14 @@ class EmaError(Exception):
         msg = f"{prefix}: {message}" if prefix else message
         super().__init__(one_line(msg))
 
+    def naming(self, path: str) -> "EmaError":
+        """The same error, naming ``path`` instead of its own path (a staging
+        path, which the user never named, becomes the output behind it)."""
+        text, old = str(self), str(self.path)
+        if self.path and text.startswith(old):
+            text = path + text[len(old):]
+        return _rebuild(type(self), text, path, self.tensor)
+
     def __reduce__(self):  # picklable with its path and tensor (errors raised on Dask workers)
         return (_rebuild, (type(self), str(self), self.path, self.tensor))
 

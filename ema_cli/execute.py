@@ -31,6 +31,7 @@ import numpy as np
 from ema_cli import dtypes, formats, kernel, storage
 from ema_cli.errors import EmaError, UsageError
 from ema_cli.formats.base import Source
+from ema_cli.output import shown_path
 from ema_cli.planning import Plan, Task
 from ema_cli.readers import ReaderPool
 
@@ -648,6 +649,15 @@ def run_task(task: ShardTask, pool: ReaderPool | None = None,
         return ShardResult(task.shard, _worker_name(), _bytes_read(first, names) * len(task.plans),
                            written * len(task.plans), time.perf_counter() - t0, len(names), digests,
                            sums if task.checksums else None, files)
+    except EmaError as e:  # a writer names the file it writes: the user named the output behind it
+        shown = shown_path(str(e.path)) if e.path else None
+        if shown is not None and shown != str(e.path):
+            raise e.naming(shown) from None
+        raise
+    except OSError as e:
+        if isinstance(e.filename, str):
+            e.filename = shown_path(e.filename)
+        raise
     finally:
         if own_pool:
             pool.close()

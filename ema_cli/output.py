@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 
 from ema_cli.errors import EmaError
@@ -24,6 +25,31 @@ def token() -> str:
     """Eight random hex digits for a staging name: ``secrets.token_hex(4)``
     (``os.urandom``), without importing ``secrets`` (7 ms of start-up)."""
     return os.urandom(4).hex()
+
+_STAGING = re.compile(r"^\.(?P<name>.+)\.ema-avg-\d+-[0-9a-f]+\.tmp$")  # what Staged (and the TF staging) name
+
+
+def staging_name(base: str) -> str:
+    return f".{base}.ema-avg-{os.getpid()}-{token()}.tmp"
+
+
+def shown_path(path: str) -> str:
+    """The output path the user named behind a staging path (a hidden
+    ``.NAME.ema-avg-PID-XXXX.tmp`` file or directory, anywhere in the path: a
+    shard inside a staged directory is shown inside the output directory), for
+    messages; any other path as it is."""
+    head, parts = path, []
+    while True:
+        head, base = os.path.split(head)
+        if not base:
+            break
+        m = _STAGING.match(base)
+        parts.append(m.group("name") if m else base)
+        if not head or head == os.sep:
+            break
+    parts.reverse()
+    return os.path.join(head, *parts) if head else os.path.join(*parts)
+
 
 MARKER = ".ema-avg.json"  # formats.OUTPUT_MARKER: input scans leave such directories out
 
@@ -188,7 +214,7 @@ class Staged:
         self.force = force
         parent, base = os.path.split(self.final)
         remove_stale(parent, base)
-        self.path = os.path.join(parent, f".{base}.ema-avg-{os.getpid()}-{token()}.tmp")
+        self.path = os.path.join(parent, staging_name(base))
         try:
             if is_dir:
                 os.mkdir(self.path)

@@ -50,7 +50,7 @@ import numpy as np
 from ema_cli import dtypes
 from ema_cli.errors import EmaError, UsageError
 from ema_cli.formats.base import BUFFER, COUNTER, Format, OPTIMIZER, OTHER, PARAMETER, Reader, Role, Source, TensorInfo, Writer
-from ema_cli.output import Staged, check_target
+from ema_cli.output import Staged, check_target, shown_path
 
 NAME = "hdf5"
 SUFFIXES = (".h5", ".hdf5")
@@ -923,16 +923,6 @@ Reader = Hdf5Reader
 
 # --------------------------------------------------------------------------- writing
 
-_STAGING = re.compile(r"^\.(?P<name>.+)\.ema-avg-\d+-[0-9a-f]+\.tmp$")
-
-
-def _final_name(path: str) -> str:
-    """The output path behind a staging path (output.Staged's naming)."""
-    d, base = os.path.split(path)
-    m = _STAGING.match(base)
-    return os.path.join(d, m.group("name")) if m else path
-
-
 def _check_names(names: list[str], path: str) -> None:
     """Every name must map to its own HDF5 path: no empty or '.' components,
     and no tensor may sit where another needs a group."""
@@ -976,7 +966,7 @@ class Hdf5Writer(Writer):
         if len(shards) > 1:
             raise UsageError("HDF5 output is a single file: --max-shard-size applies to safetensors output")
         self.path = path
-        self.shown = shown or _final_name(path)  # the output path the user named, for messages
+        self.shown = shown or shown_path(path)  # the output path the user named, for messages
         self._infos = {i.name: i for i in (shards[0] if shards else [])}
         self._pending = set(self._infos)
         self._lock = threading.Lock()

@@ -49,7 +49,7 @@ import numpy as np
 from ema_cli.errors import EmaError, UsageError
 from ema_cli.formats import base, hdf5_fmt
 from ema_cli.formats.base import Role, Source, TensorInfo
-from ema_cli.output import Staged, _fsync_dir, check_target, fsync_file
+from ema_cli.output import Staged, _fsync_dir, check_target, fsync_file, shown_path
 
 NAME = "keras"
 ARCHIVE_SUFFIX = ".keras"
@@ -478,7 +478,7 @@ class KerasWriter(base.Writer):
             self._archive = False
             self._start_shards(shards, metadata, template)
         else:
-            self.shown = hdf5_fmt._final_name(os.path.dirname(path))
+            self.shown = shown_path(os.path.dirname(path))
             self._archive = True
             if not isinstance(template, ArchiveReader):
                 what = template.path if template is not None else "the input"

@@ -27,6 +27,7 @@ import numpy as np
 from ema_cli import dtypes, storage
 from ema_cli.errors import EmaError
 from ema_cli.notices import warn
+from ema_cli.output import shown_path
 from ema_cli.formats.base import Format, Reader, Source, TensorInfo, Writer, load_weight_map_index, step_from_scalar
 
 NAME = "safetensors"
@@ -879,27 +880,6 @@ def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
         end = (offset + nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
         if end > start:
             fn(fd, start, end - start, 2)  # SYNC_FILE_RANGE_WRITE (ctypes releases the GIL)
-
-
-_STAGING = re.compile(r"^\.(?P<name>.+)\.ema-avg-\d+-[0-9a-f]+\.tmp$")
-
-
-def shown_path(path: str) -> str:
-    """The output path the user named behind a staging path (output.Staged's
-    hidden ``.NAME.ema-avg-PID-XXXX.tmp`` file or directory, anywhere in the
-    path: a shard inside a staged directory is shown inside the output
-    directory), for error messages."""
-    head, parts = path, []
-    while True:
-        head, base = os.path.split(head)
-        if not base:
-            break
-        m = _STAGING.match(base)
-        parts.append(m.group("name") if m else base)
-        if not head or head == os.sep:
-            break
-    parts.reverse()
-    return os.path.join(head, *parts) if head else os.path.join(*parts)
 
 
 RECIPE_KEY = "ema_avg"  # the engine's recipe in the metadata
