@@ -299,6 +299,14 @@ def _options(spec, *, select=None, order="step", include=(), exclude=(), dtype="
 # --------------------------------------------------------------------------- in-memory inputs
 
 
+def _source_options(state_key: str | None, storage_options) -> tuple[tuple[str, str], ...]:
+    """The reader options a Source carries, for the functions that open one
+    checkpoint (inspect, restore_map, rename): ``planning.reader_options``."""
+    from ema_cli import planning
+
+    return planning.reader_options(planning.Options(state_key=state_key, storage_options=dict(storage_options or {})))
+
+
 def _is_pathlike(x) -> bool:
     return isinstance(x, (str, os.PathLike))
 
@@ -669,6 +677,7 @@ def plan(
     allow_copy_only: bool = False,
     state_key: str | None = None,
     skip_missing: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Plan:
     """The order, step and weight of every checkpoint, reading no tensor data
     (what ``ema-avg plan --json`` prints).
@@ -676,6 +685,7 @@ def plan(
     Args:
         inputs: as for :func:`average` (paths or in-memory checkpoints).
         mode, decay, ...: the schedule and selection parameters of :func:`average`.
+        storage_options: as for :func:`average`.
 
     Returns:
         A :class:`Plan` (``as_dict()``: the ``plan --json`` document).
@@ -690,7 +700,8 @@ def plan(
                      decay_per=decay_per, interp=interp, half_life=half_life, sigma_rel=sigma_rel, gamma=gamma,
                      tf_exact=tf_exact)
         opts = _options(spec, select=select, order=order, include=include, exclude=exclude,
-                        allow_copy_only=allow_copy_only, state_key=state_key, skip_missing=skip_missing)
+                        allow_copy_only=allow_copy_only, state_key=state_key, skip_missing=skip_missing,
+                        storage_options=storage_options)
         with _resolved_inputs(inputs) as (paths, labels):
             pool = engine.ReaderPool()
             try:
@@ -782,7 +793,8 @@ def _series(series) -> list[tuple[float, list[str]]]:
             w = expand_path(w)
             if not w:
                 raise UsageError(f"--from takes SIGMA_REL=DIR_OR_GLOB (got {item!r})")
-            found = sorted(glob.glob(w)) if glob.has_magic(w) and not os.path.lexists(w) else [w]
+            local_glob = glob.has_magic(w) and "://" not in w and not os.path.lexists(w)  # URLs: resolved remotely
+            found = sorted(glob.glob(w)) if local_glob else [w]
             if not found:
                 raise EmaError("no checkpoints match", path=w)
             paths += found
@@ -833,6 +845,7 @@ def posthoc(
     verify: bool = False,
     force: bool = False,
     threads: int = 0,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Result | list[Result]:
     """EDM2 post-hoc EMA: a power-function EMA of any width from snapshot series
     (what ``ema-avg posthoc`` does).
@@ -844,7 +857,7 @@ def posthoc(
         sigma_rel: the target width (< 0.2887), or a list of widths (written in one pass).
         gamma: the target exponent instead of ``sigma_rel``.
         at_step: reconstruct the EMA at this step (default: the latest snapshot).
-        dtype, include, exclude, format, ...: as for :func:`average`.
+        dtype, include, exclude, format, storage_options, ...: as for :func:`average`.
 
     Returns:
         A :class:`Result`, or a list of them when ``sigma_rel`` is a list.
@@ -859,7 +872,7 @@ def posthoc(
         targets = _posthoc_targets(series, expand_path(output), widths, gamma=gamma, at_step=at_step, dtype=dtype,
                                    include=include, exclude=exclude, allow_nonfinite=allow_nonfinite,
                                    threads=threads, allow_copy_only=allow_copy_only, saturate=saturate,
-                                   state_key=state_key, skip_missing=skip_missing)
+                                   state_key=state_key, skip_missing=skip_missing, storage_options=storage_options)
         results = _run([], targets, format, force=force, verify=verify, t0=t0)
         docs = [_doc_of(r, {}) for r in results]
     out = [_result_from_doc(d, list(captured)) for d in docs]
@@ -868,7 +881,8 @@ def posthoc(
 
 
 def inspect(path: PathLike, *, include: Sequence[str] = (), exclude: Sequence[str] = (),
-            suffix: str = "ExponentialMovingAverage", state_key: str | None = None) -> list[TensorRow]:
+            suffix: str = "ExponentialMovingAverage", state_key: str | None = None,
+            storage_options: Mapping[str, Any] | None = None) -> list[TensorRow]:
     """The tensors of one checkpoint, in natural name order (``vars/2`` before
     ``vars/10``): what ``ema-avg inspect`` lists.
 
@@ -877,6 +891,7 @@ def inspect(path: PathLike, *, include: Sequence[str] = (), exclude: Sequence[st
         include, exclude: as for :func:`average` (they decide the ``averaged`` role).
         suffix: the shadow-name suffix (``x/SUFFIX`` is the shadow of ``x``).
         state_key: PyTorch: the key holding the state dict.
+        storage_options: as for :func:`average`.
 
     Returns:
         One :class:`TensorRow` per tensor.
@@ -889,7 +904,7 @@ def inspect(path: PathLike, *, include: Sequence[str] = (), exclude: Sequence[st
     with _library_call():
         p = expand_path(path)
         docs = inspect_mod.inspect([p], include=list(include), exclude=list(exclude), suffix=suffix,
-                                   options=(("state_key", state_key),) if state_key else ())
+                                   options=_source_options(state_key, storage_options))
         if len(docs) != 1:
             raise UsageError(f"{p}: names {len(docs)} checkpoints; inspect takes one (e.g. {docs[-1]['path']})")
     return [TensorRow(r["name"], r["dtype"], tuple(r["shape"]), r["nbytes"], r["role"], r.get("kind", ""),
@@ -897,13 +912,14 @@ def inspect(path: PathLike, *, include: Sequence[str] = (), exclude: Sequence[st
 
 
 def restore_map(path: PathLike, *, suffix: str = "ExponentialMovingAverage", include: Sequence[str] = (),
-                exclude: Sequence[str] = ()) -> dict[str, str]:
+                exclude: Sequence[str] = (), storage_options: Mapping[str, Any] | None = None) -> dict[str, str]:
     """TensorFlow's ``ema.variables_to_restore()`` for a checkpoint, as names.
 
     Args:
         path: one checkpoint.
         suffix: the EMA name (shadow of ``x`` is ``x/SUFFIX``).
         include, exclude: regular expressions adjusting the averaged set.
+        storage_options: as for :func:`average`.
 
     Returns:
         ``{restore_name: variable_name}``.
@@ -917,20 +933,20 @@ def restore_map(path: PathLike, *, suffix: str = "ExponentialMovingAverage", inc
         names.check_suffix(suffix)
         pool = engine.ReaderPool()
         try:
-            _src, r = maps.open_one(expand_path(path), pool, "restore-map")
+            _src, r = maps.open_one(expand_path(path), pool, "restore-map", _source_options(None, storage_options))
             return dict(maps.restore_map(r, suffix, list(include), list(exclude)))
         finally:
             pool.close()
 
 
-def restore_map_origin(path: PathLike) -> tuple[str, str, str]:
+def restore_map_origin(path: PathLike, storage_options: Mapping[str, Any] | None = None) -> tuple[str, str, str]:
     """(checkpoint path, format, where the averaged set came from): for the CLI's summary."""
     from ema_cli import engine, maps, names
 
     with _library_call():
         pool = engine.ReaderPool()
         try:
-            src, r = maps.open_one(expand_path(path), pool, "restore-map")
+            src, r = maps.open_one(expand_path(path), pool, "restore-map", _source_options(None, storage_options))
             return src.path, src.format, maps.averaged_from(r)
         finally:
             pool.close()
@@ -953,7 +969,8 @@ def _check_rename_format(output: str, fmt: str) -> None:
 
 def rename(path: PathLike, output: PathLike, *, to: Literal["original", "shadow"],
            suffix: str = "ExponentialMovingAverage", include: Sequence[str] = (), exclude: Sequence[str] = (),
-           max_shard_size: int | str | None = None, force: bool = False) -> RenameResult:
+           max_shard_size: int | str | None = None, force: bool = False,
+           storage_options: Mapping[str, Any] | None = None) -> RenameResult:
     """Rename a checkpoint's tensors between original and shadow names, keeping
     format and dtypes (what ``ema-avg rename`` does).
 
@@ -965,6 +982,7 @@ def rename(path: PathLike, output: PathLike, *, to: Literal["original", "shadow"
         suffix, include, exclude: as for :func:`restore_map`.
         max_shard_size: safetensors: HF shards of at most this size in the output directory.
         force: replace an existing output.
+        storage_options: as for :func:`average` (for the input and the output).
 
     Returns:
         A :class:`RenameResult` (``as_dict()``: what ``rename --json`` prints).
@@ -985,7 +1003,8 @@ def rename(path: PathLike, output: PathLike, *, to: Literal["original", "shadow"
         pool = engine.ReaderPool()
         try:
             p = maps.rename_plan(expand_path(path), direction, suffix, include=list(include),
-                                  exclude=list(exclude), max_shard_size=max_shard_size, pool=pool)
+                                  exclude=list(exclude), max_shard_size=max_shard_size, pool=pool,
+                                  storage_options=dict(storage_options or {}))
             src = p.checkpoints[0].source
             _check_rename_format(out, src.format)
             result = maps.run_rename(p, out, src.format, force=force, pool=pool,

@@ -228,6 +228,7 @@ def posthoc(
     allow_nonfinite: AllowNonfinite = False, verify: Verify = False, threads: Threads = 0, force: Force = False,
     allow_copy_only: AllowCopyOnly = False, quiet: Quiet = False, as_json: Json = False,
     saturate: Saturate = False, state_key: StateKey = None, skip_missing: SkipMissing = False,
+    storage_option: StorageOption = None,
 ):
     t0 = time.perf_counter()
     series_pairs = []
@@ -240,7 +241,8 @@ def posthoc(
     targets = api._posthoc_targets(series_pairs, api.expand_path(output), widths, gamma=gamma, at_step=at_step,
                                    dtype=dtype, include=include, exclude=exclude, allow_nonfinite=allow_nonfinite,
                                    threads=threads, allow_copy_only=allow_copy_only, saturate=saturate,
-                                   state_key=state_key, skip_missing=skip_missing)
+                                   state_key=state_key, skip_missing=skip_missing,
+                                   storage_options=storage.parse_options(storage_option))
     _execute([], None, None, fmt, force=force, quiet=quiet, as_json=as_json, verify=verify, t0=t0, targets=targets)
 
 
@@ -257,7 +259,7 @@ def plan(
     metrics: Metrics = None, metric: Metric = None, top_k: TopK = None, maximize: Maximize = False, minimize: Minimize = False,
     order: Order = "step", include: Include = None, exclude: Exclude = None,
     allow_copy_only: AllowCopyOnly = False, state_key: StateKey = None, skip_missing: SkipMissing = False,
-    quiet: Quiet = False, as_json: Json = False,
+    storage_option: StorageOption = None, quiet: Quiet = False, as_json: Json = False,
 ):
     ui = render.UI(quiet=quiet)  # first: warnings while planning honour --quiet
     opts = api._options(
@@ -265,7 +267,7 @@ def plan(
         select=api.Select(last_n=last_n, start_step=start_step, every=every, metrics=metrics, metric=metric,
                           top_k=top_k, maximize=_maximize(maximize, minimize)),
         order=order, include=include, exclude=exclude, allow_copy_only=allow_copy_only, state_key=state_key,
-        skip_missing=skip_missing,
+        skip_missing=skip_missing, storage_options=storage.parse_options(storage_option),
     )
     pool = engine.ReaderPool()
     try:
@@ -288,13 +290,13 @@ def inspect(
     inputs: Inputs,
     include: Include = None, exclude: Exclude = None,
     suffix: Suffix = "ExponentialMovingAverage",
-    state_key: StateKey = None, as_json: Json = False, quiet: Quiet = False,
+    state_key: StateKey = None, storage_option: StorageOption = None, as_json: Json = False, quiet: Quiet = False,
 ):
     from ema_cli import inspect as inspect_mod
 
     ui = render.UI(quiet=quiet)
     docs = inspect_mod.inspect(_paths(inputs), include=include or [], exclude=exclude or [], suffix=suffix,
-                               options=(("state_key", state_key),) if state_key else ())
+                               options=api._source_options(state_key, storage.parse_options(storage_option)))
     if as_json:  # stdout holds the one JSON document
         _emit_json(docs if len(docs) != 1 else docs[0])
     else:  # the tables are the primary output: stdout (plain text when it is not a terminal)

@@ -24,6 +24,7 @@ Exclude = Annotated[Optional[List[str]], typer.Option("--exclude", metavar="REGE
 Force = Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing output.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No summary or warnings on stderr.")]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+StorageOption = Annotated[Optional[List[str]], typer.Option("--storage-option", metavar="KEY=VALUE", help="fsspec option for s3://, gs://, ... paths (repeatable; a.b=v nests), beside the filesystem's own configuration (env vars, ~/.aws, FSSPEC_<PROTOCOL>_<OPTION>).")]
 
 
 def _emit_json(doc) -> None:
@@ -41,7 +42,7 @@ def restore_map(
     ckpt: Ckpt,
     output: Annotated[Optional[str], typer.Option("--output", "-o", metavar="FILE", help="Write the map to this JSON file (default: stdout).")] = None,
     suffix: Suffix = names.DEFAULT_SUFFIX,
-    include: Include = None, exclude: Exclude = None,
+    include: Include = None, exclude: Exclude = None, storage_option: StorageOption = None,
     force: Force = False, quiet: Quiet = False, as_json: Json = False,
 ):
     """Print TensorFlow's ema.variables_to_restore() for a checkpoint, as names: {restore_name: variable_name}."""
@@ -53,7 +54,8 @@ def restore_map(
     output = api.expand_path(output) if output is not None else None
     pool = engine.ReaderPool()
     try:
-        src, r = maps.open_one(ckpt, pool, "restore-map")
+        src, r = maps.open_one(ckpt, pool, "restore-map",
+                               api._source_options(None, storage.parse_options(storage_option)))
         mapping = maps.restore_map(r, suffix, include or [], exclude or [])
         origin = maps.averaged_from(r)
     finally:
@@ -99,7 +101,7 @@ def rename(
     to_original: Annotated[bool, typer.Option("--to-original", help="Write each x/SUFFIX under x and drop the shadow names (offline swapping_saver).")] = False,
     to_shadow: Annotated[bool, typer.Option("--to-shadow", help="Rename the averaged set x to x/SUFFIX; other tensors unchanged.")] = False,
     suffix: Suffix = names.DEFAULT_SUFFIX,
-    include: Include = None, exclude: Exclude = None,
+    include: Include = None, exclude: Exclude = None, storage_option: StorageOption = None,
     max_shard_size: Annotated[Optional[str], typer.Option("--max-shard-size", metavar="SIZE", help="safetensors: write HF-style shards of at most SIZE into the OUTPUT directory.")] = None,
     force: Force = False, quiet: Quiet = False, as_json: Json = False,
 ):
@@ -108,7 +110,8 @@ def rename(
     if to_original == to_shadow:
         raise UsageError("give exactly one of --to-original and --to-shadow")
     res = api.rename(ckpt, output, to="original" if to_original else "shadow", suffix=suffix,
-                     include=include or [], exclude=exclude or [], max_shard_size=max_shard_size or None, force=force)
+                     include=include or [], exclude=exclude or [], max_shard_size=max_shard_size or None, force=force,
+                     storage_options=storage.parse_options(storage_option))
     ui.warnings(res.warnings)
     if as_json:
         _emit_json(res.as_dict())

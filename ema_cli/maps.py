@@ -33,9 +33,10 @@ from ema_cli.readers import ReaderPool
 # --------------------------------------------------------------------------- one checkpoint
 
 
-def open_one(ckpt: str, pool, what: str):
-    """The single checkpoint ``ckpt`` names, opened from ``pool``: (source, reader)."""
-    sources = formats.resolve_inputs([ckpt])
+def open_one(ckpt: str, pool, what: str, options: tuple[tuple[str, str], ...] = ()):
+    """The single checkpoint ``ckpt`` names, opened from ``pool``: (source, reader).
+    ``options``: the Source's reader options (``planning.reader_options``)."""
+    sources = formats.resolve_inputs([ckpt], options)
     for w in sources.warnings:
         warn(w)
     if len(sources) != 1:
@@ -146,14 +147,16 @@ class RenamePlan(plan_mod.Plan):
 
 
 def rename_plan(ckpt: str, direction: str, suffix: str = DEFAULT_SUFFIX, *, include=(), exclude=(),
-                max_shard_size: int | None = None, threads: int = 0, pool=None):
+                max_shard_size: int | None = None, threads: int = 0, pool=None, storage_options: dict | None = None):
     """The plan :func:`run_rename` writes for ``rename``: one checkpoint, every
     tensor a copy (same dtype) under its new name.  The writers start fresh
     (``use_template=False``): the input's layout (a TF ``.meta`` graph, an HDF5
     file's groups) names the old tensors."""
     check_suffix(suffix)
     pool = pool or ReaderPool()
-    src, r = open_one(ckpt, pool, "rename")
+    opts = plan_mod.Options(suffix=suffix, include=list(include), exclude=list(exclude), threads=threads,
+                            max_shard_size=max_shard_size, storage_options=dict(storage_options or {}))
+    src, r = open_one(ckpt, pool, "rename", plan_mod.reader_options(opts))
     mapping = rename_map(r, direction, suffix, include, exclude)
     tensors = r.tensors()
     tasks = [plan_mod.Task(n, out, tensors[n], tensors[n].dtype, "copy") for n, out in mapping.items()]
@@ -169,8 +172,6 @@ def rename_plan(ckpt: str, direction: str, suffix: str = DEFAULT_SUFFIX, *, incl
     renamed = sum(1 for n, out in mapping.items() if n != out)
     info = {"direction": direction, "suffix": suffix, "source": src.path, "renamed": renamed,
             "dropped": len(tensors) - len(mapping), "rewritten": sorted(overrides)}
-    opts = plan_mod.Options(suffix=suffix, include=list(include), exclude=list(exclude), threads=threads,
-                          max_shard_size=max_shard_size)
     return RenamePlan([ck], [0], np.array([1.0]), 0, tasks, [], plan_mod.shard_tasks(tasks, max_shard_size), opts, [],
                       use_template=False, rename=info, overrides=overrides)
 
