@@ -66,9 +66,12 @@ def restore_map(
         sys.stdout.write(text)
         sys.stdout.flush()
         return
-    _write_text(output, text, force=force)
+    if storage.is_remote(output):
+        storage.write_object(output, text.encode(), force=force, options=storage.parse_options(storage_option))
+    else:
+        _write_text(output, text, force=force)
     if as_json:
-        _emit_json({"output": os.path.abspath(output), "checkpoint": storage.absolute(src.path), "format": src.format, "suffix": suffix,
+        _emit_json({"output": storage.absolute(output), "checkpoint": storage.absolute(src.path), "format": src.format, "suffix": suffix,
                     "averaged_from": origin, "entries": len(mapping), "from_shadow": n_shadow})
     _summary(ui, f"wrote {output}: {len(mapping)} entries, {n_shadow} restored from */{suffix} "
                  f"(averaged set from {origin})")

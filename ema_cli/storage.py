@@ -156,6 +156,23 @@ def remote_error(e: BaseException, path: str, doing: str = "cannot read") -> Ema
     return EmaError(f"{doing}: {_first_line(e)}", path=path)
 
 
+def write_object(url: str, data: bytes, *, force: bool, options: dict | str | None = None) -> None:
+    """A small output (a JSON map) as one object: a single PUT, which an
+    object store makes visible whole or not at all.  Without ``force`` an
+    existing object is refused."""
+    fs, p = filesystem(url, options)
+    try:
+        if fs.isdir(p):
+            raise EmaError("output is a directory; expected a file path", path=url)
+        if not force and fs.exists(p):
+            raise EmaError("output exists (use --force to overwrite)", path=url)
+        fs.pipe_file(p, data)
+    except EmaError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the back-end's own errors: one line
+        raise remote_error(e, url, "cannot write") from None
+
+
 def copy_file(src: str, dst: str, options: dict | str | None = None) -> None:
     """Copy one file between any two places (local or URLs), streaming."""
     import shutil

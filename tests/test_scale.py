@@ -492,6 +492,13 @@ def test_every_command_takes_storage_options(s3, hf_ckpts, tmp_path):
     assert any(k.endswith("/ExponentialMovingAverage") for k in _tensors(got))
     m_remote = json.loads(cli("restore-map", f"s3://{BUCKET}/so-renamed/", *opt).stdout)
     assert m_remote == json.loads(cli("restore-map", tmp_path / "renamed").stdout) and m_remote
+    map_url = f"s3://{BUCKET}/so-map.json"  # the map written to the store: one object
+    cli("restore-map", f"s3://{BUCKET}/so-renamed/", "-o", map_url, "--quiet", *opt)
+    s3["fs"].invalidate_cache()
+    assert json.loads(s3["fs"].cat_file(f"{BUCKET}/so-map.json")) == m_remote
+    assert_clean_error(CliOf(cli("restore-map", f"s3://{BUCKET}/so-renamed/", "-o", map_url, *opt, ok=False)),
+                       map_url, "--force", code=1)
+    cli("restore-map", f"s3://{BUCKET}/so-renamed/", "-o", map_url, "--force", "--quiet", *opt)
     # posthoc: a remote glob of snapshots
     out_r, out_l = tmp_path / "ph-remote.safetensors", tmp_path / "ph-local.safetensors"
     cli("posthoc", "--from", f"0.05={url}/checkpoint-*", "--sigma-rel", "0.04", "-o", out_r, "--quiet", *opt)
