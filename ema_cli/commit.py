@@ -55,9 +55,12 @@ class Prepared:
 
     @property
     def staged_path(self) -> str:
-        """The staged output as a whole (what ``--verify`` reopens)."""
+        """The staged output as a whole (what ``--verify`` reopens): a local
+        path, or the URL of the staged object(s) under the staging prefix."""
         if self.outdir is not None:
             return self.staged.path
+        if self.remote:
+            return storage.join(self.staged.prefix_url, self.spec.name)
         return self.spec.write_path
 
     def finish(self, results: list[ShardResult], k: int = 0) -> None:

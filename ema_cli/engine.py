@@ -81,8 +81,6 @@ def run_many(plans: list[Plan], outputs: list[str], out_format: str | None, *, f
     prepared: list[Prepared] = []
     try:
         for plan, output in zip(plans, outputs):
-            if verify and storage.is_remote(output):
-                raise UsageError(f"{output}: --verify reopens the staged output, which needs a local output")
             prepared.append(prepare(plan, output, out_format, force=force, pool=pool, storage_options=options))
         if distributed and not all(p.shard_files for p in prepared):
             raise UsageError(f"{outputs[0]}: a Dask run writes each output shard on a worker: give "
@@ -107,7 +105,7 @@ def run_many(plans: list[Plan], outputs: list[str], out_format: str | None, *, f
             from ema_cli import verify as verify_mod
 
             for p, plan, s in zip(prepared, plans, sums):
-                verify_s += verify_mod.verify(plan, p.staged_path, p.format, s, output=p.output)
+                verify_s += verify_mod.verify(plan, p.staged_path, p.format, s, output=p.output, options=options)
         with interrupts.committing():  # every output or none, whatever signal arrives meanwhile
             for p in prepared:
                 p.commit()

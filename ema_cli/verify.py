@@ -14,11 +14,13 @@ from ema_cli.execute import digest
 from ema_cli.errors import EmaError
 
 
-def _open(staged: str, out_format: str):
+def _open(staged: str, out_format: str, options: str = ""):
     """A reader of the staged output (a hidden file keeps no format suffix: it is
-    then opened as the output format directly)."""
+    then opened as the output format directly).  A remote output is reopened
+    from its staging prefix like any remote input (``options``: its storage
+    options), so the check reads what the store holds."""
     try:
-        srcs = formats.resolve_inputs([staged])
+        srcs = formats.resolve_inputs([staged], (("storage_options", options),) if options not in ("", "{}") else ())
     except EmaError:
         srcs = None
     if srcs is None:
@@ -28,10 +30,10 @@ def _open(staged: str, out_format: str):
     return formats.open_reader(srcs[0])
 
 
-def verify(plan, staged: str, out_format: str, checksums: dict[str, str], *, output: str) -> float:
+def verify(plan, staged: str, out_format: str, checksums: dict[str, str], *, output: str, options: str = "") -> float:
     """Check the staged output at ``staged`` (errors name ``output``); the seconds it took."""
     t0 = time.perf_counter()
-    r = _open(staged, out_format)
+    r = _open(staged, out_format, options)
     try:
         have = r.tensors()
         for task in plan.tasks:

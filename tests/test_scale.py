@@ -216,6 +216,47 @@ def test_s3_inputs_and_outputs_bit_identical(s3, hf_ckpts, tmp_path):
     assert not [k for k in _objects(s3["fs"], "out") if "ema-avg-staging" in k]
 
 
+_FLIP = r"""
+import os, sys
+from ema_cli.formats import safetensors_fmt as st
+orig = st._FileWriter.close
+def close(self):  # a fault on the way out: the last data byte changes after it was written
+    b = os.pread(self.fd, 1, self.total - 1)
+    os.pwrite(self.fd, bytes([b[0] ^ 0xFF]), self.total - 1)
+    orig(self)
+st._FileWriter.close = close
+from ema_cli._entry import main
+sys.argv = ["ema-avg", *sys.argv[1:]]
+main()
+"""
+
+
+@pytest.mark.parametrize("layout", ["file", "shards", "tf"])
+def test_s3_verify_reads_the_staged_objects_back(s3, hf_ckpts, tmp_path, layout):
+    """--verify on an S3 output reopens what the store holds under the staging
+    prefix, before the commit: a byte changed after the writer wrote it fails
+    the run with nothing at the output key and no staging objects left; the
+    same run without the fault commits."""
+    url = _upload(s3, hf_ckpts, f"verify-{layout}")
+    out, extra = {"file": (f"s3://{BUCKET}/v-{layout}/avg.safetensors", []),
+                  "shards": (f"s3://{BUCKET}/v-{layout}/avg/", ["--max-shard-size", "60KB"]),
+                  "tf": (f"s3://{BUCKET}/v-{layout}/model.ckpt", [])}[layout]
+    args = [url, "--decay", "0.9", "-o", out, *extra, "--verify"]
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("EMA_AVG_DEBUG", None)
+    if layout != "tf":  # (the TF writer is not the safetensors one the fault is injected into)
+        p = subprocess.run([sys.executable, "-c", _FLIP, *args], capture_output=True, text=True, env=env,
+                           timeout=300, stdin=subprocess.DEVNULL)
+        assert_clean_error(CliOf(p), "verify: values differ", out.rstrip("/"), code=1)
+        assert _objects(s3["fs"], f"v-{layout}") == []
+    r = run_cli(*args, "--json")
+    assert r.code == 0, r
+    assert r.json()["verified"] is True and "verify_s" in r.json()["timings"]
+    keys = _objects(s3["fs"], f"v-{layout}")
+    assert keys and not [k for k in keys if "ema-avg-staging" in k], keys
+
+
 def test_s3_failed_and_killed_runs_leave_nothing(s3, hf_ckpts, tmp_path):
     """A failing run deletes its staging objects and writes no output; a killed
     run's staging objects are deleted by the next run, which succeeds."""
