@@ -135,7 +135,8 @@ def prepare(plan: Plan, output: str, out_format: str | None, *, force: bool, poo
         staged = RemoteStaging(output if outdir is None else outdir.directory, is_dir=outdir is not None,
                                force=force, options=storage_options)
         spec = OutputSpec(out_format, "", outdir.name if outdir else storage.basename(output), outdir is not None,
-                          meta, upload_to=staged.prefix_url, storage_options=storage_options)
+                          meta, upload_to=staged.prefix_url, storage_options=storage_options,
+                          upload_for=outdir.directory if outdir else storage.parent(output))
     elif outdir is not None:
         check_target(outdir.directory, force=force, is_dir=True)
         staged = Staged(outdir.directory, is_dir=True, force=force)

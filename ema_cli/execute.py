@@ -500,6 +500,7 @@ class OutputSpec:
     metadata: tuple[tuple[str, str], ...] = ()
     upload_to: str | None = None
     storage_options: str = ""
+    upload_for: str = ""  # the URL the task's local directory stands for (the output's directory), for messages
 
 
 @dataclass(frozen=True)
@@ -598,9 +599,9 @@ def run_task(task: ShardTask, pool: ReaderPool | None = None,
     pool = pool or ReaderPool()
     tmp = None
     writers: list = []
+    wheres: list[str] = []
     try:
         with contextlib.ExitStack() as stack:
-            wheres = []
             for spec in task.outputs:
                 if spec.upload_to is not None:  # remote: written here, then uploaded to its staging prefix
                     import tempfile
@@ -650,19 +651,30 @@ def run_task(task: ShardTask, pool: ReaderPool | None = None,
                            written * len(task.plans), time.perf_counter() - t0, len(names), digests,
                            sums if task.checksums else None, files)
     except EmaError as e:  # a writer names the file it writes: the user named the output behind it
-        shown = shown_path(str(e.path)) if e.path else None
+        shown = _shown(str(e.path), task.outputs, wheres) if e.path else None
         if shown is not None and shown != str(e.path):
             raise e.naming(shown) from None
         raise
     except OSError as e:
         if isinstance(e.filename, str):
-            e.filename = shown_path(e.filename)
+            e.filename = _shown(e.filename, task.outputs, wheres)
         raise
     finally:
         if own_pool:
             pool.close()
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _shown(path: str, specs, wheres: list[str]) -> str:
+    """The output the user named behind a path a task writes: a local staging
+    path (``output.shown_path``), or a file in the local directory of a remote
+    output's task (the output's URL)."""
+    for spec, where in zip(specs, wheres):
+        if spec.upload_to is not None and spec.upload_for and (path == where or path.startswith(where + os.sep)):
+            rel = os.path.relpath(path, where)
+            return spec.upload_for if rel == "." else storage.join(spec.upload_for, *rel.split(os.sep))
+    return shown_path(path)
 
 
 def _task_files(spec: OutputSpec, task: ShardTask, where: str) -> list[str]:

@@ -257,6 +257,22 @@ def test_s3_verify_reads_the_staged_objects_back(s3, hf_ckpts, tmp_path, layout)
     assert keys and not [k for k in keys if "ema-avg-staging" in k], keys
 
 
+def test_s3_output_errors_name_the_url(s3, tmp_path):
+    """An error while a task writes a remote output (here: PyTorch not
+    importable, a package that raises ModuleNotFoundError shadowing it) names
+    the output URL, not the task's local scratch directory, and leaves no object."""
+    shim = tmp_path / "not-installed" / "torch"
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'torch'\", name='torch')\n")
+    env = {"PYTHONPATH": os.pathsep.join([str(shim.parent), os.environ.get("PYTHONPATH", "")])}
+    fixtures = Path(__file__).resolve().parent.parent / "fixtures" / "safetensors"
+    out = f"s3://{BUCKET}/named/avg.pt"
+    r = run_cli(fixtures, "-o", out, env=env)
+    line = assert_clean_error(r, f"error: {out}: ", "pip install 'ema-avg[torch]'", code=1)
+    assert "ema-avg-task" not in line and "staging" not in line, line
+    assert _objects(s3["fs"], "named") == []
+
+
 def test_s3_failed_and_killed_runs_leave_nothing(s3, hf_ckpts, tmp_path):
     """A failing run deletes its staging objects and writes no output; a killed
     run's staging objects are deleted by the next run, which succeeds."""
