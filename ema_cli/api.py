@@ -434,12 +434,13 @@ def _replace_all(text: str, labels: dict[str, str]) -> str:
 
 
 @contextlib.contextmanager
-def _library_call(labels_box: list | None = None):
-    """Around each public function: warnings collected (not printed), OS errors
-    turned into EmaError, never SystemExit."""
+def _library_call(labels_box: list | None = None, live: bool = False):
+    """Around each public function: warnings collected (not printed; ``live``:
+    issued as EmaWarning as they come, for a call that runs until stopped), OS
+    errors turned into EmaError, never SystemExit."""
     from ema_cli import notices
 
-    with notices.capture() as got:
+    with notices.capture(_warn_now if live else None) as got:
         try:
             yield got
         except EmaError:
@@ -454,6 +455,10 @@ def _library_call(labels_box: list | None = None):
             raise EmaError(e.strerror or str(e), path=getattr(e, "filename", None)) from e
         except SystemExit as e:  # (nothing below raises it; a library never exits the process)
             raise EmaError(f"internal: exit {e.code}") from None
+
+
+def _warn_now(text: str) -> None:
+    _warnings.warn(text, EmaWarning, stacklevel=2)
 
 
 def _issue(warnings: list[str]) -> None:
@@ -759,7 +764,7 @@ def watch(
     """
     from ema_cli import watching as watch_mod
 
-    with _library_call():
+    with _library_call(live=True):  # a checkpoint skipped, a layout to fix: said while it runs
         spec = _spec(decay=decay, num_updates=num_updates, decay_per=decay_per, interp=interp, half_life=half_life)
         opts = _options(spec, include=include, exclude=exclude, dtype=dtype, allow_nonfinite=allow_nonfinite,
                         state_key=state_key, allow_copy_only=True)

@@ -28,7 +28,7 @@ from typing import Callable
 
 import numpy as np
 
-from ema_cli import dtypes, formats, kernel, storage
+from ema_cli import dtypes, formats, kernel, notices, storage
 from ema_cli.errors import EmaError, UsageError
 from ema_cli.formats.base import Source
 from ema_cli.output import shown_path
@@ -437,7 +437,7 @@ def run_shard(plan: Plan | list[Target], shard: list[str], pool: ReaderPool, wri
         with ThreadPoolExecutor(max_workers=threads) as ex:
             pending = set()
             for u in units:
-                pending.add(ex.submit(unit, u))
+                pending.add(ex.submit(notices.bound(unit), u))  # its warnings go where the caller's go
                 if len(pending) >= 2 * threads:
                     done, pending = wait(pending, return_when=FIRST_EXCEPTION)
                     for f in done:

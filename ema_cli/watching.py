@@ -125,13 +125,20 @@ class Watcher:
 
     def new_checkpoints(self) -> list[tuple[int, formats.Source]]:
         """Complete checkpoints not taken yet, by step."""
-        with notices.capture():  # a scan's notes (left-out directories) would repeat every poll
+        failed = None
+        with notices.capture() as notes:  # a scan's notes (left-out directories): said once, not every poll
             try:
                 sources = formats.resolve_inputs([self.directory], engine.reader_options(self.opts))
-            except EmaError as e:  # nothing there yet, or a layout to fix (said once; waiting)
-                if "no checkpoints" not in str(e) and "no such file" not in str(e):
-                    self._warn_once(str(e), f"{e} (--watch keeps waiting)")
-                return []
+            except EmaError as e:
+                failed = e
+        out = os.path.realpath(self.output)
+        for note in notes + ([] if failed is not None else list(sources.warnings)):
+            if out not in note and self.output not in note:  # (the output inside the directory is meant)
+                self._warn_once(note, note)
+        if failed is not None:  # nothing there yet, or a layout to fix (said once; waiting)
+            if "no checkpoints" not in str(failed) and "no such file" not in str(failed):
+                self._warn_once(str(failed), f"{failed} (--watch keeps waiting)")
+            return []
         ready = []
         for src in sources:
             if src.path in self.paths or self._excluded(src) or _hf_incomplete(src):

@@ -203,3 +203,87 @@ def test_incomplete_trainer_checkpoints_wait_for_their_state_file(tmp_path):
     assert updates[-1].files == [str(out)]
     assert len(returned) == 1 and [c.step for c in returned[0].checkpoints] == [5, 10]
     assert returned[0].mode == updates[-1].mode == "mean"
+
+
+def test_a_layout_to_fix_is_said_once_while_the_sidecar_waits(tmp_path):
+    """A directory the sidecar cannot read as one run (a checkpoint at its top
+    beside a checkpoint sub-directory) is one warning, not silence and not one
+    per poll; the sidecar keeps waiting, and SIGTERM ends it with exit 0."""
+    d = tmp_path / "run"
+    (d / "checkpoint-200").mkdir(parents=True)
+    rng = np.random.default_rng(7)
+    save_st(d / "ckpt-100.safetensors", checkpoint(rng, 100))
+    save_st(d / "checkpoint-200" / "model.safetensors", checkpoint(rng, 200))
+    out = tmp_path / "avg.safetensors"
+    proc = _start(d, out)
+    try:
+        time.sleep(1.5)  # some 30 polls
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: ") and "ambiguous directory" in lines[0] \
+        and "(--watch keeps waiting)" in lines[0], err
+    assert not out.exists()
+
+
+def test_library_watch_issues_its_warnings_while_it_runs(tmp_path):
+    """ema_cli.watch runs until stopped: a checkpoint it skips is an EmaWarning
+    at that moment (issued once), not kept for a result that never comes."""
+    import warnings
+
+    d = tmp_path / "run"
+    d.mkdir()
+    rng = np.random.default_rng(8)
+    out = tmp_path / "avg.safetensors"
+    stop = threading.Event()
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        t = threading.Thread(target=ema_cli.watch, args=(d, out), kwargs={"poll": 0.05, "stop": stop})
+        t.start()
+        try:
+            write_atomically(d, "ckpt-100.safetensors", checkpoint(rng, 100))
+            wait_for(lambda: n_averaged(out) == 1)
+            final = checkpoint(rng, 0)
+            del final["global_step"]
+            write_atomically(d, "final.safetensors", final)  # no step in its name or its tensors
+            wait_for(lambda: any("final.safetensors" in str(w.message) for w in rec))
+            time.sleep(0.3)  # more polls: still one warning
+        finally:
+            stop.set()
+            t.join(30)
+    skipped = [w for w in rec if "final.safetensors" in str(w.message)]
+    assert len(skipped) == 1 and issubclass(skipped[0].category, ema_cli.EmaWarning), [str(w.message) for w in rec]
+    assert "--watch skips it" in str(skipped[0].message)
+
+
+def test_concurrent_library_calls_keep_their_own_warnings(tmp_path):
+    """Two threads averaging at once: each result holds its own warnings only
+    (the warnings of a call belong to the call, not to the process)."""
+    rng = np.random.default_rng(9)
+    files = [save_st(tmp_path / f"ckpt-{s}.safetensors", checkpoint(rng, s)) for s in (100, 200)]
+    got = {"one": [], "two": []}
+    errors = []
+
+    def run(kind):
+        try:
+            for i in range(25):
+                ins = files[:1] if kind == "one" else files
+                got[kind].append(ema_cli.average(ins, tmp_path / f"{kind}-{i}.safetensors").warnings)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ema_cli.EmaWarning)
+        threads = [threading.Thread(target=run, args=(k,)) for k in ("one", "two")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    assert not errors, errors
+    assert all(len(w) == 1 and "only one checkpoint" in w[0] for w in got["one"]), got["one"]
+    assert all(w == [] for w in got["two"]), got["two"]
