@@ -305,6 +305,11 @@ def make_plan(inputs: list[str], opts: Options, *, out_format: str | None = None
     if not np.all(np.isfinite(weights)):
         raise UsageError("the schedule gives non-finite weights")
     warnings += schedule.diagnostics(opts.spec, steps[sel], weights)
+    counted = [cks[i] for i in sel if cks[i].step_from == "name" and cks[i].source.step_note]
+    if counted and schedule.uses_steps(opts.spec):
+        warnings.append(f"{counted[0].source.step_note}: this schedule takes N as the step of each "
+                        f"({len(counted)} checkpoint(s)); a per-checkpoint mode (the mean, --decay, --weights) "
+                        "needs no steps")
     for c in cks:
         c.selected, c.weight = False, 0.0
     for i, w in zip(sel, weights):

@@ -449,6 +449,12 @@ def tf_replay(arrays, steps, decay: float, num_updates: bool) -> np.ndarray:
 # --------------------------------------------------------------------------- diagnostics
 
 
+def uses_steps(spec: Spec) -> bool:
+    """Whether the weights depend on the checkpoints' step values, not only on
+    their order: per-step and power EMA, post-hoc EMA, TF's num_updates."""
+    return spec.mode in ("ema-per-step", "power-ema", "posthoc-ema") or bool(spec.num_updates)
+
+
 def diagnostics(spec: Spec, steps, weights) -> list[str]:
     """Warnings ``plan`` shows about a schedule over these checkpoint steps."""
     out: list[str] = []

@@ -15,7 +15,7 @@ from pathlib import Path
 from types import ModuleType
 
 from ema_cli.errors import EmaError, UsageError
-from ema_cli.formats.base import Format, Reader, Source, TensorInfo, Writer
+from ema_cli.formats.base import Format, Reader, Source, TensorInfo, Writer, counter_note
 
 # name -> module path; order is the order in which formats are asked to claim a path
 _MODULES = {
@@ -161,7 +161,7 @@ def _scan_directory(p: Path, arg: str, warnings: list[str]) -> list[Source]:
             continue
         if len(found) == 1:
             s = found[0]
-            subs.append(Source(s.format, s.path, s.files, name_hint=sub.name))
+            subs.append(Source(s.format, s.path, s.files, name_hint=sub.name, step_note=counter_note(sub)))
         else:
             several.append(f"{sub} ({len(found)} checkpoints)")
     if ours:

@@ -67,6 +67,57 @@ class TensorInfo:
         return self.numel * dtypes.itemsize(self.dtype)
 
 
+# The files a training framework writes beside the model to resume training,
+# by the names the frameworks themselves give them: never a checkpoint to
+# average, never copied to an output.  The HF Trainer (transformers'
+# trainer.py: OPTIMIZER_NAME optimizer.pt, SCHEDULER_NAME scheduler.pt,
+# SCALER_NAME scaler.pt, rng_state[_RANK].pth, TRAINER_STATE_NAME,
+# TRAINING_ARGS_NAME); Accelerate's save_state (accelerate.utils.constants and
+# checkpointing.py: optimizer[_I].bin, scheduler[_I].bin, sampler[_I].bin,
+# dl_state_dict[_I].bin, scaler.pt, random_states_RANK.pkl,
+# custom_checkpoint_I.pkl).  (Each reader also refuses, by its structure, a file
+# that holds an optimizer state dict or no tensors.)
+_TRAINING_STATE = re.compile(
+    r"^(optimizer(_\d+)?\.(pt|bin)|scheduler(_\d+)?\.(pt|bin)|sampler(_\d+)?\.bin|dl_state_dict(_\d+)?\.bin"
+    r"|scaler\.pt|rng_state(_\d+)?\.pth|random_states_\d+\.pkl|custom_checkpoint_\d+\.pkl"
+    r"|trainer_state\.json|training_args\.bin)$")
+
+
+def is_training_state(name: str) -> bool:
+    """A file name (no directory) of a framework's training state (above)."""
+    return bool(_TRAINING_STATE.match(name))
+
+
+# names a framework gives every checkpoint's weights file, the step being in the
+# directory's name: transformers' model.safetensors / pytorch_model.bin (and
+# PEFT's adapter_model, diffusers' diffusion_pytorch_model); Accelerate's
+# save_state writes a second model as model_1.safetensors (WEIGHTS_NAME with _I)
+_FIXED_WEIGHTS = re.compile(r"^(model|pytorch_model|adapter_model|diffusion_pytorch_model)(_\d+)?$")
+
+
+def step_hint(name: str, stem: str, parent: str) -> str:
+    """The name a checkpoint file's step is read from (``Source.name_hint``):
+    the file's own (``name``; ``stem`` without its suffix), unless it is a
+    framework's fixed weights name or holds no number: then its directory's."""
+    if _FIXED_WEIGHTS.match(stem) or not re.search(r"\d", stem):
+        return parent or name
+    return name
+
+
+_ACCELERATE_DIR = re.compile(r"^checkpoint_\d+$")  # ProjectConfiguration(automatic_checkpoint_naming=True)
+
+
+def counter_note(directory: Path) -> str:
+    """What the number in a checkpoint directory's name is when it is not a
+    step: Accelerate's ``save_state`` with automatic naming writes
+    ``checkpoints/checkpoint_N`` (N counts the saves, from 0) holding its
+    ``random_states_RANK.pkl``."""
+    if _ACCELERATE_DIR.match(directory.name) and any(directory.glob("random_states_*.pkl")):
+        return (f"{directory.parent}: Accelerate numbers its checkpoint_N directories by save (N = 0, 1, ...), "
+                "not by training step")
+    return ""
+
+
 #: what a tensor is to the training code that wrote it
 PARAMETER = "parameter"  # a trained weight: averaged
 BUFFER = "buffer"  # a float model state that is not trained (BatchNorm statistics): averaged, but
@@ -112,6 +163,9 @@ class Source:
     # reader options given on the command line, as (key, value) pairs: picklable, so a
     # reader opened anywhere reads the checkpoint the same way (``state_key``: PyTorch)
     options: tuple[tuple[str, str], ...] = field(default=())
+    # set when the number in ``name_hint`` is known not to be a training step (a
+    # framework's save counter): what it is, for a warning where steps matter
+    step_note: str = ""
 
     @property
     def label(self) -> str:

@@ -29,6 +29,7 @@ from ema_cli.errors import EmaError
 from ema_cli.notices import warn
 from ema_cli.output import shown_path
 from ema_cli.formats.base import Format, Reader, Source, TensorInfo, Writer, load_weight_map_index, step_from_scalar
+from ema_cli.formats.base import is_training_state as base_is_training_state, step_hint
 
 NAME = "safetensors"
 SUFFIX = ".safetensors"
@@ -76,8 +77,8 @@ def claim_path(path: Path, *, skip_missing: bool = False) -> list[Source] | None
             for index in sorted(path.parent.glob("*" + INDEX_SUFFIX)):
                 if name in {Path(f).name for f in _index_files(index)}:
                     return [_sharded_source(index)]
-        hint = name if re.search(r"\d", name[: -len(SUFFIX)]) else path.parent.name
-        return [Source(NAME, str(path), (str(path),), name_hint=hint if hint else name)]
+        hint = step_hint(name, name[: -len(SUFFIX)], path.parent.name)
+        return [Source(NAME, str(path), (str(path),), name_hint=hint)]
     return None
 
 
@@ -131,7 +132,7 @@ def claim_url(fs, key: str) -> list[Source] | None:
         for index in sorted(fs.glob(f"{parent}/*{INDEX_SUFFIX}")):
             if name in {storage.basename(f) for f in _remote_sharded(fs, index).files}:
                 return [_remote_sharded(fs, index)]
-    hint = name if re.search(r"\d", name[: -len(SUFFIX)]) else (parent.rsplit("/", 1)[-1] or name)
+    hint = step_hint(name, name[: -len(SUFFIX)], parent.rsplit("/", 1)[-1])
     return [Source(NAME, url, (url,), name_hint=hint)]
 
 
@@ -163,15 +164,9 @@ _LOADER_NAMES = frozenset({
     "processor_config.json", "adapter_config.json", "README.md",
 })
 _LOADER_PATTERNS = ("vocab.*", "*.model", "*.tiktoken", "chat_template.*", "*.py")
-_TRAINING_STATE = re.compile(
-    r"^(optimizer\.(pt|bin)|scheduler\.pt|scaler\.pt|rng_state(_\d+)?\.pth|trainer_state\.json|training_args\.bin)$")
-
-
 def is_training_state(name: str) -> bool:
-    """A file the HF Trainer writes to resume training (optimizer, scheduler,
-    grad scaler and RNG states, ``trainer_state.json``, ``training_args.bin``):
-    never a checkpoint to average, never copied to an output."""
-    return bool(_TRAINING_STATE.match(name))
+    """A file a training framework writes to resume training (``base.is_training_state``)."""
+    return base_is_training_state(name)
 
 
 def is_loader_file(name: str) -> bool:

@@ -44,6 +44,7 @@ import numpy as np
 
 from ema_cli import dtypes
 from ema_cli.errors import EmaError, UsageError
+from ema_cli.formats.base import is_training_state, step_hint
 from ema_cli.formats.base import BUFFER, OTHER, PARAMETER, Format, Reader, Role, Source, TensorInfo, Writer, is_buffer_name, \
     load_weight_map_index
 from ema_cli.output import Staged, check_target
@@ -58,7 +59,6 @@ STATE_KEYS = ("state_dict", "model", "module", "model_state_dict")
 #: step counters of the top-level dict, in this order (epoch is the last resort)
 STEP_KEYS = ("global_step", "step", "num_updates", "iteration", "epoch")
 #: files the HF Trainer writes beside the model in checkpoint-N/: training state, never a checkpoint
-TRAINING_STATE_RE = re.compile(r"^(optimizer\.pt|scheduler\.pt|scaler\.pt|training_args\.bin|rng_state.*\.pth)$")
 #: copies of another checkpoint that trainers keep beside them (Lightning save_last, fairseq)
 COPY_RE = re.compile(r"^(last(-v\d+)?\.ckpt|checkpoint_last\.pt|checkpoint_best\.pt)$")
 _SHARD_RE = re.compile(r"-\d{5}-of-\d{5}\.bin$")
@@ -175,9 +175,7 @@ def _hint(path: Path) -> str:
         if stem.endswith(s):
             stem = stem[: -len(s)]
             break
-    if re.search(r"\d", stem):
-        return path.name
-    return path.parent.name or path.name
+    return step_hint(path.name, stem, path.parent.name)
 
 
 def _sharded_source(index: Path) -> Source:
@@ -231,7 +229,7 @@ def scan_dir(path: Path) -> list[Source]:
     for f in sorted(path.iterdir()):
         if str(f) in listed or not f.is_file() or f.name.startswith(".") or not _input_suffix(f.name):
             continue
-        if TRAINING_STATE_RE.match(f.name):
+        if is_training_state(f.name):
             continue
         if COPY_RE.match(f.name):
             copies.append(f.name)
