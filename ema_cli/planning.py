@@ -256,13 +256,52 @@ def _discover(inputs: list[str], opts: Options, pool: ReaderPool, warnings: list
         elif len(cks) > 1:
             nost = [c.path for c in cks if c.step is None]
             warnings.append(f"no step for {', '.join(nost[:3])}: checkpoints kept in the order given")
+    cks, metas = _drop_copies(cks, metas, warnings)
+    if opts.order == "given" and not schedule.uses_steps(opts.spec):
+        return cks, metas  # the order is the user's; equal steps weigh like any two checkpoints
     seen: dict[int, str] = {}
     for c in cks:
         if c.step is not None:
             if c.step in seen:
-                raise EmaError(f"same step {c.step} as {seen[c.step]} (remove one, or use --order given)", path=c.path)
+                how = ("a schedule over steps needs distinct steps" if opts.order == "given" else
+                       "remove one; --order given averages both in the command-line order")
+                raise EmaError(f"same step {c.step} as {seen[c.step]} ({how})", path=c.path)
             seen[c.step] = c.path
     return cks, metas
+
+
+# a trainer's copy of another checkpoint, by the names trainers give it: fairseq's
+# checkpoint_best.pt / checkpoint_last.pt / checkpoint.best_loss_X.pt, timm's
+# model_best.pth.tar / last.pth.tar, Lightning's last.ckpt, Keras
+# ModelCheckpoint(save_best_only=True) files named best.*
+_COPY_WORD = re.compile(r"(?:^|[^a-z])(best|last|latest)(?:[^a-z]|$)", re.I)
+
+
+def _drop_copies(cks: list[Checkpoint], metas: list, warnings: list[str]):
+    """A checkpoint named as a trainer's best or last copy whose step is another
+    checkpoint's step is that checkpoint again (the same training state): it is
+    left out, with a warning, rather than averaged twice.  Both the step (the
+    checkpoint's own counter, or its name) and the name must say so."""
+    by_step: dict[int, list[int]] = {}
+    for i, c in enumerate(cks):
+        if c.step is not None:
+            by_step.setdefault(c.step, []).append(i)
+    drop = []
+    for idx in by_step.values():
+        if len(idx) < 2:
+            continue
+        copies = [i for i in idx if any(_COPY_WORD.search(steps_mod.stem(n))
+                                        for n in (cks[i].path, cks[i].source.name_hint) if n)]
+        if copies and len(copies) < len(idx):
+            drop += copies
+    if not drop:
+        return cks, metas
+    keep = [i for i in range(len(cks)) if i not in set(drop)]
+    kept_of = {cks[i].step: next(cks[j].path for j in keep if cks[j].step == cks[i].step) for i in drop}
+    shown = ", ".join(f"{cks[i].path} (step {cks[i].step}, as {kept_of[cks[i].step]})" for i in drop[:3])
+    more = f" and {len(drop) - 3} more" if len(drop) > 3 else ""
+    warnings.append(f"left out a trainer's copy of another checkpoint: {shown}{more} (name it alone to average it)")
+    return [cks[i] for i in keep], [metas[i] for i in keep]
 
 
 def make_plan(inputs: list[str], opts: Options, *, out_format: str | None = None,
