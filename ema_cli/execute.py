@@ -201,7 +201,7 @@ class ReadAhead:
         self.done = 0  # bytes the workers have consumed
         self.stop = False
         self.cv = threading.Condition()
-        self.thread = threading.Thread(target=self._run, name="ema-avg-read-ahead", daemon=True)
+        self.thread = threading.Thread(target=notices.bound(self._run), name="ema-avg-read-ahead", daemon=True)
         if self.left:
             self.thread.start()
 
@@ -671,9 +671,15 @@ def _shown(path: str, specs, wheres: list[str]) -> str:
     path (``output.shown_path``), or a file in the local directory of a remote
     output's task (the output's URL)."""
     for spec, where in zip(specs, wheres):
-        if spec.upload_to is not None and spec.upload_for and (path == where or path.startswith(where + os.sep)):
+        if spec.upload_to is None or not spec.upload_for:
+            continue
+        if path == where or path.startswith(where + os.sep):  # the task's local directory
             rel = os.path.relpath(path, where)
             return spec.upload_for if rel == "." else storage.join(spec.upload_for, *rel.split(os.sep))
+        prefix = spec.upload_to.rstrip("/")
+        if path == prefix or path.startswith(prefix + "/"):  # the staging prefix in the store (an upload)
+            rel = path[len(prefix):].lstrip("/")
+            return storage.join(spec.upload_for, rel) if rel else spec.upload_for
     return shown_path(path)
 
 

@@ -37,7 +37,9 @@ def shown_path(path: str) -> str:
     """The output path the user named behind a staging path (a hidden
     ``.NAME.ema-avg-PID-XXXX.tmp`` file or directory, anywhere in the path: a
     shard inside a staged directory is shown inside the output directory), for
-    messages; any other path as it is."""
+    messages; any other path (a URL among them) as it is."""
+    if "://" in path or ".ema-avg-" not in path:
+        return path
     head, parts = path, []
     while True:
         head, base = os.path.split(head)

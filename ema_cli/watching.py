@@ -37,7 +37,7 @@ from typing import Callable
 
 import numpy as np
 
-from ema_cli import dtypes, engine, formats, notices
+from ema_cli import dtypes, engine, formats, interrupts, notices
 from ema_cli.errors import EmaError, UsageError
 
 _SUPPORTED = ("mean", "swa", "ema", "ema-per-step")
@@ -118,6 +118,15 @@ class Watcher:
                 return True  # the output (a file, a TF prefix's files, a directory)
         return False
 
+    def _names_output(self, note: str) -> bool:
+        """Whether a scan's note is about the output (a whole path in it, not a prefix of another name)."""
+        import re
+
+        for p in {self.output.rstrip("/" + os.sep), os.path.realpath(self.output)}:
+            if p and re.search(re.escape(p) + r"(?=[/\s,;()]|$)", note):
+                return True
+        return False
+
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
@@ -131,9 +140,8 @@ class Watcher:
                 sources = formats.resolve_inputs([self.directory], engine.reader_options(self.opts))
             except EmaError as e:
                 failed = e
-        out = os.path.realpath(self.output)
         for note in notes + ([] if failed is not None else list(sources.warnings)):
-            if out not in note and self.output not in note:  # (the output inside the directory is meant)
+            if not self._names_output(note):  # (the output inside the directory is meant)
                 self._warn_once(note, note)
         if failed is not None:  # nothing there yet, or a layout to fix (said once; waiting)
             if "no checkpoints" not in str(failed) and "no such file" not in str(failed):
@@ -194,7 +202,13 @@ class Watcher:
         return a, b, float(w_new[n - 1]), w_new
 
     def add(self, step: int, src: formats.Source) -> engine.Result:
-        """Fold one new checkpoint in and write the output."""
+        """Fold one new checkpoint in and write the output.  A signal that
+        arrives from the commit on acts once the update is recorded and
+        reported (``interrupts.until_done``); one before it discards the update."""
+        with interrupts.until_done():
+            return self._add(step, src)
+
+    def _add(self, step: int, src: formats.Source) -> engine.Result:
         if self.steps and step <= self.steps[-1]:
             notices.warn(f"{src.path}: step {step} is not after the latest averaged ({self.steps[-1]}); "
                          "--watch only adds newer checkpoints: skipped")

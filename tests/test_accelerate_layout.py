@@ -103,3 +103,15 @@ def test_two_models_in_one_save_are_named_not_guessed(tmp_path):
     assert res.code == 0, res
     assert [Path(c["path"]).parent.name for c in json.loads(res.out)["checkpoints"]] == \
         [f"checkpoint_{i}" for i in range(4)]
+
+
+def test_a_model_n_file_elsewhere_takes_its_own_step(tmp_path):
+    """Only in Accelerate's checkpoint_N directories is model_1.safetensors a
+    model index: model_900.safetensors in a run directory is step 900."""
+    import torch
+
+    for step in (900, 1000, 80):
+        torch.save({"w": torch.full((2,), float(step))}, tmp_path / f"pytorch_model_{step}.bin")
+    res = run_cli("plan", tmp_path, "--json")
+    assert res.code == 0, res
+    assert [c["step"] for c in res.json()["checkpoints"]] == [80, 900, 1000], res

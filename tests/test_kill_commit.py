@@ -9,6 +9,7 @@ run completes.  (TensorFlow outputs have their own test in test_tf_safety.py.)""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -233,7 +234,46 @@ def test_a_sigterm_during_a_watch_update_stops_the_watch_after_that_update(tmp_p
     env = dict(os.environ, EMA_TEST_SIGNAL="15", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     script = LINK_SIGNAL + "from ema_cli._entry import main\nsys.argv = ['ema-avg', *sys.argv[1:]]\nmain()\n"
     res = CliResult(subprocess.run([sys.executable, "-c", script, "--watch", str(run), "-o", str(out), "--poll", "0.1",
-                                    "--quiet"], capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL,
-                                   timeout=60))
+                                    "--quiet", "--json"], capture_output=True, text=True, env=env,
+                                   stdin=subprocess.DEVNULL, timeout=60))
     assert (res.code, res.err) == (0, ""), res
     assert snapshot(out) == snapshot(run / "ckpt-1.safetensors")
+    # the update was recorded and reported before the watch stopped: one JSON line for it
+    docs = [json.loads(ln) for ln in res.out.splitlines()]
+    assert len(docs) == 1 and len(docs[0]["checkpoints"]) == 1, res
+
+
+HOST = r"""
+import asyncio, faulthandler, os, signal, sys, tempfile
+import ema_cli
+src, out = sys.argv[1], sys.argv[2]
+link = os.link
+def signalled(*a, **kw):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return link(*a, **kw)
+os.link = signalled
+case = os.environ["EMA_TEST_HOST"]
+if case == "faulthandler":  # a C-level handler Python cannot put back: left alone
+    faulthandler.register(signal.SIGTERM, file=sys.stderr, chain=False)
+    ema_cli.average(src, out, decay=0.5)
+    os.link = link
+    os.kill(os.getpid(), signal.SIGTERM)  # still faulthandler's: a stack dump, and the process goes on
+    print("alive", os.path.exists(out))
+else:  # asyncio's add_signal_handler (a wakeup fd): its callback runs once
+    seen = []
+    async def main():
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, lambda: seen.append("TERM"))
+        ema_cli.average(src, out, decay=0.5)
+        await asyncio.sleep(0.2)
+    asyncio.run(main())
+    print(len(seen), os.path.exists(out))
+"""
+
+
+@pytest.mark.parametrize("case,want", [("faulthandler", ["alive", "True"]), ("asyncio", ["1", "True"])])
+def test_a_host_programs_own_signal_handling_is_left_as_it_was(tmp_path, case, want):
+    env = dict(os.environ, EMA_TEST_HOST=case, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run([sys.executable, "-W", "ignore", "-c", HOST, str(FIXTURES / "safetensors"),
+                          str(tmp_path / "avg.safetensors")], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0 and res.stdout.split() == want, res

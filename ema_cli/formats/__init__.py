@@ -110,6 +110,10 @@ def resolve_inputs(args: list[str], options: tuple[tuple[str, str], ...] = ()) -
                     path=arg,
                 )
         for s in sources:
+            if not s.step_note and not _storage().is_remote(s.path) and s.name_hint == Path(s.path).parent.name:
+                note = counter_note(Path(s.path).parent)  # its step comes from its directory's name
+                if note:
+                    s = dataclasses.replace(s, step_note=note)
             found.setdefault(s.path, s)
     if not found:
         raise EmaError("no input checkpoints")

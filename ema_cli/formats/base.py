@@ -88,23 +88,27 @@ def is_training_state(name: str) -> bool:
     return bool(_TRAINING_STATE.match(name))
 
 
+_ACCELERATE_DIR = re.compile(r"^checkpoint_\d+$")  # ProjectConfiguration(automatic_checkpoint_naming=True)
+
 # names a framework gives every checkpoint's weights file, the step being in the
 # directory's name: transformers' model.safetensors / pytorch_model.bin (and
 # PEFT's adapter_model, diffusers' diffusion_pytorch_model); Accelerate's
-# save_state writes a second model as model_1.safetensors (WEIGHTS_NAME with _I)
-_FIXED_WEIGHTS = re.compile(r"^(model|pytorch_model|adapter_model|diffusion_pytorch_model)(_\d+)?$")
+# save_state writes a second model as model_1.safetensors (WEIGHTS_NAME with
+# _I), in its checkpoint_N directory (a model_500.safetensors elsewhere is step 500)
+_FIXED_WEIGHTS = re.compile(r"^(model|pytorch_model|adapter_model|diffusion_pytorch_model)$")
+_ACCELERATE_WEIGHTS = re.compile(r"^(model|pytorch_model)_\d+$")
 
 
 def step_hint(name: str, stem: str, parent: str) -> str:
     """The name a checkpoint file's step is read from (``Source.name_hint``):
     the file's own (``name``; ``stem`` without its suffix), unless it is a
     framework's fixed weights name or holds no number: then its directory's."""
-    if _FIXED_WEIGHTS.match(stem) or not re.search(r"\d", stem):
+    if _FIXED_WEIGHTS.match(stem) or not re.search(r"\d", stem) \
+            or (_ACCELERATE_WEIGHTS.match(stem) and _ACCELERATE_DIR.match(parent)):
         return parent or name
     return name
 
 
-_ACCELERATE_DIR = re.compile(r"^checkpoint_\d+$")  # ProjectConfiguration(automatic_checkpoint_naming=True)
 
 
 def counter_note(directory: Path) -> str:
