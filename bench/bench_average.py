@@ -194,7 +194,9 @@ def versions(python: str = PY) -> dict[str, str]:
             "    out['bf16 kernel'] = 'C' if kernel._C is not None else 'numpy'\n"
             "except ImportError: pass\n"
             "print(json.dumps(out))")
-    res = subprocess.run([python, "-c", code], capture_output=True, text=True, check=True)
+    # -I: not the current directory's ema_cli (a bench run from a checkout would import the source
+    # tree, without the C kernel pip built into the venv), the installed one, as ema-avg runs it
+    res = subprocess.run([python, "-I", "-c", code], capture_output=True, text=True, check=True)
     return json.loads(res.stdout)
 
 
