@@ -38,11 +38,6 @@ def install_signal_handlers() -> None:
         pass
 
 
-def _ignore_signals() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
 def _quiet_exit(message: str | None, code: int) -> None:
     """Print the one line and leave with ``code``.
 
@@ -53,7 +48,9 @@ def _quiet_exit(message: str | None, code: int) -> None:
     instead of 130, about one interrupt in 150 during start-up).  Everything
     that needs cleaning (staging files, handles) was cleaned while the
     exception unwound to here."""
-    _ignore_signals()  # a second interrupt must not turn the exit into a traceback
+    from ema_cli import interrupts
+
+    interrupts.ignore()  # a second interrupt must not turn the exit into a traceback
     for stream, text in ((sys.stdout, ""), (sys.stderr, "" if message is None else message + "\n")):
         try:
             stream.write(text)
@@ -150,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
         cli_main = _import_cli()
         cli_main(argv)
     except SystemExit as e:
-        _ignore_signals()  # the outcome is printed: a late signal must not add a second line
+        interrupts.ignore()  # the outcome is printed: a late signal must not add a second line
         if e.code in (EXIT_INTERRUPTED, EXIT_TERMINATED):  # printed by the CLI; see _quiet_exit
             _quiet_exit(None, e.code)
         raise

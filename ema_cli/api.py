@@ -434,7 +434,7 @@ def _replace_all(text: str, labels: dict[str, str]) -> str:
 
 
 @contextlib.contextmanager
-def _library_call(labels_box: list | None = None, live: bool = False):
+def _library_call(live: bool = False):
     """Around each public function: warnings collected (not printed; ``live``:
     issued as EmaWarning as they come, for a call that runs until stopped), OS
     errors turned into EmaError, never SystemExit."""

@@ -15,6 +15,7 @@ from typing import Annotated, List, Optional
 import typer
 
 from ema_cli import __version__, _entry, _typer_plain, api, engine, interrupts, render, storage
+from ema_cli.cli_options import Force, Json, StorageOption, Suffix
 from ema_cli.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, EmaError, UsageError
 
 _typer_plain.install()  # str/int/float options without pydantic (start-up time)
@@ -73,8 +74,6 @@ Order = Annotated[str, typer.Option("--order", metavar="step|given", help="'step
 Include = Annotated[Optional[List[str]], typer.Option("--include", metavar="REGEX", help="Also average tensors matching REGEX (repeatable).")]
 Exclude = Annotated[Optional[List[str]], typer.Option("--exclude", metavar="REGEX", help="Copy, do not average, tensors matching REGEX (repeatable).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary on stderr.")]
-Json = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
-Suffix = Annotated[str, typer.Option("--suffix", metavar="NAME", help="Shadow-name suffix: the shadow of x is x/SUFFIX.")]
 # output options shared by average and posthoc
 Output = Annotated[str, typer.Option("--output", "-o", metavar="OUT", help="Output path (format from its suffix).", show_default=False)]
 Format = Annotated[Optional[str], typer.Option("--format", metavar="FORMAT", help="Output format: safetensors, tf, hdf5, keras or torch.")]
@@ -82,12 +81,10 @@ Dtype = Annotated[str, typer.Option("--dtype", metavar="DTYPE", help="keep, floa
 AllowNonfinite = Annotated[bool, typer.Option("--allow-nonfinite", help="Average NaN/Inf values instead of failing.")]
 Verify = Annotated[bool, typer.Option("--verify", help="Reopen the output and check every tensor against what was computed.")]
 Threads = Annotated[int, typer.Option("--threads", metavar="N", help="Worker threads (0: one per core, at most 4).")]
-Force = Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing output.")]
 StateKey = Annotated[Optional[str], typer.Option("--state-key", metavar="KEY[.KEY...]", help="PyTorch: the key holding the state dict (e.g. state_dict_ema); default: state_dict, model, module, model_state_dict or the top level.")]
 SkipMissing = Annotated[bool, typer.Option("--skip-missing", help="Checkpoints a TF 'checkpoint' state file names that are gone: a warning each instead of an error.")]
 AllowCopyOnly = Annotated[bool, typer.Option("--allow-copy-only", help="Accept a plan that averages no tensor (every tensor copied from the newest).")]
 Dask = Annotated[Optional[str], typer.Option("--dask", metavar="ADDRESS", help="Run the shard tasks on a Dask cluster: a scheduler address (tcp://host:8786) or local:N (a LocalCluster of N worker processes). The output must be sharded: --max-shard-size, or a directory (one shard per worker).")]
-StorageOption = Annotated[Optional[List[str]], typer.Option("--storage-option", metavar="KEY=VALUE", help="fsspec option for s3://, gs://, ... paths (repeatable; a.b=v nests), beside the filesystem's own configuration (env vars, ~/.aws, FSSPEC_<PROTOCOL>_<OPTION>).")]
 Saturate = Annotated[bool, typer.Option("--saturate", help="Write averages beyond the output dtype's range as its largest finite value (default: an error).")]
 
 

@@ -12,19 +12,16 @@ from typing import Annotated, List, Optional
 import typer
 
 from ema_cli import api, interrupts, maps, names, render, storage
+from ema_cli.cli_options import Force, Json, StorageOption, Suffix
 from ema_cli.errors import EmaError, UsageError
 from ema_cli import engine
 from ema_cli.output import Staged, check_target
 
 Ckpt = Annotated[str, typer.Argument(metavar="CHECKPOINT", help="One checkpoint: file, TF prefix, sharded index or directory holding one.",
                                      show_default=False)]
-Suffix = Annotated[str, typer.Option("--suffix", metavar="NAME", help="Shadow-name suffix: the shadow of x is x/SUFFIX.")]
 Include = Annotated[Optional[List[str]], typer.Option("--include", metavar="REGEX", help="Also count tensors matching REGEX as averaged (repeatable).")]
 Exclude = Annotated[Optional[List[str]], typer.Option("--exclude", metavar="REGEX", help="Do not count tensors matching REGEX as averaged (repeatable).")]
-Force = Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing output.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No summary or warnings on stderr.")]
-Json = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
-StorageOption = Annotated[Optional[List[str]], typer.Option("--storage-option", metavar="KEY=VALUE", help="fsspec option for s3://, gs://, ... paths (repeatable; a.b=v nests), beside the filesystem's own configuration (env vars, ~/.aws, FSSPEC_<PROTOCOL>_<OPTION>).")]
 
 
 def _emit_json(doc) -> None:

@@ -83,27 +83,39 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("force", [False, True], ids=["fresh", "force"])
-@pytest.mark.parametrize("kind", list(CASES))
-def test_kill_at_every_commit_step(tmp_path, kind, force):
+def _commit_case(tmp_path, kind):
+    """The commands of a commit test: the new run (an EMA), the old output's
+    (--last-n 2, what --force replaces), the new run's output made once
+    undisturbed, and the work directory with the output path in it."""
     src, name, extra = CASES[kind]
     new_args = [src, *extra, "--decay", "0.5"]
     old_args = [src, *extra, "--last-n", "2"]
     ref = tmp_path / "ref"
     ref.mkdir()
     assert run_cli(*new_args, "-o", ref / name, "--quiet").code == 0
-    want_new = snapshot(ref / name)
     work = tmp_path / "work"
-    out = work / name
-    want_old = None
+    return new_args, old_args, snapshot(ref / name), work, work / name
+
+
+def _fresh_work(work, out, old_args):
+    """An empty work directory, holding the old output when ``old_args`` is
+    given (the --force cases); the old output's snapshot, or None."""
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    if old_args is None:
+        return None
+    assert run_cli(*old_args, "-o", out, "--quiet").code == 0
+    return snapshot(out)
+
+
+@pytest.mark.parametrize("force", [False, True], ids=["fresh", "force"])
+@pytest.mark.parametrize("kind", list(CASES))
+def test_kill_at_every_commit_step(tmp_path, kind, force):
+    new_args, old_args, want_new, work, out = _commit_case(tmp_path, kind)
     outcomes = set()
     for k in range(1, 60):
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir()
-        if force:
-            assert run_cli(*old_args, "-o", out, "--quiet").code == 0
-            want_old = snapshot(out)
-            assert want_old != want_new
+        want_old = _fresh_work(work, out, old_args if force else None)
+        assert want_old != want_new
         res = run_killed(k, *new_args, "-o", out, *(["--force"] if force else []), "--quiet")
         state = snapshot(out)
         if res.code == 0:
@@ -142,27 +154,14 @@ SIGNAL = SIGNAL.replace("from ema_cli.cli import main", "from ema_cli._entry imp
 @pytest.mark.parametrize("kind", ["safetensors", "sharded"])
 def test_signal_at_every_commit_step_is_success_or_nothing(tmp_path, kind, force, sig, code, message):
     assert "EMA_TEST_SIGNAL" in SIGNAL and "_entry import main" in SIGNAL
-    src, name, extra = CASES[kind]
-    new_args = [src, *extra, "--decay", "0.5"]
-    old_args = [src, *extra, "--last-n", "2"]
-    ref = tmp_path / "ref"
-    ref.mkdir()
-    assert run_cli(*new_args, "-o", ref / name, "--quiet").code == 0
-    want_new = snapshot(ref / name)
-    work = tmp_path / "work"
-    out = work / name
+    new_args, old_args, want_new, work, out = _commit_case(tmp_path, kind)
     sent = tmp_path / "sent"
     env = dict(os.environ, EMA_TEST_SIGNAL=str(sig), EMA_TEST_SENT=str(sent),
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    want_old = None
     outcomes = []
     for k in range(1, 80):
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir()
+        want_old = _fresh_work(work, out, old_args if force else None)
         sent.unlink(missing_ok=True)
-        if force:
-            assert run_cli(*old_args, "-o", out, "--quiet").code == 0
-            want_old = snapshot(out)
         env["EMA_TEST_KILL_AT"] = str(k)
         res = CliResult(subprocess.run([sys.executable, "-c", SIGNAL, *map(str, new_args), "-o", str(out),
                                         *(["--force"] if force else []), "--quiet"],

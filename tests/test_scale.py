@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from conftest import assert_clean_error, run_cli
+from test_verify_staging import FLIP  # a byte flipped after the safetensors writer wrote it
 
 pytest.importorskip("moto")
 pytest.importorskip("s3fs")
@@ -216,21 +217,6 @@ def test_s3_inputs_and_outputs_bit_identical(s3, hf_ckpts, tmp_path):
     assert not [k for k in _objects(s3["fs"], "out") if "ema-avg-staging" in k]
 
 
-_FLIP = r"""
-import os, sys
-from ema_cli.formats import safetensors_fmt as st
-orig = st._FileWriter.close
-def close(self):  # a fault on the way out: the last data byte changes after it was written
-    b = os.pread(self.fd, 1, self.total - 1)
-    os.pwrite(self.fd, bytes([b[0] ^ 0xFF]), self.total - 1)
-    orig(self)
-st._FileWriter.close = close
-from ema_cli._entry import main
-sys.argv = ["ema-avg", *sys.argv[1:]]
-main()
-"""
-
-
 @pytest.mark.parametrize("layout", ["file", "shards", "tf"])
 def test_s3_verify_reads_the_staged_objects_back(s3, hf_ckpts, tmp_path, layout):
     """--verify on an S3 output reopens what the store holds under the staging
@@ -246,7 +232,7 @@ def test_s3_verify_reads_the_staged_objects_back(s3, hf_ckpts, tmp_path, layout)
     env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("EMA_AVG_DEBUG", None)
     if layout != "tf":  # (the TF writer is not the safetensors one the fault is injected into)
-        p = subprocess.run([sys.executable, "-c", _FLIP, *args], capture_output=True, text=True, env=env,
+        p = subprocess.run([sys.executable, "-c", FLIP, *args], capture_output=True, text=True, env=env,
                            timeout=300, stdin=subprocess.DEVNULL)
         assert_clean_error(CliOf(p), "verify: values differ", out.rstrip("/"), code=1)
         assert _objects(s3["fs"], f"v-{layout}") == []

@@ -20,10 +20,10 @@ def close(self):
     os.pwrite(self.fd, bytes([b[0] ^ 0xFF]), self.total - 1)
     orig(self)
 st._FileWriter.close = close
-from ema_cli.cli import main
+from ema_cli._entry import main
 sys.argv = ["ema-avg", *sys.argv[1:]]
 main()
-"""
+"""  # (also tests/test_scale.py's, on an S3 output)
 
 
 def run_flipped(*args) -> CliResult:

@@ -131,7 +131,7 @@ def _checkpoints_in(d: Path) -> list[Source]:
     training framework's state files (the HF Trainer's ``optimizer.pt``,
     ``rng_state.pth``, ``training_args.bin``, ...) are never checkpoints to
     average, whatever format may one day claim their suffix."""
-    from ema_cli.formats.safetensors_fmt import is_training_state
+    from ema_cli.formats.base import is_training_state
 
     return [s for m in _available() for s in m.scan_dir(d) if not is_training_state(Path(s.path).name)]
 

@@ -29,7 +29,7 @@ from ema_cli.errors import EmaError
 from ema_cli.notices import warn
 from ema_cli.output import shown_path
 from ema_cli.formats.base import Format, Reader, Source, TensorInfo, Writer, load_weight_map_index, step_from_scalar
-from ema_cli.formats.base import is_training_state as base_is_training_state, step_hint
+from ema_cli.formats.base import is_training_state, step_hint
 
 NAME = "safetensors"
 SUFFIX = ".safetensors"
@@ -164,9 +164,6 @@ _LOADER_NAMES = frozenset({
     "processor_config.json", "adapter_config.json", "README.md",
 })
 _LOADER_PATTERNS = ("vocab.*", "*.model", "*.tiktoken", "chat_template.*", "*.py")
-def is_training_state(name: str) -> bool:
-    """A file a training framework writes to resume training (``base.is_training_state``)."""
-    return base_is_training_state(name)
 
 
 def is_loader_file(name: str) -> bool:
