@@ -200,6 +200,50 @@ def versions(python: str = PY) -> dict[str, str]:
     return json.loads(res.stdout)
 
 
+# The machine's own cost of writing an output: SIZE bytes of zeros to a new file the way ema-avg's
+# writers do it (space reserved with posix_fallocate, 1 MiB pwrites, fsync), what every writing case
+# pays on top of its work.  On a VM that hands freed memory back to the hypervisor (virtio-balloon
+# free page reporting) new page-cache pages may be faulted in again on the host: seen here, a 512 MiB
+# file written 4 s after another was deleted took 1.6-2.2 s, and 0.25 s right after.  Its spread is
+# the noise the writing cases carry.  (Without the reservation the same write took 1.5-5 s after
+# an ema-avg output was deleted, on ext4 mounted with discard: plain-write peers pay that.)
+WRITE_PROBE = r"""
+import os, sys
+path, size = sys.argv[1], int(sys.argv[2])
+buf = memoryview(bytearray(1 << 20))
+fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+os.posix_fallocate(fd, 0, size)
+pos = 0
+while pos < size:
+    pos += os.pwrite(fd, buf[: min(len(buf), size - pos)], pos)
+os.fsync(fd)
+os.close(fd)
+"""
+
+
+def memory_notes() -> str:
+    """What the kernel says of memory handed back to a hypervisor (free page reporting)."""
+    notes = []
+    try:
+        for dev in Path("/sys/bus/virtio/devices").iterdir():
+            if (dev / "device").read_text().strip() == "0x0005":  # virtio-balloon
+                bits = (dev / "features").read_text().strip()
+                notes.append("virtio-balloon free page reporting " + ("on" if len(bits) > 5 and bits[5] == "1"
+                                                                     else "off"))
+    except OSError:
+        pass
+    try:
+        order = Path("/sys/module/page_reporting/parameters/page_reporting_order").read_text().strip()
+        notes.append(f"page_reporting_order {order}")
+    except OSError:
+        pass
+    try:
+        notes.append("THP " + Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().strip())
+    except OSError:
+        pass
+    return "; ".join(notes) or "no hypervisor memory notes"
+
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as fh:
@@ -265,6 +309,8 @@ def measure(cmd: list[str], interval: float = 0.005) -> dict:
     return {
         "wall_s": wall,
         "cpu_s": cpu,
+        "user_s": ru.ru_utime,
+        "sys_s": ru.ru_stime,  # kernel time: page faults, and on a VM the hypervisor's faults on fresh memory
         "background_cores": max(0.0, (busy - cpu) / wall),
         "peak_rss_anon_mb": peak_anon / 2**20,
         "peak_vm_hwm_mb": max(peak_hwm, ru.ru_maxrss * 1024) / 2**20,
@@ -274,8 +320,10 @@ def measure(cmd: list[str], interval: float = 0.005) -> dict:
 
 
 def median_of(runs: list[dict]) -> dict:
-    keys = ("wall_s", "cpu_s", "background_cores", "peak_rss_anon_mb", "peak_vm_hwm_mb", "peak_rss_file_mb")
+    keys = ("wall_s", "cpu_s", "user_s", "sys_s", "background_cores", "peak_rss_anon_mb", "peak_vm_hwm_mb",
+            "peak_rss_file_mb")
     return {k: statistics.median(r[k] for r in runs) for k in keys} | {
+        "best_wall_s": min(r["wall_s"] for r in runs),
         "max_peak_rss_anon_mb": max(r["peak_rss_anon_mb"] for r in runs),
         "wall_all_s": [round(r["wall_s"], 3) for r in runs],
     }

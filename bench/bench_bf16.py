@@ -5,7 +5,7 @@ Writes N safetensors checkpoints of about SIZE MiB of bfloat16 matrices
 shaped like an LLM's (4096x4096 attention, 4096x11008 and 11008x4096 MLP),
 reads them once so they sit in the page cache, then times, in one run and on
 the same files, each as its own process (``bench_average.measure``: wall,
-CPU, peak RssAnon, background load):
+user and sys CPU, peak RssAnon, background load; medians and the best run):
 
   (a) ``ema-avg <files> -o out.safetensors --force --quiet``: the uniform mean,
       written in bf16 (the input dtype); and the same with ``--threads 1``
@@ -16,6 +16,9 @@ CPU, peak RssAnon, background load):
       accumulator ``acc.add_(t, alpha=w)``, the result cast to bf16 and written
       with ``safetensors.torch.save_file`` (what OLMo-core/mergekit-style
       scripts do)
+  (w) write probe: one checkpoint's bytes written to a new file the way
+      ema-avg's writers do (``bench_average.WRITE_PROBE``): the machine's own
+      cost of the output, which (a) and (c) pay and (b) does not
 
 Start-up rows: ``ema-avg --version``, and a whole 3-file tiny safetensors
 average (float32 and bf16), as processes.  The versions of Python, numpy,
@@ -43,7 +46,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_average import PY, TORCH_PEER, cpu_model, ema_python, measure, run_cases, versions, warm  # noqa: E402
+from bench_average import (PY, TORCH_PEER, WRITE_PROBE, cpu_model, ema_python, measure, memory_notes,  # noqa: E402
+                           run_cases, versions, warm)
 
 # the code of this checkout (PYTHONPATH), not whatever console script the venv holds
 EMA = f"{PY} -m ema_cli"
@@ -194,6 +198,11 @@ def main() -> int:
         "(b) floor (1 thread, no write)": [PY, "-c", FLOOR, *paths],
         "(c) torch peer": [PY, "-c", "import torch; torch.set_num_threads(1)\n" + TORCH_PEER,
                            str(work / "torch.safetensors"), *paths],
+        # the machine's cost of writing the output (bench_average.WRITE_PROBE): ema-avg and the peer pay it,
+        # the floor does not
+        f"(w) write probe ({os.path.getsize(paths[0]) / 2**20:.0f} MiB)": [PY, "-c", WRITE_PROBE,
+                                                                     str(work / "probe.bin"),
+                                                                     str(os.path.getsize(paths[0]))],
     }
     subprocess.run([*ema_cmd, "--help"], check=True, stdout=subprocess.DEVNULL)
 
@@ -214,6 +223,8 @@ def main() -> int:
     gb = args.n * sum(os.path.getsize(p) for p in paths[:1]) / 1e9
     summary = {
         "a_over_floor": a["wall_s"] / b["wall_s"], "a1_over_floor": a1["wall_s"] / b["wall_s"],
+        "a_over_floor_best": a["best_wall_s"] / b["best_wall_s"],
+        "a1_over_floor_best": a1["best_wall_s"] / b["best_wall_s"],
         "torch_over_a": c["wall_s"] / a["wall_s"], "torch_over_a1": c["wall_s"] / a1["wall_s"],
         "targets": {"a <= 2x floor": a["wall_s"] <= 2 * b["wall_s"],
                     "torch >= 1.5x a": c["wall_s"] >= 1.5 * a["wall_s"],
@@ -222,16 +233,20 @@ def main() -> int:
     }
     width = max(len(k) for k in res) + 2
     lines = [f"{args.n} checkpoints x {gb / args.n * 1000:.0f} MB bf16 (LLM-shaped matrices), page-cached, "
-             f"median of {args.reps}",
+             f"median and best of {args.reps}",
              f"versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()),
              "floor and peers (the bench's Python): " + ", ".join(
                  f"{k} {v}" for k, v in versions(PY).items() if k in ("python", "numpy", "safetensors", "torch")),
              f"CPU: {cpu}, {os.cpu_count()} cores; load average before {load0[0]:.2f}, after {load1[0]:.2f}",
-             f"{'case':<{width}}{'wall s':>8}{'cpu s':>8}{'GB/s':>7}{'x floor':>9}{'RssAnon MB':>12}{'bg cores':>10}"]
+             f"memory: {memory_notes()}",
+             f"{'case':<{width}}{'wall s':>8}{'best s':>8}{'user s':>8}{'sys s':>8}{'GB/s':>7}{'x floor':>9}"
+             f"{'best x':>8}{'RssAnon MB':>12}{'bg cores':>10}"]
     for k, v in res.items():
         m = v["median"]
-        lines.append(f"{k:<{width}}{m['wall_s']:>8.2f}{m['cpu_s']:>8.2f}{gb / m['wall_s']:>7.2f}"
-                     f"{m['wall_s'] / b['wall_s']:>9.2f}{m['peak_rss_anon_mb']:>12.1f}{m['background_cores']:>10.2f}")
+        lines.append(f"{k:<{width}}{m['wall_s']:>8.2f}{m['best_wall_s']:>8.2f}{m['user_s']:>8.2f}{m['sys_s']:>8.2f}"
+                     f"{gb / m['wall_s']:>7.2f}{m['wall_s'] / b['wall_s']:>9.2f}"
+                     f"{m['best_wall_s'] / b['best_wall_s']:>8.2f}{m['peak_rss_anon_mb']:>12.1f}"
+                     f"{m['background_cores']:>10.2f}")
     for k, v in start.items():
         lines.append(f"start-up {k:<30} best {v['best_s']:.3f} s, median {v['median_s']:.3f} s "
                      f"(bg {v['background_cores']:.2f} cores)")

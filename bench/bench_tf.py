@@ -15,17 +15,23 @@ files:
   (d) ``ema-avg DIR -o out/exact.ckpt --decay 0.999 --tf-exact`` (float32 replay)
   (e) ``ema-avg ST_DIR -o out/avg.safetensors``: the same tensors as safetensors
       files (written once from the TF checkpoints), the reference for (a), (c)
+  (w) write probe: one checkpoint's bytes of zeros written to a new file
+      (1 MiB ``pwrite``s, ``fsync``): what the machine charges every writing
+      case for its output, whose spread is the noise they carry (on a VM with
+      free page reporting, new page-cache pages can stall on the hypervisor)
 
-While each process runs, ``/proc/PID/status`` is polled every ~5 ms for
-``RssAnon`` (anonymous memory: heap, numpy and TF buffers) and ``VmHWM`` (peak
-resident set, including TensorFlow's ~0.5 GB of shared libraries); wall and
-CPU time come from ``wait4``.  Each case runs ``--reps`` times (order rotated);
-the table shows medians, and each TF/safetensors ratio is also given as the
-median of the per-repetition ratios.  The outputs of (a) and (b) are compared
-at the end.
+Each case runs as its own process, measured by ``bench_average.measure``
+(wall; user and sys CPU from ``wait4``; peak ``RssAnon``, anonymous memory,
+and ``VmHWM``, peak resident set including TensorFlow's ~0.5 GB of shared
+libraries, polled from ``/proc/PID/status``; the CPU other processes used).
+Each case runs ``--reps`` times (order rotated; a run under background load is
+repeated); the table shows medians and the best run, and each
+TF/safetensors ratio is given by the medians, by the best runs and as the
+median of the per-repetition ratios.  The outputs of (a) and (b) are
+compared at the end.
 
     /work/venv/bin/python bench/bench_tf.py [--size-mb 48] [--n 8] [--tensors 32] [--reps 5] [--keep]
-        [--cases a,c,e] [--no-compare]
+        [--cases a,c,e,w] [--no-compare]
 
 Data goes to ``bench/out/tf-<n>x<size>mb`` (reused when present); figures to
 ``bench/out/results_tf.json``.
@@ -48,7 +54,7 @@ HERE = Path(__file__).resolve().parent
 PY = sys.executable
 os.environ.pop("PYTHONDONTWRITEBYTECODE", None)  # measured processes keep bytecode caches, as a user's do
 EMA = [PY, "-m", "ema_cli"]  # the ema_cli on PYTHONPATH (a worktree), not whatever the venv's script points at
-ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "TF_ENABLE_ONEDNN_OPTS": "0"}
+os.environ.update(TF_CPP_MIN_LOG_LEVEL="3", TF_ENABLE_ONEDNN_OPTS="0")  # (the t2t-style script's TF, quiet)
 
 T2T = r"""
 import os, sys
@@ -146,41 +152,6 @@ def warm(d: Path) -> None:
 # --------------------------------------------------------------------------- measuring
 
 
-def _status(pid: int) -> dict[str, int]:
-    out = {}
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                if line.startswith(("RssAnon:", "VmHWM:")):
-                    k, v = line.split(":", 1)
-                    out[k] = int(v.split()[0]) * 1024
-    except (FileNotFoundError, ProcessLookupError, ValueError):
-        pass
-    return out
-
-
-def measure(cmd: list[str], interval: float = 0.005) -> dict:
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
-    peak_anon = peak_hwm = 0
-    while True:
-        pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            wall = time.perf_counter() - t0
-            break
-        s = _status(proc.pid)
-        peak_anon = max(peak_anon, s.get("RssAnon", 0))
-        peak_hwm = max(peak_hwm, s.get("VmHWM", 0))
-        time.sleep(interval)
-    code = os.waitstatus_to_exitcode(status)
-    err = proc.stderr.read().decode(errors="replace")
-    proc.stderr.close()
-    if code != 0:
-        raise SystemExit(f"command failed ({code}): {' '.join(cmd[:6])} ...\n{err}")
-    return {"wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_stime, "peak_rss_anon_mb": peak_anon / 2**20,
-            "peak_vm_hwm_mb": peak_hwm / 2**20}  # polled: ru_maxrss survives exec (the parent imported TF)
-
-
 def clean(out: Path) -> None:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -194,14 +165,16 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
     ap.add_argument("--dir", default=str(HERE / "out"))
-    ap.add_argument("--cases", default="a,b,c,d,e", help="which cases (letters above), comma-separated")
+    ap.add_argument("--cases", default="a,b,c,d,e,w", help="which cases (letters above), comma-separated")
+    ap.add_argument("--max-bg", type=float, default=0.25,
+                    help="repeat a run (up to 3 times) when other processes used more than this many cores")
     ap.add_argument("--no-compare", action="store_true", help="skip the (a) vs (b) output comparison")
     ap.add_argument("--ema", default=" ".join(EMA), help="the ema-avg command (split like a shell line), e.g. a "
                     "fresh Quickstart venv's ema-avg; default: python -m ema_cli")
     args = ap.parse_args()
     import shlex
 
-    from bench_average import cpu_model, ema_python
+    from bench_average import WRITE_PROBE, cpu_model, ema_python, memory_notes, run_cases
     from bench_average import versions as env_versions
 
     ema_cmd = shlex.split(args.ema)
@@ -214,10 +187,12 @@ def main() -> int:
     prefixes = make_checkpoints(data, args.n, args.size_mb, args.tensors)
     out = base / "tf-out"
     total_mb = sum(f.stat().st_size for f in data.iterdir() if f.is_file()) / 2**20
+    out_bytes = sum(os.path.getsize(p) for p in data.glob(Path(prefixes[0]).name + ".data-*"))
     st_dir = base / f"st-{args.n}x{args.size_mb}mb"
     want = set(args.cases.split(","))
     if "e" in want:
         make_safetensors(prefixes, st_dir)
+    ST = "ema-avg (safetensors -> safetensors)"
     cases = {
         "ema-avg (TF -> TF)": ("a", [*ema_cmd, str(data), "-o", str(out / "avg.ckpt"), "--force", "--quiet"]),
         "t2t-style (load_checkpoint + Saver)": ("b", [PY, "-c", T2T, str(out / "t2t" / "avg.ckpt"), *prefixes]),
@@ -225,54 +200,55 @@ def main() -> int:
                                               "--quiet"]),
         "ema-avg --tf-exact --decay 0.999": ("d", [*ema_cmd, str(data), "-o", str(out / "exact.ckpt"), "--force",
                                                    "--quiet", "--decay", "0.999", "--tf-exact"]),
-        "ema-avg (safetensors -> safetensors)": ("e", [*ema_cmd, str(st_dir), "-o", str(out / "st.safetensors"),
-                                                       "--force", "--quiet"]),
+        ST: ("e", [*ema_cmd, str(st_dir), "-o", str(out / "st.safetensors"), "--force", "--quiet"]),
+        f"write probe ({out_bytes / 2**20:.0f} MiB, new file)": ("w", [PY, "-c", WRITE_PROBE, str(out / "probe.bin"),
+                                                                       str(out_bytes)]),
     }
     cases = {k: cmd for k, (letter, cmd) in cases.items() if letter in want}
-    runs: dict[str, list[dict]] = {k: [] for k in cases}
-    names = list(cases)
-    for rep in range(args.reps):
-        for name in names[rep % len(names):] + names[: rep % len(names)]:
-            clean(out)
-            (out / "t2t").mkdir()
-            warm(data)
-            if "e" in want:
-                warm(st_dir)
-            r = measure(cases[name])
-            runs[name].append(r)
-            print(f"  rep {rep + 1}/{args.reps}  {name:<38} {r['wall_s']:6.2f} s  cpu {r['cpu_s']:6.2f} s  "
-                  f"RssAnon {r['peak_rss_anon_mb']:7.1f} MB  VmHWM {r['peak_vm_hwm_mb']:7.1f} MB",
-                  file=sys.stderr, flush=True)
 
-    med = {k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in runs.items()}
+    def before():
+        clean(out)
+        (out / "t2t").mkdir()
+        warm(data)
+        if "e" in want:
+            warm(st_dir)
+
+    res = run_cases(cases, args.reps, before=before, max_bg=args.max_bg)
+    runs = {k: v["runs"] for k, v in res.items()}
+    med = {k: v["median"] for k, v in res.items()}
 
     def table(extra: str = "") -> list[str]:
         load1 = os.getloadavg()
         lines = [f"{args.n} TF checkpoints x {args.size_mb} MiB ({args.tensors} float32 tensors + global_step), "
-                 f"{total_mb:.0f} MiB in all, page-cached; medians of {args.reps}",
+                 f"{total_mb:.0f} MiB in all, page-cached; medians and bests of {args.reps}",
                  "versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()),
                  f"CPU: {cpu_model()}, {os.cpu_count()} cores; load average before {load0[0]:.2f}, "
                  f"after {load1[0]:.2f}",
-                 f"{'case':<40} {'wall s':>7} {'cpu s':>7} {'RssAnon MB':>11} {'VmHWM MB':>9}"]
+                 f"memory: {memory_notes()}",
+                 f"{'case':<40} {'wall s':>7} {'best s':>7} {'user s':>7} {'sys s':>7} {'RssAnon MB':>11} "
+                 f"{'VmHWM MB':>9} {'bg cores':>9}"]
         for k, m in med.items():
-            lines.append(f"{k:<40} {m['wall_s']:7.2f} {m['cpu_s']:7.2f} {m['peak_rss_anon_mb']:11.0f} "
-                         f"{m['peak_vm_hwm_mb']:9.0f}")
-        wall = {k: m["wall_s"] for k, m in med.items()}
-        st = wall.get("ema-avg (safetensors -> safetensors)")
-        if st:
+            lines.append(f"{k:<40} {m['wall_s']:7.2f} {m['best_wall_s']:7.2f} {m['user_s']:7.2f} {m['sys_s']:7.2f} "
+                         f"{m['peak_rss_anon_mb']:11.0f} {m['peak_vm_hwm_mb']:9.0f} {m['background_cores']:9.2f}")
+        if ST in med:
+            st = med[ST]
             for k in ("ema-avg (TF -> TF)", "ema-avg (TF -> safetensors)"):
-                if k in wall:
-                    # the machine's speed drifts between repetitions: also the median of the
-                    # per-repetition ratios (the cases of one repetition run back to back)
-                    per_rep = [a["wall_s"] / b["wall_s"] for a, b in
-                               zip(runs[k], runs["ema-avg (safetensors -> safetensors)"])]
-                    lines.append(f"{k} / safetensors -> safetensors: {wall[k] / st:.2f} (target <= 1.3); "
-                                 f"median of the per-repetition ratios {statistics.median(per_rep):.2f}")
-        if "t2t-style (load_checkpoint + Saver)" in wall and "ema-avg (TF -> TF)" in wall:
+                if k in med:
+                    # the machine's speed drifts between repetitions and a write can stall on the
+                    # hypervisor (the write probe row): the ratio of the medians, of the best runs
+                    # (timeit's rule: noise only adds), and the median of the per-repetition ratios
+                    # (the cases of one repetition run back to back)
+                    per_rep = [a["wall_s"] / b["wall_s"] for a, b in zip(runs[k], runs[ST])]
+                    lines.append(f"{k} / safetensors -> safetensors (target <= 1.3): medians "
+                                 f"{med[k]['wall_s'] / st['wall_s']:.2f}, bests "
+                                 f"{med[k]['best_wall_s'] / st['best_wall_s']:.2f}, median of the per-repetition "
+                                 f"ratios {statistics.median(per_rep):.2f}; user CPU "
+                                 f"{med[k]['user_s'] / st['user_s']:.2f}")
+        if "t2t-style (load_checkpoint + Saver)" in med and "ema-avg (TF -> TF)" in med:
             lines.append(f"ema-avg (TF -> TF) / t2t-style: "
-                         f"{wall['ema-avg (TF -> TF)'] / wall['t2t-style (load_checkpoint + Saver)']:.2f} "
-                         f"(target <= 0.2)")
-        rss = max(m["peak_rss_anon_mb"] for k, m in med.items() if k.startswith("ema-avg"))
+                         f"{med['ema-avg (TF -> TF)']['wall_s'] / med['t2t-style (load_checkpoint + Saver)']['wall_s']:.2f}"
+                         f" (target <= 0.2)")
+        rss = max(m["max_peak_rss_anon_mb"] for k, m in med.items() if k.startswith("ema-avg"))
         lines.append(f"peak RssAnon of ema-avg: {rss:.0f} MB (target <= 200)" + extra)
         return lines
 
@@ -283,10 +259,9 @@ def main() -> int:
                                                           "median": med, "runs": runs, "table": lines}, indent=2))
         return 0
     # the two TF outputs agree (run them once more, side by side)
-    clean(out)
-    (out / "t2t").mkdir()
-    measure(cases["ema-avg (TF -> TF)"])  # (noqa: the comparison below)
-    measure(cases["t2t-style (load_checkpoint + Saver)"])
+    before()
+    for k in ("ema-avg (TF -> TF)", "t2t-style (load_checkpoint + Saver)"):
+        subprocess.run(cases[k], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     os.environ.update(TF_CPP_MIN_LOG_LEVEL="3", TF_ENABLE_ONEDNN_OPTS="0")
     import numpy as np
     import tensorflow as tf
