@@ -484,11 +484,10 @@ def _run(inputs: list[str], targets: list, fmt: str | None, *, force: bool, veri
     writing (the CLI prints the warnings there); ``progress_cm(plan)`` is a
     context manager yielding the ``on_tensor`` callback (or None).  ``dask``: a
     scheduler address or ``local:N``: the shard tasks run on that cluster."""
-    from ema_cli import engine, formats, storage
+    from ema_cli import engine, formats
 
     t0 = time.perf_counter() if t0 is None else t0
     first_opts, first_out = targets[0]
-    storage.configure(first_opts.storage_options)
     directory = formats.is_directory_output(first_out, fmt)
     if dask and first_opts.max_shard_size is None and not directory:
         raise UsageError(f"{first_out}: a Dask run writes each output shard on a worker: give --max-shard-size, "

@@ -76,22 +76,11 @@ def options_text(options: dict | None) -> str:
     return json.dumps(options or {}, sort_keys=True, separators=(",", ":"))
 
 
-_configured: dict = {}
-
-
-def configure(options: dict | str | None) -> None:
-    """The storage options this process uses where none are given (the CLI's
-    ``--storage-option``); sources and output specs carry their own."""
-    global _configured
-    _configured = json.loads(options) if isinstance(options, str) and options else dict(options or {})
-
-
 def filesystem(url: str, options: dict | str | None = None):
     """``(fs, path)`` for a URL: fsspec's filesystem with its own configuration
-    plus ``options`` (default: those given to ``configure``).  A missing
-    back-end is a one-line hint."""
-    if not options:
-        options = _configured
+    plus ``options`` (each caller passes the options its source or output
+    carries: nothing process-wide, so one library call's options never reach
+    the next).  A missing back-end is a one-line hint."""
     if isinstance(options, str):
         options = json.loads(options) if options else {}
     try:

@@ -559,6 +559,73 @@ class CliOf:
         return f"<exit {self.code}: {self.err[-2000:]}>"
 
 
+_LIBRARY_CALLS = r"""
+import json, sys
+import ema_cli
+url, out, endpoint = sys.argv[1:]
+res = ema_cli.average(url, out, decay=0.9, storage_options={"endpoint_url": endpoint})
+print(json.dumps({"first": res.averaged + res.copied}))
+try:  # the next call gives no options: it must not reach the store through the first call's
+    ema_cli.plan(url, decay=0.9)
+except ema_cli.EmaError as e:
+    print(json.dumps({"second": str(e)}))
+else:
+    print(json.dumps({"second": None}))
+"""
+
+
+def test_storage_options_reach_every_output_and_stay_with_their_call(s3, hf_ckpts, tmp_path):
+    """``--storage-option`` alone (no fsspec environment configuration) writes
+    S3 outputs: one object, HF shards with --verify, a TF checkpoint, and shards
+    computed on Dask workers (other processes), each with the local bits.  In
+    the library the options belong to the call that got them: a later call
+    without options does not reach the store through them."""
+    url = _upload(s3, hf_ckpts, "so-out")
+    env = {k: v for k, v in os.environ.items() if k != "FSSPEC_S3_ENDPOINT_URL"}
+    env["AWS_ENDPOINT_URL_S3"] = "http://127.0.0.1:9"  # without the option nothing answers: no real AWS is asked
+    env.pop("EMA_AVG_DEBUG", None)
+    opt = ["--storage-option", f"endpoint_url={s3['endpoint']}"]
+
+    def cli(*args):
+        p = subprocess.run([sys.executable, "-m", "ema_cli", *map(str, args)], env=env, capture_output=True,
+                           text=True, timeout=300, stdin=subprocess.DEVNULL)
+        assert p.returncode == 0, (args, p.stderr)
+        return p
+
+    local = tmp_path / "local"
+    local.mkdir()
+    assert run_cli(hf_ckpts, "--decay", "0.9", "-o", local / "avg.safetensors", "--quiet").code == 0
+    assert run_cli(hf_ckpts, "--decay", "0.9", "-o", f"{local}/shards/", "--max-shard-size", "60KB",
+                   "--quiet").code == 0
+    ref = _tensors(local / "avg.safetensors")
+    base = f"s3://{BUCKET}/so-out-results"
+    cli(url, "--decay", "0.9", "-o", f"{base}/avg.safetensors", "--quiet", *opt)
+    cli(url, "--decay", "0.9", "-o", f"{base}/shards/", "--max-shard-size", "60KB", "--verify", "--quiet", *opt)
+    cli(url, "--decay", "0.9", "-o", f"{base}/dask/", "--max-shard-size", "60KB", "--dask", "local:2", "--quiet",
+        *opt)
+    cli(url, "--decay", "0.9", "-o", f"{base}/tf/model.ckpt", "--quiet", *opt)
+    got = tmp_path / "got"
+    s3["fs"].get(f"{BUCKET}/so-out-results/", str(got), recursive=True)
+    _same_bits(_tensors(got / "avg.safetensors"), ref)
+    _same_bits(_tensors(got / "shards"), _tensors(local / "shards"))
+    _same_bits(_tensors(got / "dask"), _tensors(local / "shards"))
+    from ema_cli.formats import tf_bundle
+
+    b = tf_bundle.Bundle(str(got / "tf" / "model.ckpt"))
+    try:
+        assert {n: b.read(n).tobytes() for n in ref} == {n: a.tobytes() for n, a in ref.items()}
+    finally:
+        b.close()
+    assert not [k for k in _objects(s3["fs"], "so-out-results") if "ema-avg-staging" in k]
+
+    p = subprocess.run([sys.executable, "-c", _LIBRARY_CALLS, url, f"{base}/lib.safetensors", s3["endpoint"]],
+                       env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert p.returncode == 0, p.stderr
+    first, second = (json.loads(line) for line in p.stdout.splitlines())
+    assert first["first"] == len(ref)
+    assert second["second"] is not None and url in second["second"], second
+
+
 def test_range_array_serves_the_bytes():
     """The kernel's view of a remote tensor: slices in order and out of order,
     across windows, through a dtype view, equal the bytes they stand for."""
