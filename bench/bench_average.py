@@ -456,11 +456,13 @@ def main() -> int:
              f"median of {args.reps}, {os.cpu_count()} cores",
              "versions: " + ", ".join(f"{k} {v}" for k, v in versions(ema_python(ema_cmd)).items()),
              f"CPU: {cpu_model()}; load average before {load0[0]:.2f}, after {os.getloadavg()[0]:.2f}",
-             f"{'case':<{width}}{'wall s':>8}{'cpu s':>8}{'x floor':>9}{'x naive':>9}{'RssAnon MB':>12}{'VmHWM MB':>10}"
-             f"{'bg cores':>10}"]
+             f"memory: {memory_notes()}",
+             f"{'case':<{width}}{'wall s':>8}{'best s':>8}{'user s':>8}{'sys s':>8}{'x floor':>9}{'x naive':>9}"
+             f"{'RssAnon MB':>12}{'VmHWM MB':>10}{'bg cores':>10}"]
     for k, v in res.items():
         m = v["median"]
-        lines.append(f"{k:<{width}}{m['wall_s']:>8.2f}{m['cpu_s']:>8.2f}{m['wall_s'] / b['wall_s']:>9.2f}"
+        lines.append(f"{k:<{width}}{m['wall_s']:>8.2f}{m['best_wall_s']:>8.2f}{m['user_s']:>8.2f}{m['sys_s']:>8.2f}"
+                     f"{m['wall_s'] / b['wall_s']:>9.2f}"
                      f"{m['wall_s'] / c['wall_s']:>9.2f}{m['peak_rss_anon_mb']:>12.1f}{m['peak_vm_hwm_mb']:>10.1f}"
                      f"{m['background_cores']:>10.2f}")
     if scaling:

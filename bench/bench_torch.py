@@ -63,7 +63,7 @@ def main() -> int:
     args = ap.parse_args()
     import shlex
 
-    from bench_average import cpu_model, ema_python, versions
+    from bench_average import cpu_model, ema_python, memory_notes, versions
 
     ema_cmd = shlex.split(args.ema)
     load0 = os.getloadavg()
@@ -87,14 +87,18 @@ def main() -> int:
 
     results = run_cases(cases, args.reps, before=before)
     ref = results["st -> st"]["median"]["wall_s"]
-    print(f"\n{args.n} x {args.size_mb} MB float32, {TENSORS} tensors each; medians of {args.reps}")
+    print(f"\n{args.n} x {args.size_mb} MB float32, {TENSORS} tensors each; medians and bests of {args.reps}")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in versions(ema_python(ema_cmd)).items()))
     print(f"CPU: {cpu_model()}, {os.cpu_count()} cores; load average before {load0[0]:.2f}, "
           f"after {os.getloadavg()[0]:.2f}")
-    print(f"{'case':<10} {'wall s':>8} {'vs st':>7} {'cpu s':>8} {'peak RssAnon MB':>16}")
+    print(f"memory: {memory_notes()}")
+    best = results["st -> st"]["median"]["best_wall_s"]
+    print(f"{'case':<10} {'wall s':>8} {'vs st':>7} {'best s':>8} {'vs st':>7} {'user s':>8} {'sys s':>8} "
+          f"{'peak RssAnon MB':>16}")
     for name, r in results.items():
         m = r["median"]
-        print(f"{name:<10} {m['wall_s']:8.2f} {m['wall_s'] / ref:7.2f} {m['cpu_s']:8.2f} "
+        print(f"{name:<10} {m['wall_s']:8.2f} {m['wall_s'] / ref:7.2f} {m['best_wall_s']:8.2f} "
+              f"{m['best_wall_s'] / best:7.2f} {m['user_s']:8.2f} {m['sys_s']:8.2f} "
               f"{r['median']['max_peak_rss_anon_mb']:16.1f}")
     doc = {"machine": platform.platform(), "cpus": os.cpu_count(), "n": args.n, "size_mb": args.size_mb,
            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "results": results}
