@@ -48,9 +48,9 @@ def _quiet_exit(message: str | None, code: int) -> None:
     instead of 130, about one interrupt in 150 during start-up).  Everything
     that needs cleaning (staging files, handles) was cleaned while the
     exception unwound to here."""
-    from ema_cli import interrupts
-
-    interrupts.ignore()  # a second interrupt must not turn the exit into a traceback
+    # a second interrupt must not turn the exit into a traceback: ignored first thing (main imported
+    # the module; a lookup, not the import machinery's Python code, where pending handlers would run)
+    sys.modules["ema_cli.interrupts"].ignore()
     for stream, text in ((sys.stdout, ""), (sys.stderr, "" if message is None else message + "\n")):
         try:
             stream.write(text)

@@ -45,6 +45,7 @@ class Prepared:
     staged: object  # local: output.Staged / a format's staging; remote: RemoteStaging
     outdir: formats.OutputDir | None = None
     copies: list[str] = field(default_factory=list)
+    copies_options: str = ""  # the storage options of the store the copies come from (the newest input's)
     shard_files: bool = False  # one task per output shard; the commit writes the index
     shard_infos: list = field(default_factory=list)
     final_files: list[str] = field(default_factory=list)
@@ -83,7 +84,7 @@ class Prepared:
             for r in results:
                 self.staged.files.extend(r.files[k])
         elif self.outdir is not None:
-            formats.copy_into(self.staged.path, self.copies)
+            formats.copy_into(self.staged.path, self.copies, self.copies_options)
 
     def _put(self, name: str, raw: bytes) -> None:
         if self.remote:
@@ -127,6 +128,7 @@ def prepare(plan: Plan, output: str, out_format: str | None, *, force: bool, poo
     if recipe is not None:  # None (rename): the values are unchanged, so is the newest input's metadata
         metadata["ema_avg"] = json.dumps(recipe, separators=(",", ":"))
     meta = tuple(metadata.items())
+    copies_options = dict(newest.options).get("storage_options", "")
     if outdir is not None:
         copies, notes = formats.directory_extras(outdir, newest)
         for note in notes:
@@ -144,7 +146,7 @@ def prepare(plan: Plan, output: str, out_format: str | None, *, force: bool, poo
     else:
         staged = fmt.make_staging(output, sharded=len(plan.shards) > 1, force=force)
         spec = OutputSpec(out_format, staged.path, "", False, meta)
-    return Prepared(output, out_format, spec, staged, outdir, copies, shard_files,
+    return Prepared(output, out_format, spec, staged, outdir, copies, copies_options, shard_files,
                     plan.shard_infos() if shard_files else [])
 
 

@@ -76,7 +76,7 @@ def options_text(options: dict | None) -> str:
     return json.dumps(options or {}, sort_keys=True, separators=(",", ":"))
 
 
-def filesystem(url: str, options: dict | str | None = None):
+def filesystem(url: str, options: dict | str | None):
     """``(fs, path)`` for a URL: fsspec's filesystem with its own configuration
     plus ``options`` (each caller passes the options its source or output
     carries: nothing process-wide, so one library call's options never reach
@@ -145,7 +145,7 @@ def remote_error(e: BaseException, path: str, doing: str = "cannot read") -> Ema
     return EmaError(f"{doing}: {_first_line(e)}", path=path)
 
 
-def write_object(url: str, data: bytes, *, force: bool, options: dict | str | None = None) -> None:
+def write_object(url: str, data: bytes, *, force: bool, options: dict | str | None) -> None:
     """A small output (a JSON map) as one object: a single PUT, which an
     object store makes visible whole or not at all.  Without ``force`` an
     existing object is refused."""
@@ -162,7 +162,7 @@ def write_object(url: str, data: bytes, *, force: bool, options: dict | str | No
         raise remote_error(e, url, "cannot write") from None
 
 
-def copy_file(src: str, dst: str, options: dict | str | None = None) -> None:
+def copy_file(src: str, dst: str, options: dict | str | None) -> None:
     """Copy one file between any two places (local or URLs), streaming."""
     import shutil
 

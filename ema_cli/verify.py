@@ -19,12 +19,13 @@ def _open(staged: str, out_format: str, options: str = ""):
     then opened as the output format directly).  A remote output is reopened
     from its staging prefix like any remote input (``options``: its storage
     options), so the check reads what the store holds."""
+    source_options = (("storage_options", options),) if options not in ("", "{}") else ()
     try:
-        srcs = formats.resolve_inputs([staged], (("storage_options", options),) if options not in ("", "{}") else ())
+        srcs = formats.resolve_inputs([staged], source_options)
     except EmaError:
         srcs = None
     if srcs is None:
-        return formats.open_reader(Source(out_format, staged, (staged,)))
+        return formats.open_reader(Source(out_format, staged, (staged,), options=source_options))
     if len(srcs) != 1:
         raise EmaError(f"verify: the output reads as {len(srcs)} checkpoints")
     return formats.open_reader(srcs[0])

@@ -576,8 +576,10 @@ else:
 
 def test_storage_options_reach_every_output_and_stay_with_their_call(s3, hf_ckpts, tmp_path):
     """``--storage-option`` alone (no fsspec environment configuration) writes
-    S3 outputs: one object, HF shards with --verify, a TF checkpoint, and shards
-    computed on Dask workers (other processes), each with the local bits.  In
+    S3 outputs: one object, HF shards with --verify, a TF checkpoint, shards
+    computed on Dask workers (other processes), an object named with no
+    format's suffix (--format, --verify), each with the local bits; and a local
+    directory output gets the loader files copied from the store.  In
     the library the options belong to the call that got them: a later call
     without options does not reach the store through them."""
     url = _upload(s3, hf_ckpts, "so-out")
@@ -604,11 +606,20 @@ def test_storage_options_reach_every_output_and_stay_with_their_call(s3, hf_ckpt
     cli(url, "--decay", "0.9", "-o", f"{base}/dask/", "--max-shard-size", "60KB", "--dask", "local:2", "--quiet",
         *opt)
     cli(url, "--decay", "0.9", "-o", f"{base}/tf/model.ckpt", "--quiet", *opt)
+    # a name no format claims, the format given: --verify reopens the staged object as that format
+    cli(url, "--decay", "0.9", "-o", f"{base}/avg.weights", "--format", "safetensors", "--verify", "--quiet", *opt)
+    # a local directory output copies the loader files from the store
+    cli(url, "--decay", "0.9", "-o", f"{tmp_path}/localdir/", "--max-shard-size", "60KB", "--quiet", *opt)
+    _same_bits(_tensors(tmp_path / "localdir"), _tensors(local / "shards"))
+    assert (tmp_path / "localdir" / "config.json").read_bytes() == (hf_ckpts / "checkpoint-6" / "config.json").read_bytes()
     got = tmp_path / "got"
     s3["fs"].get(f"{BUCKET}/so-out-results/", str(got), recursive=True)
     _same_bits(_tensors(got / "avg.safetensors"), ref)
     _same_bits(_tensors(got / "shards"), _tensors(local / "shards"))
     _same_bits(_tensors(got / "dask"), _tensors(local / "shards"))
+    from safetensors.numpy import load_file
+
+    _same_bits(load_file(str(got / "avg.weights")), ref)
     from ema_cli.formats import tf_bundle
 
     b = tf_bundle.Bundle(str(got / "tf" / "model.ckpt"))

@@ -281,8 +281,9 @@ def directory_extras(out: OutputDir, newest: Source) -> tuple[list[str], list[st
     return copies, warnings
 
 
-def copy_into(stage: str, copies: list[str]) -> None:
-    """Copy the loader files into a staged local directory output."""
+def copy_into(stage: str, copies: list[str], options: str) -> None:
+    """Copy the loader files into a staged local directory output (``options``:
+    the storage options of the store remote copies come from)."""
     import shutil
 
     from ema_cli import storage
@@ -291,7 +292,7 @@ def copy_into(stage: str, copies: list[str]) -> None:
         dst = os.path.join(stage, storage.basename(f))
         try:
             if storage.is_remote(f):
-                storage.copy_file(f, dst)
+                storage.copy_file(f, dst, options)
             else:
                 shutil.copyfile(f, dst)
         except OSError as e:
