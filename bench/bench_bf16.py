@@ -243,10 +243,13 @@ def main() -> int:
              f"{'best x':>8}{'RssAnon MB':>12}{'bg cores':>10}"]
     for k, v in res.items():
         m = v["median"]
+        if k.startswith("(w)"):  # one output's bytes written, not the inputs read: no floor ratio
+            rate, ratios = os.path.getsize(paths[0]) / 1e9 / m["wall_s"], f"{'-':>9}{'-':>8}"
+        else:
+            rate = gb / m["wall_s"]
+            ratios = f"{m['wall_s'] / b['wall_s']:>9.2f}{m['best_wall_s'] / b['best_wall_s']:>8.2f}"
         lines.append(f"{k:<{width}}{m['wall_s']:>8.2f}{m['best_wall_s']:>8.2f}{m['user_s']:>8.2f}{m['sys_s']:>8.2f}"
-                     f"{gb / m['wall_s']:>7.2f}{m['wall_s'] / b['wall_s']:>9.2f}"
-                     f"{m['best_wall_s'] / b['best_wall_s']:>8.2f}{m['peak_rss_anon_mb']:>12.1f}"
-                     f"{m['background_cores']:>10.2f}")
+                     f"{rate:>7.2f}{ratios}{m['peak_rss_anon_mb']:>12.1f}{m['background_cores']:>10.2f}")
     for k, v in start.items():
         lines.append(f"start-up {k:<30} best {v['best_s']:.3f} s, median {v['median_s']:.3f} s "
                      f"(bg {v['background_cores']:.2f} cores)")

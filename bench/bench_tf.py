@@ -261,7 +261,9 @@ def main() -> int:
     # the two TF outputs agree (run them once more, side by side)
     before()
     for k in ("ema-avg (TF -> TF)", "t2t-style (load_checkpoint + Saver)"):
-        subprocess.run(cases[k], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        p = subprocess.run(cases[k], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if p.returncode != 0:
+            raise SystemExit(f"command failed ({p.returncode}): {' '.join(cases[k][:6])} ...\n{p.stderr}")
     os.environ.update(TF_CPP_MIN_LOG_LEVEL="3", TF_ENABLE_ONEDNN_OPTS="0")
     import numpy as np
     import tensorflow as tf
