@@ -204,7 +204,7 @@ def versions(python: str = PY) -> dict[str, str]:
 # writers do it (space reserved with posix_fallocate, 1 MiB pwrites, fsync), what every writing case
 # pays on top of its work.  On a VM that hands freed memory back to the hypervisor (virtio-balloon
 # free page reporting) new page-cache pages may be faulted in again on the host: seen here, a 512 MiB
-# file written 4 s after another was deleted took 1.6-2.2 s, and 0.25 s right after.  Its spread is
+# file written 4 s after another was deleted took 1.8-2.4 s, and 0.25-0.3 s right after.  Its spread is
 # the noise the writing cases carry.  (Without the reservation the same write took 1.5-5 s after
 # an ema-avg output was deleted, on ext4 mounted with discard: plain-write peers pay that.)
 WRITE_PROBE = r"""

@@ -35,7 +35,19 @@ def install_signal_handlers() -> None:
         # Ctrl-C raises KeyboardInterrupt even when started with SIGINT ignored (nohup, job control)
         signal.signal(signal.SIGINT, signal.default_int_handler)
     except ValueError:  # not the main thread (the CLI called from a library user's thread)
-        pass
+        return
+    previous = sys.unraisablehook
+
+    def unraisable(args) -> None:
+        # the handlers' exception raised inside a weakref callback or __del__, which Python swallows
+        # (seen: importlib's module-lock callback during the CLI's imports): kept, raised again at the
+        # next safe point (interrupts.check), not printed as "Exception ignored ..."
+        if isinstance(args.exc_value, (KeyboardInterrupt, Terminated)):
+            sys.modules["ema_cli.interrupts"].lost(args.exc_value)
+            return
+        previous(args)
+
+    sys.unraisablehook = unraisable
 
 
 def _quiet_exit(message: str | None, code: int) -> None:
@@ -145,6 +157,7 @@ def main(argv: list[str] | None = None) -> None:
         install_signal_handlers()
         read_heads(args)
         cli_main = _import_cli()
+        interrupts.check()  # a signal swallowed during the imports
         cli_main(argv)
     except SystemExit as e:
         interrupts.ignore()  # the outcome is printed: a late signal must not add a second line

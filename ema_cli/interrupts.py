@@ -41,6 +41,26 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 ends_at_commit = False  # the CLI sets this for a command whose process ends once its outputs are committed
 
 
+# An interrupt raised where Python swallows exceptions (a weakref callback such as importlib's
+# module-lock cleanup during an import, a __del__): CPython hands it to sys.unraisablehook and
+# carries on.  The CLI's hook (``_entry``) keeps it here, and ``check()`` raises it again at the next
+# safe point (the CLI's imports done, a commit starting): the run stops as the signal asked, with
+# one line, instead of printing "Exception ignored ..." and running to the end.
+_lost: list[BaseException] = []
+
+
+def lost(exc: BaseException) -> None:
+    _lost.append(exc)
+
+
+def check() -> None:
+    """Raise an interrupt that was swallowed since the last check (main thread only)."""
+    if _lost and threading.current_thread() is threading.main_thread():
+        exc = _lost[0]
+        _lost.clear()
+        raise exc.with_traceback(None)
+
+
 def ignore() -> None:
     for s in SIGNALS:
         signal.signal(s, signal.SIG_IGN)
@@ -90,6 +110,7 @@ def committing() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    check()  # a signal swallowed before the commit stops the run here, before anything moves
     scope = _scopes[-1] if _scopes else None
     if scope is not None and scope.previous is not None:  # an earlier commit of this block holds them already
         yield

@@ -292,6 +292,7 @@ class Watcher:
         ends the CLI's loop by its exception, between two atomic writes or
         during one, which then leaves the previous output)."""
         while not self.stop_event.is_set():
+            interrupts.check()  # a signal Python swallowed (see interrupts.lost): the watch stops
             for step, src in self.new_checkpoints():
                 self.add(step, src)
                 if self.until_step is not None and self.steps and self.steps[-1] >= self.until_step:

@@ -437,6 +437,78 @@ def test_signal_during_startup_is_one_line(tmp_path, sig, code, message):
         assert not out.exists()
 
 
+# A signal whose handler runs inside a weakref callback (CPython swallows the exception there and
+# prints "Exception ignored in ..."; seen in CI: importlib's module-lock callback during the CLI's
+# imports, and the run then went on to the end).  WHERE: "import" (just after the CLI's imports) or
+# "plan" (after planning, before anything is written).
+_SWALLOWED = r"""
+import os, signal, sys, weakref
+from ema_cli import _entry
+where, signum = sys.argv[1], int(sys.argv[2])
+
+
+class Thing:
+    pass
+
+
+def signal_in_a_weakref_callback():
+    t = Thing()
+
+    def cb(ref):
+        os.kill(os.getpid(), signum)
+        for _ in range(10000):  # the handler runs here, inside the callback
+            pass
+
+    r = weakref.ref(t, cb)
+    del t
+    assert r() is None
+
+
+if where == "import":
+    orig = _entry._import_cli
+
+    def _import_cli():
+        m = orig()
+        signal_in_a_weakref_callback()
+        return m
+
+    _entry._import_cli = _import_cli
+else:
+    from ema_cli import engine
+    orig_plan = engine.make_plan
+
+    def make_plan(*a, **k):
+        p = orig_plan(*a, **k)
+        signal_in_a_weakref_callback()
+        return p
+
+    engine.make_plan = make_plan
+sys.argv = ["ema-avg", *sys.argv[3:]]
+_entry.main()
+"""
+
+
+@pytest.mark.parametrize("where", ["import", "plan"])
+@pytest.mark.parametrize("sig,code,message", [(signal.SIGINT, 130, "error: interrupted"),
+                                              (signal.SIGTERM, 143, "error: terminated")])
+def test_signal_swallowed_by_python_still_stops_the_run(tmp_path, where, sig, code, message):
+    """The interrupt is raised again at the next safe point (the imports done,
+    the commit starting): one line, its exit code, nothing at the output."""
+    rng = np.random.default_rng(5)
+    for i in (1, 2):
+        save_st(tmp_path / f"ckpt-{i}.safetensors", {"w": rng.standard_normal((8, 8)).astype(np.float32)})
+    out = tmp_path / "avg.safetensors"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent) + os.pathsep
+               + os.environ.get("PYTHONPATH", ""))
+    env.pop("EMA_AVG_DEBUG", None)
+    p = subprocess.run([sys.executable, "-c", _SWALLOWED, where, str(int(sig)), tmp_path / "ckpt-1.safetensors",
+                        tmp_path / "ckpt-2.safetensors", "-o", out], env=env, stdin=subprocess.DEVNULL,
+                       capture_output=True, text=True, timeout=120)
+    assert (p.returncode, p.stderr.splitlines()) == (code, [message]), p.stderr
+    assert not out.exists() and sorted(f.name for f in tmp_path.iterdir()) == ["ckpt-1.safetensors",
+                                                                               "ckpt-2.safetensors"]
+
+
 # =========================================================================== F. small items
 
 
