@@ -42,8 +42,9 @@ def install_signal_handlers() -> None:
         # the handlers' exception raised inside a weakref callback or __del__, which Python swallows
         # (seen: importlib's module-lock callback during the CLI's imports): kept, raised again at the
         # next safe point (interrupts.check), not printed as "Exception ignored ..."
-        if isinstance(args.exc_value, (KeyboardInterrupt, Terminated)):
-            sys.modules["ema_cli.interrupts"].lost(args.exc_value)
+        keeper = sys.modules.get("ema_cli.interrupts")
+        if keeper is not None and isinstance(args.exc_value, (KeyboardInterrupt, Terminated)):
+            keeper.lost(args.exc_value)
             return
         previous(args)
 
