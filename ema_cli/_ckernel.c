@@ -21,7 +21,11 @@
  *    odd (step toward zero where the cast rounded away, set the last bit where
  *    it was inexact), then rounded to nearest even on the top 16 bits;
  *  - a NaN stays a NaN of the same sign, made quiet: the float32 cast's top bits
- *    with the quiet bit set.
+ *    with the quiet bit set.  Of several NaNs summed in one element, which one
+ *    survives is not defined (the compiler may put either operand of a + t
+ *    first, and an x86 add keeps the first one's; numpy's vector and scalar
+ *    loops differ too): forcing the first costs a compare and blend per
+ *    element, measured at 1.8x the kernel's time.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

@@ -309,6 +309,10 @@ def test_c_kernel_is_built():
     assert kernel._C is not None, "ema_cli._ckernel is not built: the bf16 path runs on numpy"
 
 
+def _is_nan_bf16(bits: np.ndarray) -> np.ndarray:
+    return ((bits & 0x7F80) == 0x7F80) & ((bits & 0x007F) != 0)
+
+
 def _with_numpy(fn, *args, **kw):
     saved, kernel._C = kernel._C, None
     try:
@@ -324,7 +328,10 @@ def test_c_kernel_equals_the_numpy_path_bit_for_bit(seed, N, mean, n):
     """Any bf16 bits (NaNs with payloads, infs, subnormals, zeros of both signs)
     summed with any weights, and any float64 bits rounded (with and without a
     divisor, with and without the NaN pass): the C kernel writes exactly the
-    numpy path's bits."""
+    numpy path's bits.  One exception: an element where several inputs are
+    NaNs is a NaN in both, but which input's payload and sign survive is not
+    defined (an x86 add of two NaNs keeps its first operand's; the compiler
+    may put either first, and numpy's own vector and scalar loops differ)."""
     with np.errstate(all="ignore"):  # NaNs and overflows on purpose
         rng = np.random.default_rng(seed)
         srcs = [rng.integers(0, 1 << 16, n, dtype=np.uint16) for _ in range(N)]
@@ -334,7 +341,9 @@ def test_c_kernel_equals_the_numpy_path_bit_for_bit(seed, N, mean, n):
         got, want = np.empty(n, np.uint16), np.empty(n, np.uint16)
         kernel.block_sum(srcs, w, got, False, in_dtype="bfloat16", out_dtype="bfloat16")
         _with_numpy(kernel.block_sum, srcs, w, want, False, in_dtype="bfloat16", out_dtype="bfloat16")
-        assert np.array_equal(got, want)
+        several = sum(_is_nan_bf16(x).astype(int) for x in srcs) >= 2
+        assert np.array_equal(got[~several], want[~several])
+        assert _is_nan_bf16(got[several]).all() and _is_nan_bf16(want[several]).all()
         f = rng.integers(0, 1 << 64, n, dtype=np.uint64, endpoint=False).view(np.float64).copy()
         f[: n // 2] = rng.standard_normal(n // 2) * np.exp2(rng.integers(-140, 130, n // 2))  # bf16's range, its edges
         for divisor in (0, N):
