@@ -200,13 +200,15 @@ def versions(python: str = PY) -> dict[str, str]:
     return json.loads(res.stdout)
 
 
-# The machine's own cost of writing an output: SIZE bytes of zeros to a new file the way ema-avg's
-# writers do it (space reserved with posix_fallocate, 1 MiB pwrites, fsync), what every writing case
-# pays on top of its work.  On a VM that hands freed memory back to the hypervisor (virtio-balloon
-# free page reporting) new page-cache pages may be faulted in again on the host: seen here, a 512 MiB
-# file written 4 s after another was deleted took 1.8-2.4 s, and 0.25-0.3 s right after.  Its spread is
-# the noise the writing cases carry.  (Without the reservation the same write took 1.5-5 s after
-# an ema-avg output was deleted, on ext4 mounted with discard: plain-write peers pay that.)
+# The machine's cost of writing an output, probed: SIZE bytes of zeros to a new file the way
+# ema-avg's writers do it (space reserved with posix_fallocate, 1 MiB pwrites, fsync).  On a VM that
+# hands freed memory back to the hypervisor (virtio-balloon free page reporting) new page-cache pages
+# may be faulted in again on the host: seen here, a 512 MiB file written 4 s after another was
+# deleted took 1.8-2.4 s, and 0.25-0.3 s right after.  It shows how much that cost moves during a
+# run; it does not track the writing cases run by run (one bench run had it at 2.3-3.8 s while
+# ema-avg's whole runs, writing as much, took under 1.3 s), so it is not a cost to subtract.
+# (Without the reservation the same write took 1.5-5 s after an ema-avg output was deleted, on
+# ext4 mounted with discard.)
 WRITE_PROBE = r"""
 import os, sys
 path, size = sys.argv[1], int(sys.argv[2])

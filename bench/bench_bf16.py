@@ -17,8 +17,9 @@ user and sys CPU, peak RssAnon, background load; medians and the best run):
       with ``safetensors.torch.save_file`` (what OLMo-core/mergekit-style
       scripts do)
   (w) write probe: one checkpoint's bytes written to a new file the way
-      ema-avg's writers do (``bench_average.WRITE_PROBE``): the machine's own
-      cost of the output, which (a) and (c) pay and (b) does not
+      ema-avg's writers do (``bench_average.WRITE_PROBE``): how much the
+      machine's cost of writing an output moves during the run ((a) and (c)
+      write one, (b) does not); not a cost to subtract
 
 Start-up rows: ``ema-avg --version``, and a whole 3-file tiny safetensors
 average (float32 and bf16), as processes.  The versions of Python, numpy,
@@ -198,8 +199,7 @@ def main() -> int:
         "(b) floor (1 thread, no write)": [PY, "-c", FLOOR, *paths],
         "(c) torch peer": [PY, "-c", "import torch; torch.set_num_threads(1)\n" + TORCH_PEER,
                            str(work / "torch.safetensors"), *paths],
-        # the machine's cost of writing the output (bench_average.WRITE_PROBE): ema-avg and the peer pay it,
-        # the floor does not
+        # the machine's cost of writing an output, probed (bench_average.WRITE_PROBE)
         f"(w) write probe ({os.path.getsize(paths[0]) / 2**20:.0f} MiB)": [PY, "-c", WRITE_PROBE,
                                                                      str(work / "probe.bin"),
                                                                      str(os.path.getsize(paths[0]))],

@@ -16,9 +16,9 @@ files:
   (e) ``ema-avg ST_DIR -o out/avg.safetensors``: the same tensors as safetensors
       files (written once from the TF checkpoints), the reference for (a), (c)
   (w) write probe: one checkpoint's bytes of zeros written to a new file
-      (1 MiB ``pwrite``s, ``fsync``): what the machine charges every writing
-      case for its output, whose spread is the noise they carry (on a VM with
-      free page reporting, new page-cache pages can stall on the hypervisor)
+      (``bench_average.WRITE_PROBE``): how much the machine's cost of writing
+      moves during the run (on a VM with free page reporting, new page-cache
+      pages can stall on the hypervisor); not a cost to subtract
 
 Each case runs as its own process, measured by ``bench_average.measure``
 (wall; user and sys CPU from ``wait4``; peak ``RssAnon``, anonymous memory,
