@@ -864,7 +864,7 @@ class _Check:
 class CheckedStream(FlatStream):
     """A tensor's mapped elements as a flat array-like (``storage.FlatStream``)
     whose slices are handed out only once the crc32c has covered them: the
-    checksum pass runs a few MB ahead of the kernel over the same pages, instead
+    checksum pass runs one step (``_Check.STEP``) ahead of the kernel over the same pages, instead
     of a whole pass of its own (which, for tensors larger than the CPU's caches,
     read the data twice)."""
 
