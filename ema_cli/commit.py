@@ -45,7 +45,9 @@ class Prepared:
     staged: object  # local: output.Staged / a format's staging; remote: RemoteStaging
     outdir: formats.OutputDir | None = None
     copies: list[str] = field(default_factory=list)
-    copies_options: str = ""  # the storage options of the store the copies come from (the newest input's)
+    # the storage options of the store the copies come from (the newest input's), for a local directory
+    # output; a remote one copies with the output's options (it also writes there; one call's options)
+    copies_options: str = ""
     shard_files: bool = False  # one task per output shard; the commit writes the index
     shard_infos: list = field(default_factory=list)
     final_files: list[str] = field(default_factory=list)

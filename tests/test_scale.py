@@ -492,21 +492,30 @@ def test_storage_option_gives_the_endpoint(s3, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: ") and url in lines[0], p.stderr
 
 
-def test_every_command_takes_storage_options(s3, hf_ckpts, tmp_path):
-    """plan, inspect, rename, restore-map and posthoc reach the store through
-    ``--storage-option`` alone (no fsspec environment configuration), remote
-    globs included, and give what they give on the same files locally."""
-    url = _upload(s3, hf_ckpts, "so-all")
+def _options_only(s3):
+    """The environment of a run that reaches the moto server only through
+    ``--storage-option`` (no fsspec environment configuration; without the
+    option nothing answers, so no real AWS is asked), the option, and a CLI
+    runner in it: ``cli(*args, ok=True)`` asserts the exit code's success."""
     env = {k: v for k, v in os.environ.items() if k != "FSSPEC_S3_ENDPOINT_URL"}
-    env["AWS_ENDPOINT_URL_S3"] = "http://127.0.0.1:9"  # without the option nothing answers: no real AWS is asked
+    env["AWS_ENDPOINT_URL_S3"] = "http://127.0.0.1:9"
     env.pop("EMA_AVG_DEBUG", None)
-    opt = ["--storage-option", f"endpoint_url={s3['endpoint']}"]
 
     def cli(*args, ok=True):
         p = subprocess.run([sys.executable, "-m", "ema_cli", *map(str, args)], env=env, capture_output=True,
                            text=True, timeout=300, stdin=subprocess.DEVNULL)
         assert (p.returncode == 0) == ok, (args, p.stderr)
         return p
+
+    return env, ["--storage-option", f"endpoint_url={s3['endpoint']}"], cli
+
+
+def test_every_command_takes_storage_options(s3, hf_ckpts, tmp_path):
+    """plan, inspect, rename, restore-map and posthoc reach the store through
+    ``--storage-option`` alone (no fsspec environment configuration), remote
+    globs included, and give what they give on the same files locally."""
+    url = _upload(s3, hf_ckpts, "so-all")
+    _env, opt, cli = _options_only(s3)
 
     def doc(*args):
         return json.loads(cli(*args).stdout)
@@ -583,16 +592,7 @@ def test_storage_options_reach_every_output_and_stay_with_their_call(s3, hf_ckpt
     the library the options belong to the call that got them: a later call
     without options does not reach the store through them."""
     url = _upload(s3, hf_ckpts, "so-out")
-    env = {k: v for k, v in os.environ.items() if k != "FSSPEC_S3_ENDPOINT_URL"}
-    env["AWS_ENDPOINT_URL_S3"] = "http://127.0.0.1:9"  # without the option nothing answers: no real AWS is asked
-    env.pop("EMA_AVG_DEBUG", None)
-    opt = ["--storage-option", f"endpoint_url={s3['endpoint']}"]
-
-    def cli(*args):
-        p = subprocess.run([sys.executable, "-m", "ema_cli", *map(str, args)], env=env, capture_output=True,
-                           text=True, timeout=300, stdin=subprocess.DEVNULL)
-        assert p.returncode == 0, (args, p.stderr)
-        return p
+    env, opt, cli = _options_only(s3)
 
     local = tmp_path / "local"
     local.mkdir()
